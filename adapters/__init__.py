@@ -1,0 +1,1 @@
+"""Where dg-quant meets other software: hosts (WILDS, DomainBed) and backbones."""

@@ -1,0 +1,122 @@
+"""``wilds_run``: train on a WILDS dataset with dg-quant plugins, WILDS-example style flags.
+
+    wilds_run                                       # ERM on the embedded rotated digits
+    wilds_run --plugin dg_quant.qtdog --bits 7      # QT-DoG on the same data
+
+``--plugin`` is read first (like pytest's ``-p``) so that plugins can add their own flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
+from dg_quant.adapters.wilds.presets import apply_preset
+from dg_quant.errors import DGQuantError
+from dg_quant.host import PluginHost, known_plugins
+from dg_quant.results import format_run
+
+PROG = "wilds_run"
+
+
+def _plugin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The host's own flags; plugins add theirs through ``dgq_add_options``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train and evaluate on a WILDS dataset with dg-quant plugins (quantization, flatness).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
+                        help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; "
+                             "none means ERM")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", "-d", default=DEFAULT_DATASET, help="dataset name (embedded or WILDS)")
+    data.add_argument("--root_dir", default="data", help="folder that holds the WILDS dataset folders")
+    data.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
+    data.add_argument("--split_scheme", default=None, help="WILDS split scheme (dataset default if unset)")
+    data.add_argument("--groupby_fields", nargs="+", default=None, help="metadata fields that define groups")
+    data.add_argument("--test_domain", default=None,
+                      help="held-out domain(s), comma separated, for leave-domain-out datasets")
+    data.add_argument("--holdout_fraction", type=float, default=0.2,
+                      help="fraction of each domain held out for validation")
+    data.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation split")
+    data.add_argument("--frac", type=float, default=1.0, help="fraction of each split to use (quick runs)")
+    data.add_argument("--eval_splits", nargs="+", default=None, help="splits to evaluate (default: all but train)")
+    data.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+
+    model = parser.add_argument_group("model and optimisation")
+    model.add_argument("--model", default=None, help="backbone adapter name (dataset preset if unset)")
+    model.add_argument("--weights", default=None, help="local file of pretrained weights for the backbone")
+    model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None)
+    model.add_argument("--lr", type=float, default=None)
+    model.add_argument("--weight_decay", type=float, default=None)
+    model.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    model.add_argument("--batch_size", type=int, default=None)
+    model.add_argument("--eval_batch_size", type=int, default=None)
+    model.add_argument("--n_epochs", type=int, default=None)
+    model.add_argument("--n_steps", type=int, default=None, help="train for this many steps (overrides epochs)")
+    model.add_argument("--max_grad_norm", type=float, default=None)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--eval_every", type=int, default=None, help="evaluate every N steps")
+    run.add_argument("--val_metric", default=None, help="'<split>/<metric>' used to pick the best checkpoint")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--log_dir", default=None, help="output folder (default: runs/<dataset>_<method>_seed<seed>)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    run.add_argument("--resume", action="store_true", help="continue from log_dir/last.pt")
+    run.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, PluginHost]:
+    """Load the plugins named in ``argv``, then parse every flag into one config."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = _plugin_parser().parse_known_args(argv)
+    host = PluginHost(pre.plugin)
+    parser = build_parser()
+    host.add_options(parser)
+    config = parser.parse_args(argv)
+    apply_preset(config, config.dataset)
+    _check(config, parser)
+    if config.log_dir is None:
+        method = "+".join(n.rsplit(".", 1)[-1] for n in host.names) or "erm"
+        config.log_dir = f"runs/{config.dataset}_{method}_seed{config.seed}"
+    return config, host
+
+
+def _check(config: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    positive = {"batch_size": config.batch_size, "lr": config.lr, "n_steps": config.n_steps or 1,
+                "n_epochs": config.n_epochs or 1, "eval_every": config.eval_every or 1}
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be positive; got {value}")
+    if not 0 < config.frac <= 1:
+        parser.error(f"--frac must be in (0, 1]; got {config.frac}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config, host = parse_config(argv)
+        from dg_quant.adapters.wilds.runner import run  # heavy imports after the flags are checked
+
+        final = run(config, host)
+    except DGQuantError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    print(format_run(final))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The host's own hook implementations, registered before any method plugin (ERM defaults)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dg_quant.hookimpl import hookimpl
+from dg_quant.quant import compression_report, is_quantization_enabled
+
+
+@hookimpl(trylast=True)
+def dgq_compute_gradients(model: nn.Module, batch: tuple, loss_fn: Any) -> dict[str, Any]:
+    """ERM: one forward and backward on the whole batch."""
+    x, y = batch
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return {"loss": loss.detach()}
+
+
+@hookimpl
+def dgq_evaluate(model: nn.Module) -> dict[str, Any]:
+    """Every evaluation records the size of the model as it would be stored."""
+    summary = compression_report(model).summary()
+    return {
+        "quantized": is_quantization_enabled(model),
+        "compression_ratio": summary["compression_ratio"],
+        "packed_mb": summary["packed_mb"],
+    }

@@ -1,0 +1,187 @@
+"""The hooks a dg-quant plugin can implement, grouped by phase.
+
+Hosts (``wilds_run``, the DomainBed algorithms) call these with keyword arguments; an
+implementation may accept any subset of a hook's arguments. Unless a hook says *first result*,
+every implementation runs and results (if any) are collected in a list.
+
+``config`` is always an ``argparse.Namespace``: the host's settings plus every option that the
+loaded plugins added (the WILDS host fills it from the command line, the DomainBed host from
+``hparams``). Plugins read their own options from it with ``dg_quant.options.read_options``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dg_quant.host import PluginHost
+
+hookspec = pluggy.HookspecMarker("dg_quant")
+
+
+# -- Set-up ---------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def dgq_add_options(parser: argparse.ArgumentParser) -> None:
+    """Add the plugin's command-line options (historic: replayed to late plugins).
+
+    :param parser: the host's parser; add a group named after the plugin.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(historic=True)
+def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+    """Validate options and set up per-run state (historic: replayed to late plugins).
+
+    A plugin that keeps state across steps registers an object holding it with
+    ``host.register(obj)`` here, rather than keeping module globals.
+    Raise ``dg_quant.errors.ConfigError`` for a bad setting.
+
+    :param config: the run's settings.
+    :param host: the plugin host, to register per-run plugin objects.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
+    """Modify the model in place before the optimizer is built (e.g. attach quantizers).
+
+    :param model: the network: ``featurizer`` followed by ``classifier``.
+    :param config: the run's settings.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def dgq_configure_optimizer(
+    optimizer: torch.optim.Optimizer, model: nn.Module, config: argparse.Namespace
+) -> None:
+    """Adjust the freshly built optimizer (add parameter groups, change learning rates).
+
+    :param optimizer: the optimizer over ``model.parameters()``.
+    :param model: the configured model.
+    :param config: the run's settings.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Training step --------------------------------------------------------------------------
+
+
+@hookspec
+def dgq_step_start(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
+) -> None:
+    """Called before each step's gradients (e.g. switch quantization on at a given step).
+
+    :param model: the model being trained.
+    :param optimizer: its optimizer.
+    :param step: 0-based index of the step about to run.
+    :param config: the run's settings.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def dgq_compute_gradients(
+    model: nn.Module,
+    batch: tuple[Any, torch.Tensor],
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """Fill ``.grad`` of the parameters for one step (*first result* wins).
+
+    The host's default runs one forward/backward (ERM). A plugin with a different step, such as
+    SAGM's two passes, returns its metrics here and so replaces the default. Gradients are
+    already zeroed.
+
+    :param model: the model in train mode.
+    :param batch: ``(x, y)`` already on the model's device.
+    :param loss_fn: ``loss_fn(logits, y) -> scalar tensor``.
+    :param optimizer: the optimizer (not to be stepped here).
+    :param step: 0-based step index.
+    :param config: the run's settings.
+    :return: metrics of the step (tensors or floats; at least ``loss``), or None to pass.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def dgq_after_backward(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
+) -> None:
+    """Called after gradients are computed and before the optimizer step (route or mask them).
+
+    :param model: the model.
+    :param optimizer: its optimizer.
+    :param step: 0-based step index.
+    :param config: the run's settings.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def dgq_after_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    metrics: dict[str, Any],
+    config: argparse.Namespace,
+) -> None:
+    """Called after the optimizer step (clamp step sizes, restore frozen weights, log).
+
+    :param model: the model.
+    :param optimizer: its optimizer.
+    :param step: 0-based index of the step that just ran.
+    :param metrics: the step's metrics; a plugin may add entries.
+    :param config: the run's settings.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- Evaluation and end ---------------------------------------------------------------------
+
+
+@hookspec
+def dgq_evaluate(model: nn.Module, step: int, config: argparse.Namespace) -> dict[str, Any] | None:
+    """Contribute numbers to an evaluation record (e.g. compression ratio, frozen layers).
+
+    :param model: the model in eval mode.
+    :param step: number of steps done.
+    :param config: the run's settings.
+    :return: flat ``{name: number}`` merged into the record, or None.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def dgq_train_end(model: nn.Module, config: argparse.Namespace, log_dir: str | None) -> dict[str, Any] | None:
+    """Called once after the last step (post-training quantization, export, summaries).
+
+    :param model: the trained model.
+    :param config: the run's settings.
+    :param log_dir: the run's output folder, or None when the host writes nothing.
+    :return: flat ``{name: number}`` merged into the final results, or None.
+
+    .. versionadded:: 0.1
+    """

@@ -1,0 +1,105 @@
+"""The plugin host: resolves ``--plugin NAME``, loads plugins and exposes the hooks.
+
+Name resolution follows pytest's ``-p``: a bundled name, then an entry point in the group
+``dg_quant``, then an importable module path. Method plugins are never auto-loaded: a run is
+ERM unless it names a plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from dg_quant import defaults, hookspecs
+from dg_quant.errors import PluginError
+
+PROJECT = "dg_quant"
+ENTRY_POINT_GROUP = "dg_quant"
+TRACE_ENV = "DG_QUANT_TRACE_PLUGINS"
+
+# Bundled plugins by name -> module. The core knows them only as strings.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "dg_quant.qtdog": "dg_quant.plugins.qtdog",
+    "dg_quant.lsq": "dg_quant.plugins.lsq",
+}
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_plugins() -> list[str]:
+    """Names ``--plugin`` accepts without an import path."""
+    return sorted(set(BUILTIN_PLUGINS) | set(_entry_points()))
+
+
+def resolve_plugin(name: str) -> ModuleType | Any:
+    """Import the plugin called ``name``, or raise a one-line ``PluginError``."""
+    if name in BUILTIN_PLUGINS:
+        return importlib.import_module(BUILTIN_PLUGINS[name])
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise PluginError(
+                f"unknown plugin {name!r}; known plugins: {', '.join(known_plugins())} "
+                "(or give an importable module path)"
+            ) from None
+        raise PluginError(f"plugin {name!r} failed to import: {exc}") from exc
+
+
+class PluginHost:
+    """One run's plugin manager with a typed facade (``host.hook.dgq_*``).
+
+    Each host is independent: two runs in one process do not share plugin state.
+    """
+
+    def __init__(self, plugins: Iterable[str] = ()) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.pm.register(defaults, name="dg_quant.defaults")
+        self.names: list[str] = []
+        if os.environ.get(TRACE_ENV):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+        for name in plugins:
+            self.load(name)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def load(self, name: str) -> None:
+        """Load plugin ``name`` (idempotent); ``no:NAME`` blocks it instead."""
+        if name.startswith("no:"):
+            self.pm.set_blocked(name[3:])
+            return
+        if name in self.names or self.pm.is_blocked(name):
+            return
+        plugin = resolve_plugin(name)
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self.names.append(name)
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a per-run plugin object (e.g. one holding state across steps)."""
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        self.hook.dgq_add_options.call_historic(kwargs={"parser": parser})
+
+    def configure(self, config: argparse.Namespace) -> None:
+        config.plugins = list(self.names)
+        self.hook.dgq_configure.call_historic(kwargs={"config": config, "host": self})

@@ -1,0 +1,108 @@
+"""The host-neutral training step: a plain optimizer step with the plugin hooks around it.
+
+Both hosts drive training through ``Trainer``: ``wilds_run`` calls ``train_step`` per batch and
+the DomainBed algorithms call it from ``update``. A method changes training only through hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dg_quant.host import PluginHost
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Trainer:
+    """Owns one model, its optimizer and the step counter of a run."""
+
+    def __init__(
+        self,
+        host: PluginHost,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        config: argparse.Namespace,
+        scheduler: Any | None = None,
+    ) -> None:
+        self.host, self.model, self.optimizer = host, model, optimizer
+        self.loss_fn, self.config, self.scheduler = loss_fn, config, scheduler
+        self.step = 0
+
+    @classmethod
+    def build(
+        cls,
+        host: PluginHost,
+        model: nn.Module,
+        config: argparse.Namespace,
+        make_optimizer: OptimizerFactory,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ) -> Trainer:
+        """Let plugins configure the model, then build the optimizer, then let them adjust it."""
+        host.hook.dgq_configure_model(model=model, config=config)
+        optimizer = make_optimizer(model)
+        host.hook.dgq_configure_optimizer(optimizer=optimizer, model=model, config=config)
+        scheduler = make_scheduler(optimizer) if make_scheduler else None
+        return cls(host, model, optimizer, loss_fn, config, scheduler)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "step": self.step, "config": self.config}
+
+    def train_step(self, batch: tuple[Any, torch.Tensor]) -> dict[str, Any]:
+        """Run one step on ``(x, y)`` (already on the device); returns the step's metrics."""
+        hook = self.host.hook
+        self.model.train()
+        hook.dgq_step_start(**self._kwargs())
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = hook.dgq_compute_gradients(batch=batch, loss_fn=self.loss_fn, **self._kwargs())
+        hook.dgq_after_backward(**self._kwargs())
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        hook.dgq_after_step(metrics=metrics, **self._kwargs())
+        self.step += 1
+        return metrics
+
+    def evaluation_extras(self) -> dict[str, Any]:
+        """What the plugins add to an evaluation record (compression, frozen layers, ...)."""
+        extras: dict[str, Any] = {}
+        for result in self.host.hook.dgq_evaluate(model=self.model, step=self.step, config=self.config):
+            extras.update(result or {})
+        return extras
+
+    def finish(self, log_dir: str | None) -> dict[str, Any]:
+        """Run the end-of-training hooks; returns their merged numbers."""
+        merged: dict[str, Any] = {}
+        for result in self.host.hook.dgq_train_end(model=self.model, config=self.config, log_dir=log_dir):
+            merged.update(result or {})
+        return merged
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Turn tensors into floats (done at logging time, not every step, to avoid GPU syncs)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value.item())
+        elif isinstance(value, int | float | bool):
+            out[key] = float(value)
+    return out

@@ -1,0 +1,87 @@
+"""Plugin options declared once as dataclasses, read by every host.
+
+A plugin declares ``@dataclass class Options`` whose fields carry ``option(...)`` metadata.
+The WILDS host turns the fields into command-line flags (``bits`` -> ``--bits``); the DomainBed
+host into hyperparameters. ``read_options`` builds the dataclass back from a run's config, so
+its ``__post_init__`` validation runs the same way for both hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    search: Callable[[Any], Any] | None = None,
+    type: Callable[[str], Any] | None = None,
+) -> Any:
+    """A dataclass field that is also a CLI flag and a hyperparameter.
+
+    :param type: how the CLI parses the flag when the default (e.g. None) does not tell.
+    :param search: ``f(numpy RandomState) -> value`` for random hyperparameter search; values
+        must be plain ``int``/``float``/``str``/``bool`` (JSON-safe).
+    """
+    metadata = {"help": help, "choices": choices, "search": search, "type": type}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one flag per field of ``cls`` (``--quant-start-step``, alias ``--quant_start_step``).
+
+    Flags already defined are skipped, so plugins sharing an options class can all add it.
+    """
+    existing = set(parser._option_string_actions)
+    fields = [f for f in dataclasses.fields(cls) if flag(f.name) not in existing]
+    if not fields:
+        return
+    group = parser.add_argument_group(title)
+    for f in fields:
+        default = f.default
+        kind = f.metadata.get("type") or (_parse_bool if isinstance(default, bool) else type(default))
+        names = list(dict.fromkeys([flag(f.name), "--" + f.name]))
+        group.add_argument(
+            *names,
+            dest=f.name,
+            type=kind,
+            default=default,
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help", "") + f" (default: {default})",
+        )
+
+
+def read_options(cls: type[T], config: Any) -> T:
+    """Build ``cls`` from the attributes of ``config`` (missing ones take the field default)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+    return cls(**values)
+
+
+def option_defaults(cls: type) -> dict[str, Any]:
+    """``{name: default}`` of every field."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def option_search_space(cls: type) -> dict[str, Callable[[Any], Any] | None]:
+    """``{name: sampler}`` of every field (None when the field is not searched)."""
+    return {f.name: f.metadata.get("search") for f in dataclasses.fields(cls)}

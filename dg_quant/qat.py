@@ -1,0 +1,139 @@
+"""Shared pieces of the QAT plugins (QT-DoG, plain LSQ, FQAT): options, schedule, switch-on."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dg_quant.errors import ConfigError
+from dg_quant.hookimpl import hookimpl
+from dg_quant.options import add_options, option, read_options
+from dg_quant.quant import (
+    LSQConfig,
+    QuantConfig,
+    clamp_steps_,
+    default_activation_config,
+    is_quantization_enabled,
+    iter_quantized_weights,
+    latent_weight,
+    quantize_,
+    set_quantization,
+    step_parameters,
+)
+
+PAPER_START_STEP = 2000
+PAPER_TOTAL_STEPS = 5000
+
+
+@dataclass
+class QATOptions:
+    """Quantization options shared by the QAT plugins (flags ``--bits``, ``--quant-start-step``, ...)."""
+
+    bits: int = option(7, "weight bit width, 2..8", search=lambda r: int(r.choice([5, 6, 7, 8])))
+    quant_start_step: int | None = option(
+        None,
+        "step at which quantization switches on (QT-DoG: 2000, or 40%% of a run shorter than 5000 steps; LSQ: 0)",
+        type=int,
+    )
+    granularity: str = option("per_channel", "weight step granularity", choices=("per_channel", "per_tensor"))
+    grad_scale: str = option(
+        "tensor", "step-gradient scale: lsq-net's whole tensor, the LSQ paper's per channel, or none",
+        choices=("tensor", "per_channel", "none"),
+    )
+    weight_init: str = option("lsq", "step initialisation for weights", choices=("lsq", "mse"))
+    act_bits: int = option(0, "input-activation bit width; 0 keeps activations in full precision")
+    act_init: str = option("lsq", "step initialisation for activations (first batch)", choices=("lsq", "mse"))
+    first_layer: str = option("full", "first layer policy", choices=("full", "fp", "activations_only"))
+    quantize_head: bool = option(False, "quantize the classifier head too")
+    qtdog_compat: bool = option(
+        False,
+        "reproduce the released QT-DoG code: only Conv2d quantized, and after the switch the quantized "
+        "weights and step sizes stop training (they drop out of its optimizer)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.act_bits != 0:
+            LSQConfig(bits=self.act_bits)  # validates the range
+        if self.quant_start_step is not None and self.quant_start_step < 0:
+            raise ConfigError(f"quant_start_step must be >= 0; got {self.quant_start_step}")
+
+    def quant_config(self, enabled: bool) -> QuantConfig:
+        weight = LSQConfig(bits=self.bits, mode="signed", granularity=self.granularity,
+                           grad_scale=self.grad_scale, init=self.weight_init)
+        activation = default_activation_config(self.act_bits, self.act_init) if self.act_bits else None
+        return QuantConfig(weight=weight, activation=activation, first_layer=self.first_layer,
+                           quantize_head=self.quantize_head, enabled=enabled)
+
+
+def resolve_start_step(options: QATOptions, default: int | None, total_steps: int | None) -> int:
+    """The switch-on step: the option if set, else ``default``, else QT-DoG's 2000 scaled to short runs."""
+    if options.quant_start_step is not None:
+        return options.quant_start_step
+    if default is not None:
+        return default
+    if total_steps is not None and total_steps < PAPER_TOTAL_STEPS:
+        return round(total_steps * PAPER_START_STEP / PAPER_TOTAL_STEPS)
+    return PAPER_START_STEP
+
+
+def start_step_for(config: argparse.Namespace, options: QATOptions, default: int | None) -> int:
+    return resolve_start_step(options, default, getattr(config, "total_steps", None))
+
+
+def prepare(model: nn.Module, options: QATOptions, start_step: int) -> None:
+    """Attach quantizers (off until ``start_step``, unless it is 0)."""
+    filter_fn = (lambda m, _name: isinstance(m, nn.Conv2d)) if options.qtdog_compat else None
+    quantize_(model, options.quant_config(enabled=start_step == 0), filter_fn=filter_fn)
+
+
+def switch_on(model: nn.Module, optimizer: torch.optim.Optimizer, compat: bool) -> None:
+    """Turn quantization on; under ``compat`` freeze what the released code stops training."""
+    set_quantization(model, True)
+    if not compat:
+        return
+    frozen = {id(p) for p in step_parameters(model)}
+    frozen |= {id(latent_weight(m, t)) for _, m, t, _q in iter_quantized_weights(model)}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in frozen]
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+
+
+class QATHooks:
+    """Hook implementations of a QAT plugin whose quantization starts at ``default_start``.
+
+    ``dg_quant.qtdog`` (start at QT-DoG's scaled 2000) and ``dg_quant.lsq`` (start at 0) are
+    this class with different defaults; their modules re-export the bound hooks.
+    """
+
+    def __init__(self, default_start: int | None) -> None:
+        self.default_start = default_start
+
+    @hookimpl
+    def dgq_add_options(self, parser: argparse.ArgumentParser) -> None:
+        add_options(parser, QATOptions, "quantization (dg_quant.qtdog, dg_quant.lsq)")
+
+    @hookimpl
+    def dgq_configure(self, config: argparse.Namespace) -> None:
+        read_options(QATOptions, config)
+
+    @hookimpl
+    def dgq_configure_model(self, model: nn.Module, config: argparse.Namespace) -> None:
+        options = read_options(QATOptions, config)
+        prepare(model, options, start_step_for(config, options, self.default_start))
+
+    @hookimpl
+    def dgq_step_start(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
+    ) -> None:
+        options = read_options(QATOptions, config)
+        if step >= start_step_for(config, options, self.default_start) and not is_quantization_enabled(model):
+            switch_on(model, optimizer, options.qtdog_compat)
+
+    @hookimpl
+    def dgq_after_step(self, model: nn.Module) -> None:
+        clamp_steps_(model)
