@@ -29,6 +29,10 @@ TRACE_ENV = "DG_QUANT_TRACE_PLUGINS"
 BUILTIN_PLUGINS: dict[str, str] = {
     "dg_quant.qtdog": "dg_quant.plugins.qtdog",
     "dg_quant.lsq": "dg_quant.plugins.lsq",
+    "dg_quant.sagm": "dg_quant.plugins.sagm",
+    "dg_quant.fqat": "dg_quant.plugins.fqat",
+    "dg_quant.inq": "dg_quant.plugins.inq",
+    "dg_quant.obc": "dg_quant.plugins.obc",
 }
 
 

@@ -1,0 +1,1 @@
+"""Analysis of trained runs: result tables, flatness, loss surfaces, quantization noise, stability."""
