@@ -12,6 +12,8 @@ from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.options import add_options, option, read_options
 from dg_quant.quant import (
+    MAX_BITS,
+    MIN_BITS,
     LSQConfig,
     QuantConfig,
     clamp_steps_,
@@ -26,6 +28,10 @@ from dg_quant.quant import (
 
 PAPER_START_STEP = 2000
 PAPER_TOTAL_STEPS = 5000
+
+
+def _valid_bits(bits: object) -> bool:
+    return isinstance(bits, int) and not isinstance(bits, bool) and MIN_BITS <= bits <= MAX_BITS
 
 
 @dataclass
@@ -55,15 +61,21 @@ class QATOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.act_bits != 0:
-            LSQConfig(bits=self.act_bits)  # validates the range
+        if not _valid_bits(self.bits):
+            raise ConfigError(f"--bits must be an integer from {MIN_BITS} to {MAX_BITS}; got {self.bits!r}")
+        if self.act_bits != 0 and not _valid_bits(self.act_bits):
+            raise ConfigError(f"--act-bits must be 0 (off) or from {MIN_BITS} to {MAX_BITS}; got {self.act_bits!r}")
+        self.quant_config(enabled=True)  # validates the remaining choices
         if self.quant_start_step is not None and self.quant_start_step < 0:
             raise ConfigError(f"quant_start_step must be >= 0; got {self.quant_start_step}")
 
     def quant_config(self, enabled: bool) -> QuantConfig:
         weight = LSQConfig(bits=self.bits, mode="signed", granularity=self.granularity,
                            grad_scale=self.grad_scale, init=self.weight_init)
-        activation = default_activation_config(self.act_bits, self.act_init) if self.act_bits else None
+        if self.act_bits:
+            activation = default_activation_config(self.act_bits, self.act_init)
+        else:
+            activation = None
         return QuantConfig(weight=weight, activation=activation, first_layer=self.first_layer,
                            quantize_head=self.quantize_head, enabled=enabled)
 

@@ -13,7 +13,13 @@ from dg_quant.quant.api import (
     set_quantization,
     step_parameters,
 )
-from dg_quant.quant.config import MAX_BITS, MIN_BITS, LSQConfig, QuantConfig, default_activation_config
+from dg_quant.quant.config import (
+    MAX_BITS,
+    MIN_BITS,
+    LSQConfig,
+    QuantConfig,
+    default_activation_config,
+)
 from dg_quant.quant.lsq import LSQQuantizer, integer_bounds, lsq_fake_quant
 from dg_quant.quant.report import CompressionReport, compression_report
 

@@ -187,7 +187,7 @@ def set_quantization(model: nn.Module, enabled: bool, *, reinit: bool = True) ->
             q.initialize(latent_weight(module, tensor_name))
         q.enabled = enabled
         count += 1
-    for name, module in model.named_modules():
+    for module in model.modules():
         act = getattr(module, ACT_QUANTIZER, None)
         if isinstance(act, LSQQuantizer):
             if enabled and not act.enabled and reinit:

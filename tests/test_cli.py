@@ -1,0 +1,108 @@
+"""``wilds_run`` end to end on the embedded dataset, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dg_quant.adapters.wilds.cli import main
+
+from dg_quant.io import read_jsonl
+from dg_quant.results import main as results_main
+
+FAST = ["--n_steps", "40", "--eval_every", "20", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    erm, qtdog = root / "erm", root / "qtdog"
+    assert main([*FAST, "--log_dir", str(erm)]) == 0
+    assert main(["--plugin", "dg_quant.qtdog", "--bits", "7", *FAST, "--log_dir", str(qtdog)]) == 0
+    return erm, qtdog
+
+
+def test_run_writes_machine_readable_results(runs) -> None:
+    erm, _ = runs
+    for name in ("config.json", "results.jsonl", "final.json", "model.pt", "best_model.pt", "last.pt"):
+        assert (erm / name).is_file(), name
+    records = read_jsonl(erm / "results.jsonl")
+    assert [r["step"] for r in records] == [20, 40]
+    for split in ("id_val", "val", "test"):
+        assert 0.0 <= records[-1][f"{split}/acc_avg"] <= 1.0
+    # per-domain accuracy: the training domains in id_val, the held-out domain in test
+    assert "id_val/acc_domain:rot0" in records[-1] and "test/acc_domain:rot75" in records[-1]
+    assert "test/acc_domain:rot0" not in records[-1]
+    final = json.loads((erm / "final.json").read_text())
+    assert final["plugins"] == [] and final["last"] == records[-1]
+    assert final["best"]["id_val/acc_avg"] == max(r["id_val/acc_avg"] for r in records)
+
+
+def test_training_learns_beyond_chance(runs) -> None:
+    erm, _ = runs
+    last = read_jsonl(erm / "results.jsonl")[-1]
+    assert last["id_val/acc_avg"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_qtdog_run_is_quantized_after_the_scaled_switch(runs) -> None:
+    _, qtdog = runs
+    records = read_jsonl(qtdog / "results.jsonl")
+    # 40 steps -> quantization starts at step 16 (2000/5000 of the run)
+    assert all(r["quantized"] for r in records)
+    final = json.loads((qtdog / "final.json").read_text())
+    assert final["plugins"] == ["dg_quant.qtdog"]
+    assert 32 / 7 * 0.8 < final["compression"]["compression_ratio"] < 32 / 7
+    saved = torch.load(qtdog / "model.pt", weights_only=False)
+    assert any(k.endswith("parametrizations.weight.original") for k in saved["model"])
+
+
+def test_results_command_compares_runs(runs, capsys) -> None:
+    erm, qtdog = runs
+    assert results_main([str(erm), str(qtdog)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:2] == ["run", "method"]
+    assert [line.split()[1] for line in out[1:]] == ["erm", "qtdog"]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("wilds_run: error:")
+    return err
+
+
+def test_unknown_plugin(capsys) -> None:
+    err = one_line_error(capsys, ["--plugin", "dg_quant.qtdg"])
+    assert "known plugins" in err and "dg_quant.qtdog" in err
+
+
+def test_bits_out_of_range(capsys, tmp_path) -> None:
+    err = one_line_error(capsys, ["--plugin", "dg_quant.qtdog", "--bits", "9", "--log_dir", str(tmp_path / "r")])
+    assert "--bits must be an integer from 2 to 8" in err
+
+
+def test_missing_root_dir(capsys, tmp_path) -> None:
+    err = one_line_error(capsys, ["--dataset", "camelyon17", "--root_dir", str(tmp_path / "missing")])
+    assert "--root_dir" in err and "does not exist" in err
+
+
+def test_unknown_dataset(capsys, tmp_path) -> None:
+    assert "known datasets" in one_line_error(capsys, ["--dataset", "mnistx", "--root_dir", str(tmp_path)])
+
+
+def test_existing_log_dir_is_not_overwritten(capsys, runs) -> None:
+    erm, _ = runs
+    assert "--resume" in one_line_error(capsys, [*FAST, "--log_dir", str(erm)])
+
+
+def test_unknown_backbone(capsys, tmp_path) -> None:
+    err = one_line_error(capsys, [*FAST, "--model", "resnet9000", "--log_dir", str(tmp_path / "r")])
+    assert "known backbones" in err
+
+
+def test_help_lists_plugin_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--plugin", "dg_quant.qtdog", "--help"])
+    out = capsys.readouterr().out
+    assert "--bits" in out and "--quant-start-step" in out

@@ -1,0 +1,160 @@
+"""Each hook is called by the host at its phase, with its documented arguments and effect."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from dg_quant import PluginHost, Trainer, create_adapter, hookimpl
+
+
+class Recorder:
+    """A plugin that records every call it receives."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    @hookimpl
+    def dgq_add_options(self, parser):
+        parser.add_argument("--recorder-flag", type=int, default=5)
+        self.calls.append(("dgq_add_options", {}))
+
+    @hookimpl
+    def dgq_configure(self, config, host):
+        self.calls.append(("dgq_configure", {"flag": config.recorder_flag, "host": host}))
+
+    @hookimpl
+    def dgq_configure_model(self, model, config):
+        model.recorded = True
+        self.calls.append(("dgq_configure_model", {}))
+
+    @hookimpl
+    def dgq_configure_optimizer(self, optimizer, model):
+        optimizer.param_groups[0]["lr"] = 0.5
+        self.calls.append(("dgq_configure_optimizer", {}))
+
+    @hookimpl
+    def dgq_step_start(self, step):
+        self.calls.append(("dgq_step_start", {"step": step}))
+
+    @hookimpl
+    def dgq_after_backward(self, model, step):
+        grads = [p.grad is not None for p in model.parameters()]
+        self.calls.append(("dgq_after_backward", {"step": step, "grads": all(grads)}))
+
+    @hookimpl
+    def dgq_after_step(self, step, metrics):
+        metrics["seen_by_recorder"] = 1.0
+        self.calls.append(("dgq_after_step", {"step": step}))
+
+    @hookimpl
+    def dgq_evaluate(self, model, step):
+        self.calls.append(("dgq_evaluate", {"step": step, "training": model.training}))
+        return {"recorder/step": step}
+
+    @hookimpl
+    def dgq_train_end(self, model, log_dir):
+        self.calls.append(("dgq_train_end", {"log_dir": log_dir}))
+        return {"recorder/done": 1}
+
+
+@pytest.fixture()
+def run() -> tuple[Recorder, Trainer]:
+    torch.manual_seed(0)
+    host, recorder = PluginHost(), Recorder()
+    host.register(recorder, name="recorder")
+    parser = argparse.ArgumentParser()
+    host.add_options(parser)
+    config = parser.parse_args(["--recorder-flag", "7"])
+    host.configure(config)
+    model = create_adapter("test_cnn", num_classes=3)
+    trainer = Trainer.build(host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                            nn.CrossEntropyLoss())
+    return recorder, trainer
+
+
+def batch():
+    return torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+
+
+def test_hook_dgq_add_options(run) -> None:
+    recorder, trainer = run
+    assert recorder.names()[0] == "dgq_add_options"
+    assert trainer.config.recorder_flag == 7
+
+
+def test_hook_dgq_configure(run) -> None:
+    recorder, trainer = run
+    call = dict(recorder.calls)["dgq_configure"]
+    assert call["flag"] == 7 and call["host"] is trainer.host
+    assert trainer.config.plugins == []
+
+
+def test_hook_dgq_configure_model(run) -> None:
+    recorder, trainer = run
+    assert trainer.model.recorded is True
+    assert recorder.names().index("dgq_configure_model") < recorder.names().index("dgq_configure_optimizer")
+
+
+def test_hook_dgq_configure_optimizer(run) -> None:
+    _, trainer = run
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_hook_dgq_step_start(run) -> None:
+    recorder, trainer = run
+    trainer.train_step(batch())
+    trainer.train_step(batch())
+    assert [c[1]["step"] for c in recorder.calls if c[0] == "dgq_step_start"] == [0, 1]
+
+
+def test_hook_dgq_compute_gradients(run) -> None:
+    _, trainer = run
+
+    class HalfLoss:
+        @hookimpl
+        def dgq_compute_gradients(self, model, batch, loss_fn):
+            x, y = batch
+            loss = 0.5 * loss_fn(model(x), y)
+            loss.backward()
+            return {"loss": loss.detach(), "custom": 1.0}
+
+    default = trainer.train_step(batch())
+    assert set(default) == {"loss", "seen_by_recorder"}
+    trainer.host.register(HalfLoss())
+    metrics = trainer.train_step(batch())
+    assert metrics["custom"] == 1.0  # first result wins: the default ERM step did not run
+
+
+def test_hook_dgq_after_backward(run) -> None:
+    recorder, trainer = run
+    trainer.train_step(batch())
+    call = dict(recorder.calls)["dgq_after_backward"]
+    assert call == {"step": 0, "grads": True}
+
+
+def test_hook_dgq_after_step(run) -> None:
+    recorder, trainer = run
+    metrics = trainer.train_step(batch())
+    assert metrics["seen_by_recorder"] == 1.0
+    assert recorder.names()[-1] == "dgq_after_step"
+
+
+def test_hook_dgq_evaluate(run) -> None:
+    _, trainer = run
+    trainer.train_step(batch())
+    extras = trainer.evaluation_extras()
+    assert extras["recorder/step"] == 1
+    assert "compression_ratio" in extras  # the host's own evaluate hook
+
+
+def test_hook_dgq_train_end(run, tmp_path) -> None:
+    recorder, trainer = run
+    assert trainer.finish(str(tmp_path)) == {"recorder/done": 1}
+    assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path)}
