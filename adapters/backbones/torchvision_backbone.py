@@ -1,0 +1,99 @@
+"""Turn a torchvision classifier into a ``DGModel``: load its weights, split off the head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from dg_quant.adapters.backbones.policy import QuantPolicy, attach
+from dg_quant.adapters.backbones.transforms import image_transform
+from dg_quant.adapters.backbones.weights import (
+    WeightsError,
+    first_line,
+    hub_call,
+    load_state_dict,
+    local_path,
+    missing_message,
+    require_torch_hub_file,
+    torch_hub_file,
+    wants_pretrained,
+)
+from dg_quant.errors import ConfigError
+from dg_quant.model import DGModel
+
+
+def enum_weights_for(enum_cls: Any, tag: str) -> Any:
+    """The torchvision weights enum member named ``tag`` (``IMAGENET1K_V1``, ...)."""
+    try:
+        return enum_cls[tag]
+    except KeyError:
+        raise ConfigError(
+            f"unknown weights tag {tag!r}; choose from {', '.join(enum_cls.__members__)}"
+        ) from None
+
+
+def last_linear(module: nn.Module) -> nn.Linear:
+    """The head's ``nn.Linear`` (a bare Linear, or the last one in e.g. ``Dropout, Linear``)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(module).__name__} holds no nn.Linear head")
+    return linears[-1]
+
+
+def split_head(
+    model: nn.Module, head_attr: str, num_classes: int, keep_trained: bool
+) -> tuple[nn.Linear, int]:
+    """Replace ``model.<head_attr>`` by ``Identity``; return a new head and the feature width.
+
+    ``keep_trained``: when the new head has as many classes as the pretrained one (e.g. 1000 for
+    ImageNet), it starts from the pretrained head instead of a random one.
+    """
+    old = last_linear(getattr(model, head_attr))
+    head = nn.Linear(old.in_features, num_classes)
+    if keep_trained and old.out_features == num_classes:
+        head.load_state_dict(old.state_dict())
+    setattr(model, head_attr, nn.Identity())
+    return head, old.in_features
+
+
+def torchvision_adapter(
+    build: Callable[..., nn.Module],
+    *,
+    name: str,
+    head_attr: str,
+    num_classes: int,
+    enum_weights: Any,
+    pretrained: bool,
+    weights: str | None,
+    policy: QuantPolicy,
+    img_size: int = 224,
+    fix_keys: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+) -> DGModel:
+    """Build the network with ``enum_weights`` (or the file ``weights``), wrap it as a DGModel.
+
+    Default weights go through torchvision's own loader (its cache, its download, its key fixes);
+    offline and uncached, the error comes before the network is built. ``fix_keys`` maps an old
+    checkpoint's keys to the model's (DenseNet's ``norm.1`` -> ``norm1``).
+    """
+    loaded = wants_pretrained(pretrained, weights)
+    path = local_path(weights) if loaded else None
+    if loaded and path is None:
+        require_torch_hub_file(enum_weights.url, name)
+        cached = torch_hub_file(enum_weights.url)
+        message = missing_message(name, cached.name, enum_weights.url, str(cached.parent))
+        model = hub_call(lambda: build(weights=enum_weights, progress=False), message)
+    else:
+        model = build()
+    if path is not None:
+        try:
+            model.load_state_dict(fix_keys(load_state_dict(path)))
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"weights do not fit {name} ({first_line(exc)}); pass a {name} checkpoint "
+                f"such as {enum_weights.url.rsplit('/', 1)[-1]}"
+            ) from None
+    head, d_out = split_head(model, head_attr, num_classes, keep_trained=loaded)
+    transform = image_transform(img_size, crop_pct=224 / 256)
+    return attach(DGModel(model, head, d_out, transform), policy)
