@@ -110,6 +110,8 @@ def switch_on(model: nn.Module, optimizer: torch.optim.Optimizer, compat: bool) 
     frozen |= {id(latent_weight(m, t)) for _, m, t, _q in iter_quantized_weights(model)}
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in frozen]
+    for p in [p for p in optimizer.state if id(p) in frozen]:
+        del optimizer.state[p]  # state of a parameter outside every group breaks state_dict()
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)

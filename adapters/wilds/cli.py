@@ -2,6 +2,8 @@
 
     wilds_run                                       # ERM on the embedded rotated digits
     wilds_run --plugin dg_quant.qtdog --bits 7      # QT-DoG on the same data
+    wilds_run -d pacs --root_dir DATA --test_domain sketch        # DomainBed-layout folders
+    wilds_run -d camelyon17 --root_dir DATA                       # WILDS' own loader and metrics
 
 ``--plugin`` is read first (like pytest's ``-p``) so that plugins can add their own flags.
 """
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
 from dg_quant.adapters.wilds.presets import apply_preset
+from dg_quant.adapters.wilds.transforms import TRANSFORMS
 from dg_quant.errors import DGQuantError
 from dg_quant.host import PluginHost, known_plugins
 from dg_quant.results import format_run
@@ -38,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; "
                              "none means ERM")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", "-d", default=DEFAULT_DATASET, help="dataset name (embedded or WILDS)")
-    data.add_argument("--root_dir", default="data", help="folder that holds the WILDS dataset folders")
+    data.add_argument("--dataset", "-d", default=DEFAULT_DATASET,
+                      help="dataset: rotated_digits (embedded); pacs, vlcs, office_home, terra_incognita, "
+                           "domain_net or image_folder (DomainBed layout); camelyon17, amazon, ... (WILDS)")
+    data.add_argument("--root_dir", default="data",
+                      help="folder that holds the dataset folders (camelyon17_v1.0/, PACS/, ...)")
     data.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     data.add_argument("--split_scheme", default=None, help="WILDS split scheme (dataset default if unset)")
     data.add_argument("--groupby_fields", nargs="+", default=None, help="metadata fields that define groups")
@@ -51,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--frac", type=float, default=1.0, help="fraction of each split to use (quick runs)")
     data.add_argument("--eval_splits", nargs="+", default=None, help="splits to evaluate (default: all but train)")
     data.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--transform", choices=TRANSFORMS, default=None,
+                      help="input transform: DomainBed's augmentation, WILDS' resize, the backbone's own "
+                           "(tokenizer) or none (dataset preset if unset)")
+    data.add_argument("--image_size", type=int, default=None, help="image side in pixels for the transform")
+    data.add_argument("--max_token_length", type=int, default=None,
+                      help="tokenizer length for text backbones that take one")
+    data.add_argument("--train_loader", choices=("standard", "group"), default=None,
+                      help="WILDS training loader: shuffled, or n_groups_per_batch groups per batch")
+    data.add_argument("--n_groups_per_batch", type=int, default=None, help="groups per batch (group loader)")
+    data.add_argument("--uniform_over_groups", action=argparse.BooleanOptionalAction, default=None,
+                      help="sample groups uniformly rather than by size (loader default if unset)")
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--model", default=None, help="backbone adapter name (dataset preset if unset)")
@@ -63,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--eval_batch_size", type=int, default=None)
     model.add_argument("--n_epochs", type=int, default=None)
     model.add_argument("--n_steps", type=int, default=None, help="train for this many steps (overrides epochs)")
-    model.add_argument("--max_grad_norm", type=float, default=None)
+    model.add_argument("--max_grad_norm", type=float, default=None, help="clip the gradient norm to this")
+    model.add_argument("--scheduler", choices=("none", "linear"), default=None,
+                       help="learning-rate schedule: constant, or linear decay to 0 (no warmup)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--eval_every", type=int, default=None, help="evaluate every N steps")
     run.add_argument("--val_metric", default=None, help="'<split>/<metric>' used to pick the best checkpoint")
+    run.add_argument("--test_metric", default=None,
+                     help="'<split>/<metric>' reported at the best-validation and the last checkpoint")
+    run.add_argument("--group_logging", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep per-group accuracies in results.jsonl")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--log_dir", default=None, help="output folder (default: runs/<dataset>_<method>_seed<seed>)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
@@ -94,7 +117,9 @@ def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plugin
 
 def _check(config: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     positive = {"batch_size": config.batch_size, "lr": config.lr, "n_steps": config.n_steps or 1,
-                "n_epochs": config.n_epochs or 1, "eval_every": config.eval_every or 1}
+                "n_epochs": config.n_epochs or 1, "eval_every": config.eval_every or 1,
+                "image_size": config.image_size or 1, "n_groups_per_batch": config.n_groups_per_batch,
+                "max_token_length": config.max_token_length or 1}
     for name, value in positive.items():
         if value is not None and value <= 0:
             parser.error(f"--{name} must be positive; got {value}")

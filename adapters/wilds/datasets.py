@@ -1,15 +1,36 @@
-"""Dataset lookup for ``wilds_run``: the embedded default, or a dataset of the ``wilds`` package."""
+"""Dataset lookup for ``wilds_run``: the embedded default, DomainBed-layout image folders, or a
+dataset of the ``wilds`` package (Camelyon17, Amazon, ...) read by its own loader."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.errors import DataError
 
 DEFAULT_DATASET = "rotated_digits"
+
+# --dataset name -> folder under --root_dir (DomainBed's names, after its download script).
+FOLDER_DATASETS: dict[str, str] = {
+    "pacs": "PACS",
+    "vlcs": "VLCS",
+    "office_home": "office_home",
+    "terra_incognita": "terra_incognita",
+    "domain_net": "domain_net",
+}
+# ("domainnet" is left to WILDS' own DomainNet loader)
+ALIASES = {"officehome": "office_home", "terraincognita": "terra_incognita"}
+# --root_dir itself holds the domain folders (any DomainBed-layout data set of your own).
+CUSTOM_FOLDER = "image_folder"
+
+
+def canonical_name(name: str) -> str | None:
+    """The ``FOLDER_DATASETS`` key (or ``image_folder``) for a dataset name, else None."""
+    key = ALIASES.get(name.lower(), name.lower())
+    return key if key in FOLDER_DATASETS or key == CUSTOM_FOLDER else None
 
 
 def _rotated_digits(config: argparse.Namespace):
@@ -26,9 +47,28 @@ LOCAL_DATASETS: dict[str, Callable[[argparse.Namespace], object]] = {
 }
 
 
+def _image_folders(config: argparse.Namespace):
+    from dg_quant.adapters.wilds.folders import DomainFolderDataset
+
+    return DomainFolderDataset(
+        config.root_dir, name=canonical_name(config.dataset), test_domains=config.test_domain,
+        holdout_fraction=config.holdout_fraction, seed=config.split_seed,
+    )
+
+
 def known_datasets() -> list[str]:
     wilds = import_wilds()
-    return sorted(set(LOCAL_DATASETS) | set(wilds.supported_datasets))
+    return sorted(set(LOCAL_DATASETS) | set(FOLDER_DATASETS) | {CUSTOM_FOLDER} | set(wilds.supported_datasets))
+
+
+def _missing_release_hint(root_dir: str, name: str) -> str:
+    """Why WILDS did not find ``name`` under ``root_dir``: most often a missing RELEASE file."""
+    for data_dir in sorted(Path(root_dir).glob(f"{name}_v*")):
+        version = data_dir.name.rsplit("_v", 1)[1]
+        if data_dir.is_dir() and not (data_dir / f"RELEASE_v{version}.txt").exists():
+            return (f"{data_dir} has no RELEASE_v{version}.txt, so WILDS takes the dataset as absent; "
+                    "finish or redo the download (or create that file if the data is complete)")
+    return f"{name} data not found under {root_dir!r}; expected {root_dir}/{name}_v<version>/ (or pass --download)"
 
 
 def load_dataset(config: argparse.Namespace):
@@ -36,6 +76,8 @@ def load_dataset(config: argparse.Namespace):
     name = config.dataset
     if name in LOCAL_DATASETS:
         return LOCAL_DATASETS[name](config)
+    if canonical_name(name):
+        return _image_folders(config)
     wilds = import_wilds()
     if name not in wilds.supported_datasets:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(known_datasets())}")
@@ -48,6 +90,10 @@ def load_dataset(config: argparse.Namespace):
     try:
         return wilds.get_dataset(dataset=name, root_dir=config.root_dir, download=config.download, **kwargs)
     except FileNotFoundError as exc:
-        raise DataError(
-            f"{name} data not found under {config.root_dir!r} ({exc}); check --root_dir or pass --download"
-        ) from None
+        if not config.download and "could not be found" in str(exc):
+            raise DataError(_missing_release_hint(config.root_dir, name)) from None
+        raise DataError(f"{name} under {config.root_dir!r}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, KeyError) as exc:
+        if "not recognized" in str(exc):
+            raise DataError(f"--split_scheme {config.split_scheme!r} is not one of {name}'s: {exc}") from None
+        raise

@@ -110,6 +110,24 @@ class DomainDataset(WILDSDataset):
         self._eval_grouper = CombinatorialGrouper(dataset=self, groupby_fields=["domain"])
         super().__init__(data_dir, False, self._split_scheme)
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a training domain with fewer training examples than a batch.
+
+        DomainBed draws one batch per training domain and spins forever on such a domain; here
+        the error names the domain and the fix instead.
+        """
+        domains = self._metadata_array[:, 0].numpy()
+        in_train = self._split_array == SPLITS["train"]
+        for d, name in enumerate(self.domain_names):
+            if d in self.test_domains:
+                continue
+            n = int((in_train & (domains == d)).sum())
+            if n < batch_size:
+                raise ConfigError(
+                    f"domain {name!r} has {n} training examples, fewer than --batch_size {batch_size}; "
+                    "lower --batch_size or make it a --test_domain"
+                )
+
     def eval(self, y_pred: torch.Tensor, y_true: torch.Tensor, metadata: torch.Tensor, prediction_fn: Any = None):
         """Average accuracy, accuracy per domain and worst-domain accuracy."""
         metric = Accuracy(prediction_fn=prediction_fn)

@@ -6,7 +6,11 @@ Results in ``log_dir`` (each written atomically, so a killed run never leaves a 
 - ``results.jsonl``: one record per evaluation, flat keys ``<split>/<metric>``;
 - ``last.pt``: the state to ``--resume`` from (model, optimizer, quantizers, RNG, records);
 - ``best_model.pt``, ``model.pt``: weights at the best ``val_metric`` and at the end;
-- ``final.json``: last-step and best-validation metrics plus the compression report.
+- ``final.json``: last-step and best-validation metrics, ``test_metric`` at both (model selection
+  by training-domain or WILDS validation), plus the compression report.
+
+``--resume`` continues from ``last.pt`` and gives the same numbers as an uninterrupted run: the
+data order is a function of (seed, epoch) only and the RNG state is restored mid-epoch.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from tqdm import tqdm
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
+from dg_quant.adapters.wilds.transforms import build_transforms
 from dg_quant.errors import CheckpointError, ConfigError
+from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from dg_quant.loop import Trainer, scalar_metrics
@@ -36,6 +42,9 @@ from dg_quant.quant import compression_report
 from dg_quant.registry import create_adapter
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")
+# Settings a resumed run must share with the run that wrote last.pt.
+RESUME_KEYS = ("dataset", "model", "seed", "batch_size", "split_seed", "test_domain", "holdout_fraction", "frac",
+               "split_scheme", "train_loader", "optimizer", "plugins")
 
 
 def seed_everything(seed: int) -> None:
@@ -65,16 +74,47 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """WILDS' AdamW groups: no weight decay on biases and LayerNorm weights."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or id(p) in norm else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_optimizer(config: argparse.Namespace):
     def build(model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         if config.optimizer == "sgd":
             return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         if config.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            return torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr)
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
     return build
+
+
+def make_scheduler(config: argparse.Namespace):
+    """``linear``: the WILDS/transformers linear decay to 0 over the run, without warmup."""
+    if config.scheduler in (None, "none"):
+        return None
+    total = max(int(config.total_steps), 1)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, (total - step) / total)
+    )
+
+
+class ClipGradients:
+    """Host-side gradient clipping (``--max_grad_norm``), after every plugin's backward work."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    @hookimpl(trylast=True)
+    def dgq_after_backward(self, model: nn.Module) -> None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], self.max_norm)
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -98,32 +138,76 @@ class Run:
         self.log_dir = Path(config.log_dir)
         seed_everything(config.seed)
         self.dataset = load_dataset(config)
+        unknown = [f for f in config.groupby_fields if f not in self.dataset.metadata_fields]
+        if unknown:
+            raise ConfigError(f"--groupby_fields {' '.join(unknown)}: not metadata of {config.dataset}; "
+                              f"choose from {', '.join(self.dataset.metadata_fields)}")
         self.grouper = CombinatorialGrouper(self.dataset, list(config.groupby_fields))
-        self.model = create_adapter(config.model, num_classes=self.dataset.n_classes, weights=config.weights)
-        transform = getattr(self.model, "transform", None)
-        self.train_data = self.dataset.get_subset("train", frac=config.frac, transform=transform)
+        self.model = self._build_model()
+        train_transform, eval_transform = build_transforms(config.transform, config.image_size, self.model)
+        self.train_data = self.dataset.get_subset("train", frac=config.frac, transform=train_transform)
         if len(self.train_data) < config.batch_size:
             raise ConfigError(
                 f"the train split has {len(self.train_data)} examples, fewer than --batch_size {config.batch_size}; "
                 "lower --batch_size"
             )
+        check_batch_size = getattr(self.dataset, "check_batch_size", None)
+        if check_batch_size is not None:
+            check_batch_size(config.batch_size)
         self._get_train_loader = get_train_loader
+        steps_per_epoch = len(self._train_loader())
         self.eval_loaders = {
-            split: get_eval_loader("standard", self.dataset.get_subset(split, frac=config.frac, transform=transform),
+            split: get_eval_loader("standard", self.dataset.get_subset(split, frac=config.frac,
+                                                                       transform=eval_transform),
                                    batch_size=config.eval_batch_size or 2 * config.batch_size,
                                    num_workers=config.num_workers)
             for split in self._eval_splits()
         }
-        steps_per_epoch = len(self.train_data) // config.batch_size
         config.total_steps = config.n_steps if config.n_steps else config.n_epochs * steps_per_epoch
         config.steps_per_epoch = steps_per_epoch
-        config.eval_every = config.eval_every or max(config.total_steps // 5, 1)
+        # WILDS evaluates once per epoch; a run given in steps evaluates five times.
+        config.eval_every = config.eval_every or (
+            steps_per_epoch if not config.n_steps else max(config.total_steps // 5, 1))
         host.configure(config)
+        if config.max_grad_norm:
+            host.register(ClipGradients(config.max_grad_norm), name="wilds_run.clip_grad_norm")
         self.model.to(self.device)
         loss = nn.CrossEntropyLoss()
-        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss)
+        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss,
+                                     make_scheduler(config))
         self.records: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+
+    def _build_model(self) -> nn.Module:
+        """The backbone, told the input size or tokenizer length when its adapter takes them."""
+        config = self.config
+        kwargs: dict[str, Any] = {"weights": config.weights}
+        if config.image_size and config.transform in ("domainbed", "wilds"):
+            kwargs["img_size"] = config.image_size  # ViT position embeddings depend on it
+        if config.max_token_length and config.transform == "model":
+            kwargs["max_token_length"] = config.max_token_length
+        optional = {"img_size", "max_token_length"}
+        while True:
+            try:
+                return create_adapter(config.model, num_classes=self.dataset.n_classes, **kwargs)
+            except TypeError as exc:  # an adapter without that argument does not need it
+                rejected = [k for k in optional & kwargs.keys() if f"'{k}'" in str(exc)]
+                if not rejected:
+                    raise
+                del kwargs[rejected[0]]
+
+    def _train_loader(self):
+        """A fresh WILDS training loader (standard or group); its order follows the global RNG."""
+        config = self.config
+        common = {"batch_size": config.batch_size, "num_workers": config.num_workers,
+                  "uniform_over_groups": config.uniform_over_groups, "grouper": self.grouper}
+        try:
+            if config.train_loader == "group":
+                return self._get_train_loader("group", self.train_data, n_groups_per_batch=config.n_groups_per_batch,
+                                              **common)
+            return self._get_train_loader("standard", self.train_data, drop_last=True, **common)
+        except ValueError as exc:  # batch not divisible by groups, too few groups
+            raise ConfigError(f"--train_loader {config.train_loader}: {exc}") from None
 
     def _eval_splits(self) -> list[str]:
         requested = self.config.eval_splits
@@ -139,25 +223,28 @@ class Run:
 
     # -- data order -------------------------------------------------------------------------
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple]:
-        """Batches of one epoch; the order is a function of (seed, epoch) only, so resume can replay it."""
+    def _epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[tuple]:
+        """Batches of one epoch after its first ``skip``; the order is a function of (seed, epoch) only."""
         seed_everything(self.config.seed * 100_003 + epoch)
-        loader = self._get_train_loader(
-            "standard", self.train_data, batch_size=self.config.batch_size, num_workers=self.config.num_workers,
-            drop_last=True,
-        )
-        return iter(loader)
+        it = iter(self._train_loader())
+        fast = self.config.num_workers == 0 and hasattr(it, "_next_index")
+        for _ in range(skip):
+            # in-process loading: draw the skipped indices without reading their inputs (the RNG
+            # state is restored right after); worker processes must really load to stay in step
+            it._next_index() if fast else next(it)
+        return it
 
     def batches(self, start_step: int, resume_rng: dict | None) -> Iterator[tuple]:
+        """Training batches from ``start_step`` on, exactly as an uninterrupted run would see them."""
         spe = self.config.steps_per_epoch
         epoch, skip = divmod(start_step, spe)
         while True:
-            it = self._epoch_batches(epoch)
-            for _ in range(skip):
-                next(it)
-            if resume_rng is not None:
+            it = self._epoch_batches(epoch, skip)
+            if resume_rng is not None and skip:
+                # mid-epoch: continue with the RNG of the interrupted run; at an epoch boundary
+                # the uninterrupted run re-seeds, as _epoch_batches just did
                 set_rng_state(resume_rng)
-                resume_rng = None
+            resume_rng = None
             skip = 0
             for x, y, _meta in it:
                 yield to_device(x, self.device), y.to(self.device, non_blocking=True)
@@ -178,7 +265,9 @@ class Run:
                 ys.append(y)
                 metas.append(meta)
             results, _ = self.dataset.eval(torch.cat(preds), torch.cat(ys), torch.cat(metas))
-            record.update({f"{split}/{k}": _to_float(v) for k, v in _drop_empty_groups(results).items()})
+            results = _drop_empty_groups(results) if self.config.group_logging is not False else {
+                k: v for k, v in results.items() if ":" not in k}
+            record.update({f"{split}/{k}": _to_float(v) for k, v in results.items()})
         record.update({k: _to_float(v) for k, v in self.trainer.evaluation_extras().items()})
         model.train(was_training)
         return record
@@ -205,8 +294,18 @@ class Run:
                 f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
                 "delete it to start over"
             ) from None
+        self._check_same_run(state.get("config", {}), path)
         self.records, self.best = state["records"], state["best"]
         return state["rng"]
+
+    def _check_same_run(self, saved: dict[str, Any], path: Path) -> None:
+        current = _jsonable(vars(self.config))
+        for key in RESUME_KEYS:
+            if key in saved and key in current and saved[key] != current[key]:
+                raise CheckpointError(
+                    f"{path} was written with {key}={saved[key]!r}, this run has {current[key]!r}; "
+                    "resume with the same settings or choose another --log_dir"
+                )
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -245,6 +344,14 @@ class Run:
                 f"--val_metric {config.val_metric!r} is not among the evaluated metrics; "
                 f"e.g. {', '.join(k for k in record if k.endswith('acc_avg'))}"
             )
+        test_split = str(config.test_metric).split("/", 1)[0]
+        if test_split in self.eval_loaders and config.test_metric not in record:
+            raise ConfigError(
+                f"--test_metric {config.test_metric!r} is not among the evaluated metrics; "
+                f"e.g. {', '.join(k for k in record if k.startswith(test_split + '/'))}"
+            )
+        if record[config.val_metric] is None:
+            raise ConfigError(f"--val_metric {config.val_metric!r} is undefined (empty split?); choose another")
         if self.best is None or record[config.val_metric] > self.best[config.val_metric]:
             self.best = record
             atomic_torch_save(self.log_dir / "best_model.pt", self._model_file())
@@ -254,8 +361,16 @@ class Run:
         return {"model": self.model.state_dict(), "step": self.trainer.step, "backbone": self.config.model,
                 "num_classes": self.dataset.n_classes, "config": _jsonable(vars(self.config))}
 
+    def calibration_batches(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
+        """Shuffled inputs of the training split (source domains only) for post-training calibration."""
+        from dg_quant.adapters.wilds.ptq import calibration_batches
+
+        return calibration_batches(self.train_data, num_samples, batch_size, self.device, self.config.seed)
+
     def _finish(self) -> dict[str, Any]:
+        self.config.calibration_batches = self.calibration_batches  # for PTQ plugins (dg_quant.obc)
         extras = self.trainer.finish(str(self.log_dir))
+        del self.config.calibration_batches
         report = compression_report(self.model)
         atomic_torch_save(self.log_dir / "model.pt", self._model_file())
         final = {
@@ -264,7 +379,12 @@ class Run:
             "model": self.config.model,
             "seed": self.config.seed,
             "val_metric": self.config.val_metric,
+            "test_metric": self.config.test_metric,
             "steps": self.trainer.step,
+            # the official metric with training-domain (or WILDS OOD) validation selection, and at the end
+            "test_at_best": self.best.get(self.config.test_metric),
+            "test_at_last": self.records[-1].get(self.config.test_metric),
+            "best_step": self.best["step"],
             "last": self.records[-1],
             "best": self.best,
             "compression": report.to_dict(),
