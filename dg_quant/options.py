@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Attribute of a parser listing the options dataclasses added to it (see ``declared_options``).
+_DECLARED_ATTR = "_dgq_declared_options"
+
 
 def option(
     default: Any,
@@ -52,6 +55,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
 
     Flags already defined are skipped, so plugins sharing an options class can all add it.
     """
+    declared = vars(parser).setdefault(_DECLARED_ATTR, [])
+    if cls not in declared:
+        declared.append(cls)
     existing = set(parser._option_string_actions)
     fields = [f for f in dataclasses.fields(cls) if flag(f.name) not in existing]
     if not fields:
@@ -67,8 +73,16 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
             type=kind,
             default=default,
             choices=f.metadata.get("choices"),
-            help=f.metadata.get("help", "") + f" (default: {default})",
+            help=f.metadata.get("help", ""),
         )
+
+
+def declared_options(parser: argparse.ArgumentParser) -> list[type]:
+    """The options dataclasses added to ``parser`` by ``add_options``, in order.
+
+    The DomainBed host reads their ``search`` samplers to build its random hyperparameter search.
+    """
+    return list(vars(parser).get(_DECLARED_ATTR, []))
 
 
 def read_options(cls: type[T], config: Any) -> T:

@@ -1,1 +1,50 @@
-"""The DomainBed host: dg-quant algorithms registered into a DomainBed checkout, and a launcher."""
+"""The DomainBed host: dg-quant algorithms registered into a DomainBed checkout, and a launcher.
+
+``register()`` adds ``QTDoG``, ``LSQ`` (and ``FQAT``, ``SAGM``, ``LSQ_SAGM``, ``INQ`` when their
+plugins are installed) to ``domainbed.algorithms`` and their hyperparameters to
+``domainbed.hparams_registry``, in this process. ``python -m dg_quant.adapters.domainbed
+train|sweep|collect_results ...`` registers them and runs DomainBed's own scripts, with sweep
+jobs started through the same entry point so that they see the algorithms too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+from dg_quant.adapters.domainbed.algorithms import algorithm_classes, available_specs, hparam_table
+from dg_quant.adapters.domainbed.hparams import extend_registry
+
+__all__ = ["register"]
+
+# Attribute marking a class as registered by dg-quant (a re-registration may replace it).
+_MARK = "_dgq_registered"
+
+
+def register(package: str = "domainbed") -> list[str]:
+    """Register the available dg-quant algorithms into DomainBed (importable as ``package``).
+
+    Idempotent. An algorithm name that DomainBed already defines (a fork's own class) is left
+    alone with a warning. Returns the names registered.
+    """
+    algorithms = importlib.import_module(f"{package}.algorithms")
+    networks = importlib.import_module(f"{package}.networks")
+    registry = importlib.import_module(f"{package}.hparams_registry")
+    misc = importlib.import_module(f"{package}.lib.misc")
+
+    specs = []
+    for spec in available_specs():
+        existing = getattr(algorithms, spec.name, None)
+        if existing is not None and not getattr(existing, _MARK, False):
+            warnings.warn(f"{package}.algorithms already defines {spec.name}; dg-quant's is not registered",
+                          stacklevel=2)
+            continue
+        specs.append(spec)
+    classes = algorithm_classes(specs, algorithms.Algorithm, networks, algorithms.__name__)
+    for name, cls in classes.items():
+        setattr(cls, _MARK, True)
+        setattr(algorithms, name, cls)
+        if name not in algorithms.ALGORITHMS:
+            algorithms.ALGORITHMS.append(name)
+    extend_registry(registry, hparam_table(specs), misc.seed_hash)
+    return list(classes)

@@ -1,0 +1,180 @@
+"""dg-quant's methods as DomainBed algorithms: thin wrappers over ``Trainer`` and the plugin hooks.
+
+Each algorithm is a list of plugins (the ones ``wilds_run --plugin`` takes), so DomainBed and
+WILDS run the same hook code. The network is DomainBed's own ``networks.Featurizer`` and
+``networks.Classifier`` (so ``resnet18``, ``resnet50_augmix``, ``freeze_bn`` and
+``resnet_dropout`` behave as for ERM) wrapped in ``DGModel``; the optimizer is ERM's Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dg_quant.adapters.domainbed.hparams import HParam, options_parser, plugin_hparams
+from dg_quant.errors import ConfigError, PluginError
+from dg_quant.host import PluginHost, resolve_plugin
+from dg_quant.loop import Trainer, scalar_metrics
+from dg_quant.model import DGModel
+from dg_quant.quant import iter_quantizers
+
+# Keys that DomainBed's train.py writes itself; an update() metric of that name is renamed.
+RESERVED_KEYS = ("step", "epoch", "step_time", "mem_gb", "hparams", "args")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A DomainBed algorithm: its plugins and the hparams it sets differently from the plugins."""
+
+    name: str
+    plugins: tuple[str, ...]
+    doc: str
+    hparams: Mapping[str, HParam] = field(default_factory=dict)
+
+
+_QTDOG_START = HParam(2000, lambda r: int(r.choice([1000, 2000, 3000])))  # paper: 2000 of 5000 steps
+_FROM_START = HParam(0)
+
+SPECS: tuple[AlgorithmSpec, ...] = (
+    AlgorithmSpec("QTDoG", ("dg_quant.qtdog",),
+                  "QT-DoG: ERM, then LSQ weight quantization from step quant_start_step (ICML 2025)",
+                  {"quant_start_step": _QTDOG_START}),
+    AlgorithmSpec("LSQ", ("dg_quant.lsq",), "Plain LSQ quantization-aware training from the first step",
+                  {"quant_start_step": _FROM_START}),
+    AlgorithmSpec("FQAT", ("dg_quant.fqat",), "FQAT: flatness-oriented QAT with disorder-guided freezing"),
+    AlgorithmSpec("SAGM", ("dg_quant.sagm",), "SAGM: sharpness-aware gradient matching (CVPR 2023)"),
+    AlgorithmSpec("LSQ_SAGM", ("dg_quant.lsq", "dg_quant.sagm"), "LSQ quantization-aware training with SAGM",
+                  {"quant_start_step": _FROM_START}),
+    AlgorithmSpec("INQ", ("dg_quant.inq",), "Incremental network quantization"),
+)
+
+
+def plugin_available(name: str) -> bool:
+    """True if plugin ``name`` imports and implements at least one hook."""
+    try:
+        plugin = resolve_plugin(name)
+    except PluginError as exc:
+        if "failed to import" in str(exc):
+            warnings.warn(f"dg-quant: {exc}", stacklevel=2)
+        return False
+    except Exception as exc:  # a plugin that is broken must not break DomainBed
+        warnings.warn(f"dg-quant: plugin {name!r} failed to import: {exc}", stacklevel=2)
+        return False
+    return any(attr.startswith("dgq_") for attr in dir(plugin))
+
+
+def available_specs() -> list[AlgorithmSpec]:
+    """The algorithms whose plugins are all installed."""
+    return [spec for spec in SPECS if all(plugin_available(p) for p in spec.plugins)]
+
+
+def run_config(host: PluginHost, hparams: Mapping[str, Any], num_domains: int) -> argparse.Namespace:
+    """The run's ``config``: the plugins' option defaults, overridden by DomainBed's ``hparams``."""
+    parser = options_parser(host)
+    for action in parser._actions:
+        value = hparams.get(action.dest)
+        if action.choices is not None and action.dest in hparams and value not in action.choices:
+            raise ConfigError(
+                f"hparam {action.dest}={value!r} is not one of {', '.join(map(repr, action.choices))}; "
+                "fix it in --hparams"
+            )
+    config = parser.parse_args([])
+    vars(config).update(hparams)
+    # DomainBed tells an algorithm neither the number of steps nor an output folder.
+    config.total_steps, config.log_dir = None, None
+    config.num_domains, config.host = num_domains, "domainbed"
+    host.configure(config)
+    return config
+
+
+class DGQuantAlgorithm:
+    """DomainBed's ``Algorithm`` contract on top of ``dg_quant.loop.Trainer``.
+
+    Used as the first base of a class that also derives from DomainBed's ``Algorithm`` (see
+    ``algorithm_classes``), which supplies ``networks``, the DomainBed module to build from.
+    """
+
+    PLUGINS: tuple[str, ...] = ()
+    networks: ModuleType
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]) -> None:
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self._init_args = (input_shape, num_classes, num_domains, hparams)
+        featurizer = self.networks.Featurizer(input_shape, hparams)
+        classifier = self.networks.Classifier(featurizer.n_outputs, num_classes,
+                                              hparams.get("nonlinear_classifier", False))
+        self.network = DGModel(featurizer, classifier, featurizer.n_outputs)
+        host = PluginHost(self.PLUGINS)
+        config = run_config(host, hparams, num_domains)
+        self.trainer = Trainer.build(host, self.network, config, self._make_optimizer, F.cross_entropy)
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """ERM's optimizer, over everything trainable after the plugins configured the model."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+
+    @property
+    def featurizer(self) -> nn.Module:
+        return self.network.featurizer
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.network.classifier
+
+    def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: Any = None) -> dict[str, float]:
+        """One training step on the source domains' minibatches, concatenated as ERM does."""
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        metrics = scalar_metrics(self.trainer.train_step((x, y)))
+        quantizers = [q for _, q in iter_quantizers(self.network)]
+        if quantizers:  # LSQ-style fake quantizers attached: are they on yet?
+            metrics["quantized"] = float(any(q.enabled for q in quantizers))
+        return {(f"train_{k}" if k in RESERVED_KEYS else k): v for k, v in metrics.items()}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def evaluation_extras(self) -> dict[str, Any]:
+        """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""
+        return self.trainer.evaluation_extras()
+
+    # The step counter travels in the state_dict, so a reloaded model.pkl knows where it was.
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self.trainer.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.trainer.step = int(state["step"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DGQuantAlgorithm:
+        """A rebuilt algorithm holding a copy of this one's weights (the plugin host cannot be
+        copied; the optimizer state is not carried over). SWAD-style averaging deep-copies."""
+        clone = type(self)(*copy.deepcopy(self._init_args, memo))
+        clone.load_state_dict(self.state_dict())
+        clone.to(next(self.parameters()).device)
+        return clone.train(self.training)
+
+
+def algorithm_classes(specs: list[AlgorithmSpec], algorithm_base: type, networks: ModuleType,
+                      module: str) -> dict[str, type]:
+    """One class per spec deriving from DomainBed's ``algorithm_base``, named as in ``module``."""
+    classes = {}
+    for spec in specs:
+        namespace = {"__doc__": spec.doc, "__module__": module, "__qualname__": spec.name,
+                     "PLUGINS": spec.plugins, "networks": networks}
+        classes[spec.name] = type(spec.name, (DGQuantAlgorithm, algorithm_base), namespace)
+    return classes
+
+
+def hparam_table(specs: list[AlgorithmSpec]) -> dict[str, dict[str, HParam]]:
+    """``{algorithm: {hparam: HParam}}`` for ``extend_registry``."""
+    return {spec.name: plugin_hparams(spec.plugins, spec.hparams) for spec in specs}

@@ -1,0 +1,151 @@
+"""``python -m dg_quant.adapters.domainbed train|sweep|collect_results <DomainBed flags>``.
+
+Registers the dg-quant algorithms, then runs DomainBed's own script from the user's checkout in
+this process. A sweep's jobs are ``python -m domainbed.scripts.train ...`` subprocesses, which
+would not see the registration; the launcher rewrites each job command to come back through
+this entry point (for every command launcher, ``local``, ``multi_gpu`` or a cluster's own), so
+the job directories, ``results.jsonl`` and ``collect_results`` stay DomainBed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import runpy
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dg_quant.errors import ConfigError, DGQuantError
+
+PROG = "python -m dg_quant.adapters.domainbed"
+SCRIPTS = {
+    "train": "domainbed.scripts.train",
+    "sweep": "domainbed.scripts.sweep",
+    "collect_results": "domainbed.scripts.collect_results",
+}
+# How DomainBed's sweep.py starts a job (``Job.command_str``).
+TRAIN_COMMAND = "python -m domainbed.scripts.train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, add_help=False, allow_abbrev=False,
+        description="Register dg-quant's algorithms (QTDoG, LSQ, ...) and run a DomainBed script. "
+                    "Every flag not listed here goes to the script (see its --help).",
+    )
+    parser.add_argument("command", nargs="?", choices=tuple(SCRIPTS), help="the DomainBed script to run")
+    parser.add_argument("--domainbed", metavar="PATH",
+                        help="root of the DomainBed checkout (the folder holding domainbed/); "
+                             "default: wherever `import domainbed` finds it (current folder, PYTHONPATH)")
+    parser.add_argument("--no-pretrained", "--no_pretrained", dest="no_pretrained", action="store_true",
+                        help="build DomainBed's backbones with random weights instead of downloading "
+                             "ImageNet ones (offline machines, smoke tests; not for real results)")
+    return parser
+
+
+def locate_domainbed(path: str | None) -> Path:
+    """The checkout root holding ``domainbed/``, put first on ``sys.path`` when given."""
+    if path is not None:
+        root = Path(path).expanduser().resolve()
+        if root.name == "domainbed" and (root / "algorithms.py").is_file():
+            root = root.parent
+        if not (root / "domainbed" / "algorithms.py").is_file():
+            raise ConfigError(f"--domainbed {path}: no domainbed/algorithms.py there; give the root of a "
+                              "DomainBed checkout (git clone https://github.com/facebookresearch/DomainBed)")
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return root
+    spec = importlib.util.find_spec("domainbed")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("cannot import domainbed: run from a DomainBed checkout, put it on PYTHONPATH, "
+                          "or pass --domainbed PATH")
+    return Path(next(iter(spec.submodule_search_locations))).resolve().parent
+
+
+def _without_weights(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    kwargs.pop("pretrained", None)
+    kwargs["weights"] = None
+    return build(*args, **kwargs)
+
+
+def _timm_without_weights(create: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    kwargs["pretrained"] = False
+    return create(*args, **kwargs)
+
+
+def disable_pretrained_weights() -> None:
+    """Make this process build DomainBed's ResNets (torchvision and timm) with random weights."""
+    import timm
+    import torchvision.models
+
+    for name in ("resnet18", "resnet50"):
+        setattr(torchvision.models, name, functools.partial(_without_weights, getattr(torchvision.models, name)))
+    timm.create_model = functools.partial(_timm_without_weights, timm.create_model)
+
+
+def job_prefix(root: Path, no_pretrained: bool) -> str:
+    """The command that replaces ``python -m domainbed.scripts.train`` in sweep jobs."""
+    words = [sys.executable, "-m", "dg_quant.adapters.domainbed", "train", "--domainbed", str(root)]
+    if no_pretrained:
+        words.append("--no-pretrained")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def rewrite_command(command: str, prefix: str) -> str:
+    """Send one of sweep.py's job commands through ``prefix``; other commands pass unchanged."""
+    if command.startswith(TRAIN_COMMAND + " ") or command == TRAIN_COMMAND:
+        return prefix + command[len(TRAIN_COMMAND):]
+    return command
+
+
+def route_sweep_jobs(registry: dict[str, Callable[[list[str]], Any]], prefix: str) -> None:
+    """Wrap every command launcher in ``registry`` so that its jobs run through ``prefix``."""
+    for name, launch in list(registry.items()):
+        registry[name] = functools.partial(_launch_rewritten, launch, prefix)
+
+
+def _launch_rewritten(launch: Callable[[list[str]], Any], prefix: str, commands: list[str]) -> Any:
+    return launch([rewrite_command(c, prefix) for c in commands])
+
+
+def run_script(command: str, script_args: Sequence[str], domainbed: str | None, no_pretrained: bool) -> None:
+    """Register the algorithms and run DomainBed's ``command`` script with ``script_args``."""
+    root = locate_domainbed(domainbed)
+    from dg_quant.adapters.domainbed import register
+    from dg_quant.adapters.wilds.compat import import_wilds
+
+    import_wilds()  # domainbed.datasets imports wilds: no network version check, no torch_scatter
+    if no_pretrained:
+        disable_pretrained_weights()
+    register()
+    if command == "sweep":
+        launchers = importlib.import_module("domainbed.command_launchers")
+        route_sweep_jobs(launchers.REGISTRY, job_prefix(root, no_pretrained))
+    module = SCRIPTS[command]
+    saved_argv = sys.argv
+    sys.argv = [module, *script_args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved_argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr if rest else sys.stdout)
+        return 0 if not rest or rest[0] in ("-h", "--help") else 2
+    try:
+        run_script(args.command, rest, args.domainbed, args.no_pretrained)
+    except DGQuantError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # DomainBed's scripts exit through argparse or exit()
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0

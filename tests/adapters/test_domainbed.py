@@ -1,0 +1,478 @@
+"""The DomainBed host against a small module tree shaped like DomainBed's (written here).
+
+The tree mimics DomainBed's contracts only: ``algorithms`` (``Algorithm``, ``ALGORITHMS``,
+``get_algorithm_class`` by ``globals()``), ``hparams_registry`` (``_hparams`` with one RNG per
+name, ``default_hparams``, ``random_hparams``), ``networks`` (``Featurizer`` with BatchNorm and
+``freeze_bn``, ``Classifier``), ``lib.misc.seed_hash``, plus scripts that the launcher runs. A run
+against a real checkout is the slow test at the end (set ``DGQ_DOMAINBED`` to its root).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dg_quant.adapters.domainbed import algorithms as dgq_algorithms
+from dg_quant.adapters.domainbed import launcher
+from dg_quant.adapters.domainbed.hparams import HParam, extend_registry
+from dg_quant.errors import ConfigError
+from dg_quant.quant import is_quantization_enabled, iter_quantized_weights
+
+FAKE_TREE = {
+    "domainbed/__init__.py": "",
+    "domainbed/lib/__init__.py": "",
+    "domainbed/scripts/__init__.py": "",
+    "domainbed/lib/misc.py": """
+        import hashlib
+
+        def seed_hash(*args):
+            return int(hashlib.sha1(repr(args).encode()).hexdigest()[:7], 16)
+    """,
+    "domainbed/algorithms.py": """
+        import torch
+        from domainbed import networks
+
+        ALGORITHMS = ["ERM"]
+
+        def get_algorithm_class(name):
+            if name not in globals():
+                raise NotImplementedError(name)
+            return globals()[name]
+
+        class Algorithm(torch.nn.Module):
+            def __init__(self, input_shape, num_classes, num_domains, hparams):
+                super().__init__()
+                self.hparams = hparams
+
+        class ERM(Algorithm):
+            pass
+    """,
+    "domainbed/hparams_registry.py": """
+        import numpy as np
+        from domainbed.lib import misc
+
+        def _hparams(algorithm, dataset, random_seed):
+            hparams = {}
+
+            def _hparam(name, default, sample):
+                assert name not in hparams
+                hparams[name] = (default, sample(np.random.RandomState(misc.seed_hash(random_seed, name))))
+
+            _hparam("freeze_bn", False, lambda r: False)
+            _hparam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])))
+            _hparam("nonlinear_classifier", False, lambda r: False)
+            _hparam("lr", 5e-5, lambda r: 10 ** r.uniform(-5, -3.5))
+            _hparam("weight_decay", 0.0, lambda r: 10 ** r.uniform(-6, -2))
+            _hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
+            return hparams
+
+        def default_hparams(algorithm, dataset):
+            return {k: d for k, (d, _) in _hparams(algorithm, dataset, 0).items()}
+
+        def random_hparams(algorithm, dataset, seed):
+            return {k: r for k, (_, r) in _hparams(algorithm, dataset, seed).items()}
+    """,
+    "domainbed/networks.py": """
+        import torch
+        from torch import nn
+
+        class Featurizer(nn.Module):
+            n_outputs = 8
+
+            def __init__(self, input_shape, hparams):
+                super().__init__()
+                self.hparams = hparams
+                self.conv = nn.Conv2d(input_shape[0], 8, 3, padding=1)
+                self.bn = nn.BatchNorm2d(8)
+                self.dropout = nn.Dropout(hparams["resnet_dropout"])
+
+            def forward(self, x):
+                return self.dropout(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+            def train(self, mode=True):
+                super().train(mode)
+                if self.hparams["freeze_bn"]:
+                    self.bn.eval()
+                return self
+
+        def Classifier(in_features, out_features, is_nonlinear=False):
+            return nn.Linear(in_features, out_features)
+    """,
+    "domainbed/command_launchers.py": """
+        def dummy_launcher(commands):
+            for command in commands:
+                print("Dummy launcher:", command)
+
+        REGISTRY = {"dummy": dummy_launcher}
+    """,
+    "domainbed/scripts/train.py": """
+        import argparse, json, os, sys
+        import torch
+        from domainbed import algorithms, hparams_registry
+
+        if __name__ == "__main__":
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--algorithm", default="ERM")
+            parser.add_argument("--hparams")
+            parser.add_argument("--steps", type=int, default=2)
+            parser.add_argument("--output_dir", required=True)
+            args = parser.parse_args()
+            hparams = hparams_registry.default_hparams(args.algorithm, "Toy")
+            hparams.update(json.loads(args.hparams or "{}"))
+            algorithm = algorithms.get_algorithm_class(args.algorithm)((3, 8, 8), 2, 2, hparams)
+            for step in range(args.steps):
+                batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))) for _ in range(2)]
+                record = {"step": step, **algorithm.update(batches), "hparams": hparams}
+                with open(os.path.join(args.output_dir, "results.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\\n")
+    """,
+    "domainbed/scripts/sweep.py": """
+        import sys
+        from domainbed import algorithms, command_launchers
+
+        if __name__ == "__main__":
+            jobs = [f"python -m domainbed.scripts.train --algorithm {a} --output_dir out/{a}"
+                    for a in algorithms.ALGORITHMS]
+            command_launchers.REGISTRY[sys.argv[sys.argv.index("--command_launcher") + 1]](jobs)
+    """,
+}
+
+QAT_NAMES = ("QTDoG", "LSQ", "LSQ_SAGM", "FQAT")
+RESERVED = {"step", "epoch", "step_time", "mem_gb", "hparams", "args"}
+
+
+def _write_tree(root: Path) -> None:
+    for rel, text in FAKE_TREE.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def _forget_domainbed() -> None:
+    for name in [n for n in sys.modules if n == "domainbed" or n.startswith("domainbed.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake_root(tmp_path, monkeypatch):
+    root = tmp_path / "DomainBed"
+    _write_tree(root)
+    _forget_domainbed()
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    _forget_domainbed()
+
+
+@pytest.fixture
+def domainbed(fake_root):
+    """The fake tree with the dg-quant algorithms registered."""
+    import domainbed.algorithms
+    import domainbed.hparams_registry
+
+    from dg_quant.adapters.domainbed import register
+
+    registered = register()
+    return domainbed.algorithms, domainbed.hparams_registry, registered
+
+
+def _hparams(registry, name: str, **overrides) -> dict:
+    hparams = registry.default_hparams(name, "Toy")
+    hparams.update(overrides)
+    return hparams
+
+
+def _minibatches(n_domains: int = 2, batch: int = 4, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 3, (batch,), generator=g))
+            for _ in range(n_domains)]
+
+
+# -- registration and hparams ---------------------------------------------------------------
+
+
+def test_register_adds_available_algorithms(domainbed):
+    algorithms, _registry, registered = domainbed
+    assert {"QTDoG", "LSQ"} <= set(registered)
+    expected = [s.name for s in dgq_algorithms.available_specs()]
+    assert registered == expected
+    for name in registered:
+        cls = algorithms.get_algorithm_class(name)
+        assert issubclass(cls, algorithms.Algorithm)
+        assert cls.__module__ == "domainbed.algorithms" and cls.__name__ == name
+        assert algorithms.ALGORITHMS.count(name) == 1
+    assert algorithms.ALGORITHMS[0] == "ERM"
+
+
+def test_register_is_idempotent_and_keeps_foreign_classes(fake_root):
+    import domainbed.algorithms as algorithms
+    import domainbed.hparams_registry as registry
+
+    from dg_quant.adapters.domainbed import register
+
+    algorithms.LSQ = type("LSQ", (algorithms.Algorithm,), {})  # a fork's own algorithm of that name
+    with pytest.warns(UserWarning, match="already defines LSQ"):
+        first = register()
+    with pytest.warns(UserWarning, match="already defines LSQ"):
+        second = register()
+    assert "LSQ" not in first and first == second
+    assert algorithms.ALGORITHMS.count("QTDoG") == 1
+    assert "bits" not in registry.default_hparams("LSQ", "Toy")
+    # One wrapper, not two stacked: the original registry runs once per call.
+    assert registry._hparams._dgq_original.__module__ == "domainbed.hparams_registry"
+
+
+def test_default_hparams_follow_the_plugin_options(domainbed):
+    _algorithms, registry, _ = domainbed
+    qtdog = registry.default_hparams("QTDoG", "Toy")
+    lsq = registry.default_hparams("LSQ", "Toy")
+    assert qtdog["quant_start_step"] == 2000 and lsq["quant_start_step"] == 0
+    assert qtdog["bits"] == 7 and qtdog["granularity"] == "per_channel"
+    assert qtdog["lr"] == 5e-5 and qtdog["freeze_bn"] is False  # DomainBed's own entries stay
+    assert "bits" not in registry.default_hparams("ERM", "Toy")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_random_hparams_are_plain_and_in_range(domainbed, seed):
+    _algorithms, registry, registered = domainbed
+    for name in registered:
+        hparams = registry.random_hparams(name, "Toy", seed)
+        json.dumps(hparams)
+        for key, value in hparams.items():
+            assert value is None or type(value) in (bool, int, float, str), (name, key, value)
+    qtdog = registry.random_hparams("QTDoG", "Toy", seed)
+    assert qtdog["quant_start_step"] in (1000, 2000, 3000)
+    assert qtdog["bits"] == 7  # the model size is never searched
+
+
+def test_random_search_varies_and_erm_is_untouched(fake_root):
+    import domainbed.hparams_registry as registry
+
+    from dg_quant.adapters.domainbed import register
+
+    erm_before = [registry.random_hparams("ERM", "Toy", s) for s in range(1, 6)]
+    register()
+    assert [registry.random_hparams("ERM", "Toy", s) for s in range(1, 6)] == erm_before
+    starts = {registry.random_hparams("QTDoG", "Toy", s)["quant_start_step"] for s in range(1, 30)}
+    assert len(starts) > 1
+
+
+def test_adding_an_hparam_does_not_shift_the_others(fake_root):
+    import domainbed.hparams_registry as registry
+    import domainbed.lib.misc as misc
+
+    specs = {"A": {"x": HParam(1, lambda r: int(r.randint(0, 10**6))),
+                   "z": HParam(0.5, lambda r: float(r.uniform()))}}
+    extend_registry(registry, specs, misc.seed_hash)
+    before = [registry.random_hparams("A", "Toy", s) for s in range(1, 6)]
+    specs["A"]["y"] = HParam(2, lambda r: int(r.randint(0, 10**6)))
+    extend_registry(registry, specs, misc.seed_hash)
+    after = [registry.random_hparams("A", "Toy", s) for s in range(1, 6)]
+    for b, a in zip(before, after):
+        assert a["y"] is not None
+        assert {k: a[k] for k in b} == b
+
+
+TOY_PLUGIN = """
+    from dataclasses import dataclass
+    from dg_quant.hookimpl import hookimpl
+    from dg_quant.options import add_options, option
+
+    @dataclass
+    class ToyOptions:
+        width: int = option(4, "a searched option", search=lambda r: r.choice([8, 16, 32]))
+        mode: str = option("a", "an option without a search range", choices=("a", "b"))
+        bits: int = option(6, "a model size", search=lambda r: int(r.choice([2, 3])))
+
+    @hookimpl
+    def dgq_add_options(parser):
+        add_options(parser, ToyOptions, "toy")
+"""
+
+
+def test_plugin_options_become_hparams_with_their_samplers(fake_root, tmp_path, monkeypatch):
+    import domainbed.hparams_registry as registry
+    import domainbed.lib.misc as misc
+    import numpy as np
+
+    from dg_quant.adapters.domainbed.hparams import plugin_hparams
+
+    (tmp_path / "toy_dgq_plugin.py").write_text(textwrap.dedent(TOY_PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = plugin_hparams(["toy_dgq_plugin"])
+    assert {k: v.default for k, v in specs.items()} == {"width": 4, "mode": "a", "bits": 6}
+    extend_registry(registry, {"Toy": specs}, misc.seed_hash)
+    for seed in range(1, 6):
+        drawn = registry.random_hparams("Toy", "Toy", seed)
+        expected = np.random.RandomState(misc.seed_hash(seed, "width")).choice([8, 16, 32])
+        assert drawn["width"] == expected and type(drawn["width"]) is int  # np.int64 unwrapped
+        assert drawn["mode"] == "a" and drawn["bits"] == 6
+
+
+# -- the algorithm contract -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["QTDoG", "LSQ", "SAGM", "LSQ_SAGM", "FQAT", "INQ"])
+def test_contract_update_predict_state_dict(domainbed, name, tmp_path):
+    algorithms, registry, registered = domainbed
+    if name not in registered:
+        pytest.skip(f"plugin of {name} not installed")
+    cls = algorithms.get_algorithm_class(name)
+    overrides = {"quant_start_step": 2} if name in QAT_NAMES else {}
+    hparams = _hparams(registry, name, lr=1e-3, **overrides)
+    algorithm = cls((3, 8, 8), 3, 2, hparams)
+    before = [p.detach().clone() for p in algorithm.parameters()]
+    logs = [algorithm.update(_minibatches(seed=i)) for i in range(4)]
+    for log in logs:
+        assert log and all(type(v) is float for v in log.values()), log
+        assert not RESERVED & set(log), log
+        assert all(not k.startswith("env") for k in log)
+    assert "loss" in logs[0]
+    changed = [not torch.equal(b, p) for b, p in zip(before, algorithm.parameters())]
+    assert any(changed)
+    if name in QAT_NAMES:
+        assert [log["quantized"] for log in logs] == [0.0, 0.0, 1.0, 1.0]
+
+    x = torch.randn(5, 3, 8, 8)
+    algorithm.eval()
+    logits = algorithm.predict(x)
+    assert logits.shape == (5, 3)
+
+    path = tmp_path / "model.pkl"  # what train.py saves, reloaded as DomainBed's recipe (#21)
+    torch.save({"model_hparams": hparams, "model_dict": algorithm.state_dict()}, path)
+    saved = torch.load(path, weights_only=True)
+    clone = cls((3, 8, 8), 3, 2, saved["model_hparams"])
+    clone.load_state_dict(saved["model_dict"])
+    clone.eval()
+    assert torch.equal(clone.predict(x), logits)
+    assert clone.trainer.step == 4
+    assert is_quantization_enabled(clone.network) == is_quantization_enabled(algorithm.network)
+
+
+def test_deepcopy_rebuilds_an_independent_equal_algorithm(domainbed):
+    algorithms, registry, _ = domainbed
+    algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", quant_start_step=1))
+    for i in range(2):
+        algorithm.update(_minibatches(seed=i))
+    algorithm.eval()
+    clone = copy.deepcopy(algorithm)
+    x = torch.randn(4, 3, 8, 8)
+    assert not clone.training and clone.trainer.step == 2
+    assert torch.equal(clone.predict(x), algorithm.predict(x))
+    clone.train()
+    clone.update(_minibatches(seed=5))
+    algorithm.eval()
+    clone.eval()
+    assert not torch.equal(clone.predict(x), algorithm.predict(x))
+
+
+def test_qtdog_waits_for_quant_start_step_then_quantizes_weights(domainbed):
+    algorithms, registry, _ = domainbed
+    algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", quant_start_step=3))
+    quantized = {name for name, *_ in iter_quantized_weights(algorithm.network)}
+    assert quantized == {"featurizer.conv"}  # the head (classifier) stays in full precision
+    flags = [algorithm.update(_minibatches(seed=i))["quantized"] for i in range(5)]
+    assert flags == [0.0, 0.0, 0.0, 1.0, 1.0]
+    conv = algorithm.network.featurizer.conv
+    quantizer = conv.parametrizations.weight[0]
+    integers = conv.weight / quantizer.step
+    assert torch.allclose(integers, integers.round(), atol=1e-4)
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+@pytest.mark.parametrize("name", ["LSQ", "LSQ_SAGM", "FQAT", "INQ"])
+def test_quantization_respects_frozen_batchnorm(domainbed, name, freeze_bn):
+    algorithms, registry, registered = domainbed
+    if name not in registered:
+        pytest.skip(f"plugin of {name} not installed")
+    overrides = {"quant_start_step": 0} if name in QAT_NAMES else {}
+    hparams = _hparams(registry, name, freeze_bn=freeze_bn, lr=1e-2, **overrides)
+    algorithm = algorithms.get_algorithm_class(name)((3, 8, 8), 3, 2, hparams)
+    bn = algorithm.network.featurizer.bn
+    stats, affine = bn.running_mean.clone(), bn.weight.detach().clone()
+    for i in range(3):
+        log = algorithm.update(_minibatches(seed=i))
+    assert log.get("quantized") == (1.0 if name in QAT_NAMES else None)
+    assert torch.equal(bn.running_mean, stats) == freeze_bn
+    assert not torch.equal(bn.weight, affine)  # frozen BN keeps a trainable affine (as DomainBed)
+    assert bn.training is not freeze_bn
+
+
+def test_bad_choice_in_hparams_is_a_config_error(domainbed):
+    algorithms, registry, _ = domainbed
+    with pytest.raises(ConfigError, match="granularity"):
+        algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", granularity="per_row"))
+
+
+# -- the launcher ---------------------------------------------------------------------------
+
+
+def test_rewrite_command_sends_train_jobs_through_the_launcher():
+    prefix = "/venv/bin/python -m dg_quant.adapters.domainbed train --domainbed /db"
+    job = "python -m domainbed.scripts.train --algorithm QTDoG --hparams '{\"bits\": 4}'"
+    assert launcher.rewrite_command(job, prefix) == prefix + " --algorithm QTDoG --hparams '{\"bits\": 4}'"
+    assert launcher.rewrite_command("echo hi", prefix) == "echo hi"
+    seen = []
+    registry = {"local": seen.extend}
+    launcher.route_sweep_jobs(registry, prefix)
+    registry["local"]([job])
+    assert seen == [launcher.rewrite_command(job, prefix)]
+
+
+def test_launcher_train_runs_domainbed_script_with_registered_algorithm(fake_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    code = launcher.main(["train", "--domainbed", str(fake_root), "--algorithm", "QTDoG", "--steps", "3",
+                          "--hparams", '{"quant_start_step": 1}', "--output_dir", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["quantized"] for r in records] == [0.0, 1.0, 1.0]
+    assert records[0]["hparams"]["bits"] == 7
+
+
+def test_launcher_sweep_jobs_come_back_through_the_launcher(fake_root, capsys):
+    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained",
+                          "--command_launcher", "dummy"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
+    assert any("--algorithm QTDoG" in line for line in lines)
+    for line in lines:
+        assert f"-m dg_quant.adapters.domainbed train --domainbed {fake_root} --no-pretrained" in line
+
+
+def test_launcher_errors_are_one_line(tmp_path, capsys):
+    assert launcher.main(["train", "--domainbed", str(tmp_path), "--algorithm", "QTDoG"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--domainbed" in err and "error:" in err
+
+
+# -- a real DomainBed checkout (slow; DGQ_DOMAINBED=<checkout root>) --------------------------
+
+
+@pytest.mark.slow
+def test_real_domainbed_train_and_collect_results(tmp_path):
+    root = os.environ.get("DGQ_DOMAINBED")
+    if not root:
+        pytest.skip("set DGQ_DOMAINBED to the root of a DomainBed checkout")
+    out = tmp_path / "sweep"
+    hparams = json.dumps({"resnet18": True, "resnet50_augmix": False, "freeze_bn": True,
+                          "batch_size": 4, "quant_start_step": 1})
+    run = [sys.executable, "-m", "dg_quant.adapters.domainbed"]
+    subprocess.run([*run, "sweep", "launch", "--domainbed", root, "--no-pretrained", "--datasets", "Debug224",
+                    "--algorithms", "QTDoG", "--n_hparams", "1", "--n_trials", "1", "--single_test_envs",
+                    "--steps", "3", "--hparams", hparams, "--data_dir", str(tmp_path), "--output_dir", str(out),
+                    "--command_launcher", "local", "--skip_confirmation"], check=True, timeout=1200)
+    runs = sorted(out.glob("*/results.jsonl"))
+    assert len(runs) == 3 and all((p.parent / "done").exists() for p in runs)
+    last = json.loads(runs[0].read_text().splitlines()[-1])
+    assert last["quantized"] == 1.0 and last["hparams"]["bits"] == 7
+    table = subprocess.run([*run, "collect_results", "--domainbed", root, "--input_dir", str(out)],
+                           check=True, capture_output=True, text=True, timeout=600).stdout
+    assert "QTDoG" in table
