@@ -1,0 +1,209 @@
+"""One FQAT run's state and hooks: quantize, SAGM two-pass step, disorder windows, freezing, logs.
+
+``dg_quant.fqat`` registers one ``FQATRun`` per run in ``dgq_configure``. Files in ``log_dir``:
+
+- ``fqat_disorder.jsonl``: one row per scale factor and window (``step``, ``scale``, ``kind``,
+  ``disorder``, ``frozen``, ``frozen_fraction``, ``ewgs_delta``), for plots over time;
+- ``fqat_state.pt``: the windows and frozen set at the last evaluation, so ``--resume`` goes on
+  with the same freezing decisions (restored when its step matches the resumed step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dg_quant.hookimpl import hookimpl
+from dg_quant.io import atomic_torch_save, atomic_write_jsonl
+from dg_quant.plugins.fqat.disorder import Window, freeze_mask, observe, window_disorder
+from dg_quant.plugins.fqat.options import FQATOptions
+from dg_quant.plugins.fqat.routing import scale_gradient
+from dg_quant.qat import prepare, start_step_for, switch_on
+from dg_quant.quant import (
+    LSQQuantizer,
+    clamp_steps_,
+    is_quantization_enabled,
+    iter_quantizers,
+    step_parameters,
+)
+from dg_quant.quant.ewgs import set_fixed_delta_, set_hessian_delta_
+from dg_quant.sharpness import combine, sagm_gradients
+
+LOG_FILE = "fqat_disorder.jsonl"
+STATE_FILE = "fqat_state.pt"
+DEFAULT_EWGS_EVERY = 1000
+
+
+def scale_label(name: str) -> str:
+    """``layer.parametrizations.weight.0`` -> ``layer.weight``; ``layer.act_quantizer`` -> ``layer.act``."""
+    return name.replace(".parametrizations.", ".").removesuffix(".0").replace("act_quantizer", "act")
+
+
+class FQATRun:
+    """Per-run FQAT state (windows, frozen masks, log rows) and the hooks that use it."""
+
+    def __init__(self, options: FQATOptions, config: argparse.Namespace) -> None:
+        self.options = options
+        self.log_dir = Path(config.log_dir) if getattr(config, "log_dir", None) else None
+        self.resume = bool(getattr(config, "resume", False))
+        self.scales: dict[str, nn.Parameter] = {}  # label -> step parameter
+        self.quantizers: dict[str, LSQQuantizer] = {}
+        self.kinds: dict[str, str] = {}
+        self.windows: dict[str, Window] = {}
+        self.frozen: dict[str, torch.Tensor] = {}  # label -> bool mask of the step's shape
+        self.deltas: dict[str, float] = {}
+        self.rows: list[dict[str, Any]] = []
+        self._restored = False
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @hookimpl
+    def dgq_configure_model(self, model: nn.Module, config: argparse.Namespace) -> None:
+        o = self.options
+        prepare(model, o, start_step_for(config, o, 0))
+        for name, q in iter_quantizers(model):
+            label = scale_label(name)
+            self.scales[label], self.kinds[label] = q.step, "weight" if q.is_weight else "activation"
+            self.quantizers[label] = q
+            self.windows[label] = Window()
+        if o.quantizer == "ewgs":
+            set_fixed_delta_(model, o.ewgs_delta)
+
+    @hookimpl
+    def dgq_configure_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Give the scale factors their own fixed learning rate when ``--scale-lr`` is set."""
+        if self.options.scale_lr is None:
+            return
+        steps = step_parameters(model)
+        ids = {id(p) for p in steps}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": steps, "lr": self.options.scale_lr})
+
+    @hookimpl
+    def dgq_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                       config: argparse.Namespace) -> None:
+        if not self._restored:
+            self._restored = True
+            if self.resume and step > 0:
+                self._load_state(step)
+        if step >= start_step_for(config, self.options, 0) and not is_quantization_enabled(model):
+            switch_on(model, optimizer, compat=False)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    @hookimpl
+    def dgq_compute_gradients(self, model: nn.Module, batch: tuple, loss_fn: Any, step: int,
+                              config: argparse.Namespace) -> dict[str, Any]:
+        o = self.options
+        if o.quantizer == "ewgs" and o.ewgs_hessian and is_quantization_enabled(model):
+            every = o.ewgs_update_every or getattr(config, "steps_per_epoch", None) or DEFAULT_EWGS_EVERY
+            if step % every == 0 or not self.deltas:
+                deltas = set_hessian_delta_(model, [batch], loss_fn)
+                self.deltas = {scale_label(n): d for n, d in deltas.items()}
+        scale_ids = {id(p) for p in self.scales.values()}
+        perturb = None if o.perturb_s else (lambda p: id(p) not in scale_ids)
+        result = sagm_gradients(model, batch, loss_fn, o.rho, o.alpha, perturb=perturb)
+        grads = {id(p): (p, g, f) for p, g, f in zip(result.params, result.task, result.flat)}
+        for label, s in self.scales.items():
+            _, g, f = grads.pop(id(s), (s, None, None))
+            self.windows[label] = observe(self.windows[label], g, f, o.disorder_signal)
+            s.grad = scale_gradient(g, f, self.frozen.get(label), weight=o.combine_weight,
+                                    freeze_mode=o.freeze_mode, update_mode=o.update_mode, step=step)
+        for p, g, f in grads.values():
+            p.grad = combine(g, f, o.combine_weight)
+        metrics = result.metrics()
+        metrics["fqat/frozen_scales"] = float(len(self.frozen))
+        return metrics
+
+    @hookimpl
+    def dgq_after_step(self, model: nn.Module, step: int) -> None:
+        clamp_steps_(model)
+        if (step + 1) % self.options.freeze_steps == 0:
+            self.close_window(step + 1)
+
+    def close_window(self, steps_done: int) -> None:
+        """Compute each scale factor's disorder, choose the frozen set for the next K steps, log it."""
+        o = self.options
+        for label, s in self.scales.items():
+            disorder = window_disorder(self.windows[label], o.disorder_reduce)
+            self.windows[label] = Window()
+            previous = self.frozen.get(label)
+            if disorder is None or o.update_mode == "alternate":
+                mask = None
+            else:
+                mask = freeze_mask(disorder, o.freeze_tau, o.freeze_if).reshape(-1)
+                mask = mask.expand(s.numel()).reshape(s.shape) if mask.numel() == 1 else mask.reshape(s.shape)
+            if not o.unfreeze and previous is not None:
+                mask = previous if mask is None else mask | previous
+            if mask is None or not bool(mask.any()):  # keep only real masks: no per-step checks
+                self.frozen.pop(label, None)
+            else:
+                self.frozen[label] = mask
+            self.rows.append({
+                "step": steps_done, "scale": label, "kind": self.kinds[label],
+                "disorder": None if disorder is None else float(disorder.float().mean()),
+                "frozen": bool(mask is not None and mask.any()),
+                "frozen_fraction": 0.0 if mask is None else float(mask.float().mean()),
+                "ewgs_delta": self.deltas.get(label),
+            })
+
+    # -- observability and resume -------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Frozen scale factors now (any entry frozen) and the mean disorder of the last window."""
+        n_frozen, n_scales = len(self.frozen), len(self.scales)
+        last = [r["disorder"] for r in self.rows[-n_scales:] if r["disorder"] is not None] if self.rows else []
+        return {
+            "fqat/frozen_layers": float(n_frozen),
+            "fqat/scale_factors": float(n_scales),
+            "fqat/frozen_fraction": n_frozen / max(n_scales, 1),
+            "fqat/mean_disorder": sum(last) / len(last) if last else None,
+        }
+
+    @hookimpl
+    def dgq_evaluate(self, step: int) -> dict[str, Any]:
+        self._save(step)
+        return self.summary()
+
+    @hookimpl
+    def dgq_train_end(self, log_dir: str | None) -> dict[str, Any]:
+        if log_dir is not None:
+            atomic_write_jsonl(Path(log_dir) / LOG_FILE, self.rows)
+        return self.summary()
+
+    def _save(self, step: int) -> None:
+        if self.log_dir is None:
+            return
+        atomic_write_jsonl(self.log_dir / LOG_FILE, self.rows)
+        state = {"step": step, "frozen": self.frozen, "deltas": self.deltas, "rows": self.rows,
+                 "windows": {k: w.state_dict() for k, w in self.windows.items()}}
+        atomic_torch_save(self.log_dir / STATE_FILE, state)
+
+    def _load_state(self, step: int) -> None:
+        path = None if self.log_dir is None else self.log_dir / STATE_FILE
+        if path is None or not path.exists():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if int(state["step"]) != step:
+            warnings.warn(f"{path} is from step {state['step']}, not the resumed step {step}; "
+                          "FQAT starts a fresh disorder window", stacklevel=2)
+            return
+        device = next(iter(self.scales.values())).device if self.scales else torch.device("cpu")
+        self.frozen = {k: m.to(device) for k, m in state["frozen"].items()}
+        self.windows = {k: _window_to(Window.from_state(w), device) for k, w in state["windows"].items()}
+        self.deltas, self.rows = dict(state["deltas"]), list(state["rows"])
+        for label, delta in self.deltas.items():
+            self.quantizers[label].ewgs_delta = delta
+
+
+def _window_to(window: Window, device: torch.device) -> Window:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return Window(move(window.previous), move(window.events), window.pairs)

@@ -1,0 +1,354 @@
+"""FQAT (METHODS.md 7): the disorder metric, the freezing rule, gradient routing, and a wilds_run."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dg_quant.adapters.wilds.cli import main
+from dg_quant.errors import ConfigError, DataError
+from dg_quant.host import PluginHost
+from dg_quant.io import read_jsonl
+from dg_quant.options import option_search_space
+from dg_quant.plugins.fqat.disorder import (
+    Window,
+    freeze_mask,
+    gradient_disorder,
+    observe,
+    sign_disagreement,
+    window_disorder,
+)
+from dg_quant.plugins.fqat.options import FQATOptions
+from dg_quant.plugins.fqat.plot import disorder_frame, plot_disorder
+from dg_quant.plugins.fqat.run import FQATRun
+from dg_quant.quant import iter_quantizers
+from dg_quant.sharpness import SAGMOptions
+
+T = torch.tensor
+
+# -- the disorder metric on hand-made sequences ---------------------------------------------
+
+
+def test_disorder_of_hand_made_sequences() -> None:
+    constant = [T([0.3]), T([0.1]), T([2.0]), T([0.5])]
+    alternating = [T([1.0]), T([-1.0]), T([1.0]), T([-1.0]), T([1.0])]
+    two_flips = [T([1.0]), T([1.0]), T([-1.0]), T([-1.0]), T([1.0])]  # flips at 3 and 5 of 4 pairs
+    assert gradient_disorder(constant).item() == 0.0
+    assert gradient_disorder(alternating).item() == 1.0
+    assert gradient_disorder(two_flips).item() == 0.5
+    assert gradient_disorder([T([0.0]), T([1.0])]).item() == 1.0  # a zero gradient has no sign
+
+
+def test_per_channel_disorder_is_averaged_or_kept_per_element() -> None:
+    # channel 0 never flips, channel 1 always, channel 2 once in 3 pairs
+    seq = [T([1.0, 1.0, 1.0]), T([2.0, -1.0, 1.0]), T([1.0, 1.0, -1.0]), T([3.0, -1.0, -1.0])]
+    torch.testing.assert_close(gradient_disorder(seq, "per_element"), T([0.0, 1.0, 1 / 3]))
+    assert gradient_disorder(seq).item() == pytest.approx(4 / 9)
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_disorder(seq[:1])
+
+
+def test_streaming_window_equals_the_window_formula() -> None:
+    torch.manual_seed(5)
+    grads = [torch.randn(6) for _ in range(9)]
+    window = Window()
+    for g in grads:
+        observe(window, g, None, "task")
+    assert window.pairs == 8
+    torch.testing.assert_close(window_disorder(window, "per_element"), gradient_disorder(grads, "per_element"))
+    flats = [torch.randn(6) for _ in range(9)]
+    smooth, versus = Window(), Window()
+    for g, f in zip(grads, flats):
+        observe(smooth, g, f, "smooth")
+        observe(versus, g, f, "task_vs_smooth")
+    torch.testing.assert_close(window_disorder(smooth), gradient_disorder(flats))
+    torch.testing.assert_close(window_disorder(versus), sign_disagreement(grads, flats))
+    assert window_disorder(Window()) is None
+
+
+def test_freeze_rule_and_its_reverse() -> None:
+    d = T([0.1, 0.3, 0.6])
+    assert freeze_mask(d, 0.3).tolist() == [True, False, False]
+    assert freeze_mask(d, 0.3, "above_tau").tolist() == [False, True, True]
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def test_fqat_defaults_follow_the_paper() -> None:
+    o = FQATOptions()
+    assert (o.bits, o.act_bits, o.first_layer, o.quantize_head) == (4, 4, "activations_only", False)
+    assert (o.weight_init, o.act_init, o.quant_start_step) == ("mse", "mse", 0)
+    assert FQATOptions(bits=5).act_bits == 5 and FQATOptions(bits=5, act_bits=8).act_bits == 8
+    for bad in ({"freeze_steps": 1}, {"freeze_tau": 1.5}, {"rho": 0.0}, {"qtdog_compat": True}):
+        with pytest.raises(ConfigError):
+            FQATOptions(**bad)
+
+
+@pytest.mark.parametrize(("cls", "searched"), [
+    (FQATOptions, {"bits", "freeze_steps", "freeze_tau"}),  # ρ fixed as in SAM, α per dataset
+    (SAGMOptions, {"rho", "alpha"}),
+])
+def test_search_samplers_draw_plain_scalars(cls, searched) -> None:
+    rng = np.random.RandomState(0)
+    drawn = {name: fn(rng) for name, fn in option_search_space(cls).items() if fn is not None}
+    assert set(drawn) == searched
+    assert all(type(v) in (int, float, str, bool) for v in drawn.values())
+    cls(**drawn)  # every draw is a valid setting
+
+
+@pytest.mark.parametrize("other", ["dg_quant.sagm", "dg_quant.lsq"])
+def test_fqat_refuses_a_second_quantizer_or_step(other: str) -> None:
+    host = PluginHost(["dg_quant.fqat", other])
+    parser = argparse.ArgumentParser()
+    host.add_options(parser)
+    with pytest.raises(ConfigError, match=f"drop --plugin {other}"):
+        host.configure(parser.parse_args([]))
+
+
+# -- gradient routing on a tiny model -------------------------------------------------------
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+def make_run(**overrides) -> tuple[FQATRun, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    config = argparse.Namespace(log_dir=None)
+    run = FQATRun(FQATOptions(**overrides), config)
+    model = tiny_model()
+    run.dgq_configure_model(model, config)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    with torch.no_grad():
+        model(x)  # initialise the activation steps
+    return run, model, (x, y)
+
+
+def reference_gradients(model: nn.Module, batch, rho: float, alpha: float, move_steps: bool = True):
+    """g_QAT and g_flat by name, computed on a copy with plain autograd."""
+    ref = copy.deepcopy(model)
+    x, y = batch
+    named = dict(ref.named_parameters())
+    nn.functional.cross_entropy(ref(x), y).backward()
+    task = {n: p.grad.clone() for n, p in named.items()}
+    moved = [n for n in named if move_steps or not n.endswith(".step")]
+    norm = torch.sqrt(sum((task[n] ** 2).sum() for n in moved))
+    with torch.no_grad():
+        for n in moved:
+            named[n].add_(task[n] * (rho / norm - alpha))
+    ref.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    return task, {n: p.grad.clone() for n, p in named.items()}
+
+
+def test_frozen_scale_factors_get_only_the_flatness_gradient() -> None:
+    run, model, batch = make_run(rho=0.05, alpha=0.001)
+    assert set(run.scales) == {"0.act", "3.weight", "3.act"}  # first conv: input only; head FP
+    run.frozen["0.act"] = torch.ones(1, dtype=torch.bool)
+    run.frozen["3.weight"] = T([True, False, True, False]).reshape(4, 1, 1, 1)
+    task, flat = reference_gradients(model, batch, 0.05, 0.001)
+
+    metrics = run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0,
+                                        config=argparse.Namespace())
+
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    steps = {"0.act": "0.act_quantizer.step", "3.weight": "3.parametrizations.weight.0.step",
+             "3.act": "3.act_quantizer.step"}
+    torch.testing.assert_close(grads[steps["0.act"]], 0.5 * flat[steps["0.act"]])
+    torch.testing.assert_close(grads[steps["3.act"]], 0.5 * (task[steps["3.act"]] + flat[steps["3.act"]]))
+    w = steps["3.weight"]
+    both, flat_only = 0.5 * (task[w] + flat[w]), 0.5 * flat[w]
+    torch.testing.assert_close(grads[w].flatten(), torch.stack([flat_only[0], both[1], flat_only[2], both[3]]).flatten())
+    assert not torch.allclose(both, flat_only)  # the task gradient is not negligible here
+    for name in set(grads) - set(steps.values()):  # weights, BN, head: always the full update
+        torch.testing.assert_close(grads[name], 0.5 * (task[name] + flat[name]), msg=name)
+    assert metrics["fqat/frozen_scales"] == 2.0 and metrics["sagm/perturbed_loss"] > metrics["loss"]
+
+
+def test_freeze_both_drops_the_update_and_perturb_s_false_keeps_steps_still() -> None:
+    run, model, batch = make_run(freeze_mode="freeze_s", perturb_s=False, grad_combine="sum")
+    run.frozen["3.act"] = torch.ones(1, dtype=torch.bool)
+    task, flat = reference_gradients(model, batch, 0.05, 0.001, move_steps=False)
+    run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0, config=argparse.Namespace())
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["3.act_quantizer.step"] is None
+    for name in ("0.act_quantizer.step", "3.parametrizations.weight.0.step", "3.parametrizations.weight.original"):
+        torch.testing.assert_close(grads[name], task[name] + flat[name])
+
+
+def test_alternate_update_gives_scales_one_gradient_per_step() -> None:
+    run, model, batch = make_run(update_mode="alternate")
+    task, flat = reference_gradients(model, batch, 0.05, 0.001)
+    name = "3.act_quantizer.step"
+    for step, expected in ((0, task), (1, flat)):
+        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step, config=argparse.Namespace())
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, 0.5 * expected[name])
+
+
+# -- windows and freezing decisions ---------------------------------------------------------
+
+
+def feed(run: FQATRun, steps: int, pattern: dict[str, list[torch.Tensor]]) -> None:
+    for t in range(steps):
+        for label, seq in pattern.items():
+            observe(run.windows[label], seq[t % len(seq)], None, "task")
+
+
+def window_pattern(stable: str) -> dict[str, list[torch.Tensor]]:
+    flip = [T([1.0]), T([-1.0])]
+    same = [T([1.0])]
+    channels = [T([1.0, 1.0, 1.0, 1.0]).reshape(4, 1, 1, 1), T([1.0, -1.0, -1.0, -1.0]).reshape(4, 1, 1, 1)]
+    return {"0.act": same if stable == "0.act" else flip, "3.act": flip, "3.weight": channels}
+
+
+@pytest.mark.parametrize("reduce", ["mean", "per_element"])
+def test_window_close_freezes_low_disorder_scales_and_logs(reduce: str) -> None:
+    run, _, _ = make_run(freeze_steps=4, freeze_tau=0.3, disorder_reduce=reduce)
+    feed(run, 4, window_pattern(stable="0.act"))
+    run.close_window(4)
+    assert run.frozen["0.act"].all() and "3.act" not in run.frozen  # only real masks are kept
+    weight = run.frozen.get("3.weight", torch.zeros(4, dtype=torch.bool)).flatten().tolist()
+    assert weight == ([True, False, False, False] if reduce == "per_element" else [False] * 4)
+    rows = {r["scale"]: r for r in run.rows}
+    assert rows["0.act"]["disorder"] == 0.0 and rows["0.act"]["frozen"] is True
+    assert rows["3.act"]["disorder"] == 1.0 and rows["3.act"]["frozen"] is False
+    assert rows["3.weight"]["disorder"] == pytest.approx(0.75)
+    assert all(w.pairs == 0 for w in run.windows.values())  # a fresh window starts
+    assert run.summary()["fqat/frozen_layers"] == (2.0 if reduce == "per_element" else 1.0)
+
+
+@pytest.mark.parametrize("unfreeze", [True, False])
+def test_unfreeze_reselects_every_window(unfreeze: bool) -> None:
+    run, _, _ = make_run(freeze_steps=4, unfreeze=unfreeze)
+    feed(run, 4, window_pattern(stable="0.act"))
+    run.close_window(4)
+    feed(run, 4, window_pattern(stable="none"))  # now 0.act flips every step
+    run.close_window(8)
+    assert ("0.act" in run.frozen) is (not unfreeze)
+
+
+def test_reverse_freeze_freezes_the_high_disorder_scales() -> None:
+    run, _, _ = make_run(freeze_steps=4, freeze_if="above_tau")
+    feed(run, 4, window_pattern(stable="0.act"))
+    run.close_window(4)
+    assert "0.act" not in run.frozen and run.frozen["3.act"].all()
+
+
+def test_nothing_is_frozen_before_the_first_window_closes() -> None:
+    run, model, batch = make_run(freeze_steps=3, freeze_tau=1.0)  # τ = 1: everything freezes once decided
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(3):
+        assert not run.frozen
+        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step, config=argparse.Namespace())
+        optimizer.step()
+        run.dgq_after_step(model, step)
+    assert set(run.frozen) == set(run.scales) and {r["step"] for r in run.rows} == {3}
+
+
+# -- the plugin in wilds_run ----------------------------------------------------------------
+
+
+def fqat_argv(log_dir, *extra: str) -> list[str]:
+    return ["--plugin", "dg_quant.fqat", "--n_steps", "20", "--eval_every", "10", "--freeze_steps", "5",
+            "--frac", "0.3", "--batch_size", "32", "--no_progress", "--log_dir", str(log_dir), *extra]
+
+
+def test_wilds_run_with_fqat_logs_disorder_over_time(tmp_path) -> None:
+    assert main(fqat_argv(tmp_path)) == 0
+    rows = read_jsonl(tmp_path / "fqat_disorder.jsonl")
+    scales = {r["scale"] for r in rows}
+    assert {r["step"] for r in rows} == {5, 10, 15, 20}
+    assert len(rows) == 4 * len(scales)
+    assert "featurizer.0.act" in scales and "featurizer.0.weight" not in scales  # first conv: input only
+    assert not any(s.startswith("classifier") for s in scales)  # head stays FP
+    assert {r["kind"] for r in rows} == {"weight", "activation"}
+    assert all(0.0 <= r["disorder"] <= 1.0 for r in rows)
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["fqat/scale_factors"] == len(scales)
+    assert final["fqat/frozen_layers"] == sum(r["frozen"] for r in rows if r["step"] == 20)
+    record = read_jsonl(tmp_path / "results.jsonl")[-1]
+    assert "fqat/frozen_layers" in record and "train/sagm/perturbed_loss" in record
+    frame = disorder_frame(tmp_path)
+    assert frame.shape[0] == len(rows) and set(frame["scale"]) == scales
+    png = plot_disorder(tmp_path, tau=0.3)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_disorder_frame_names_the_missing_log(tmp_path) -> None:
+    with pytest.raises(DataError, match="dg_quant.fqat"):
+        disorder_frame(tmp_path)
+
+
+@pytest.mark.slow
+def test_wilds_run_with_fqat_ewgs_hessian(tmp_path) -> None:
+    argv = fqat_argv(tmp_path, "--quantizer", "ewgs", "--ewgs-hessian", "true", "--ewgs-update-every", "10")
+    argv[argv.index("--n_steps") + 1] = "10"
+    assert main(argv) == 0
+    rows = read_jsonl(tmp_path / "fqat_disorder.jsonl")
+    assert rows and all(r["ewgs_delta"] is not None and r["ewgs_delta"] >= 0 for r in rows)
+    assert any(r["ewgs_delta"] > 0 for r in rows)
+
+
+def test_fqat_with_ewgs_sets_the_fixed_delta_on_every_quantizer() -> None:
+    _, model, _ = make_run(quantizer="ewgs", ewgs_delta=2e-3)
+    deltas = [q.ewgs_delta for _, q in iter_quantizers(model)]
+    assert len(deltas) == 3 and all(d == pytest.approx(2e-3 / 15) for d in deltas)
+    _, plain, _ = make_run()
+    assert all(q.ewgs_delta == 0.0 for _, q in iter_quantizers(plain))
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_freezing_decisions(tmp_path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(fqat_argv(straight, "--freeze_steps", "4")) == 0
+    first = fqat_argv(split, "--freeze_steps", "4")
+    first[first.index("--n_steps") + 1] = "10"
+    assert main(first) == 0
+    assert main(fqat_argv(split, "--freeze_steps", "4", "--resume")) == 0
+    a, b = read_jsonl(straight / "fqat_disorder.jsonl"), read_jsonl(split / "fqat_disorder.jsonl")
+    assert [(r["step"], r["scale"], r["frozen"]) for r in a] == [(r["step"], r["scale"], r["frozen"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["disorder"] == pytest.approx(rb["disorder"], abs=1e-6)
+
+
+def test_quantizers_of_a_fqat_model_cover_weights_and_activations() -> None:
+    run, model, _ = make_run(bits=3)
+    kinds = {(n, q.is_weight, q.bits) for n, q in iter_quantizers(model)}
+    assert kinds == {("0.act_quantizer", False, 3), ("3.parametrizations.weight.0", True, 3),
+                     ("3.act_quantizer", False, 3)}
+
+
+def test_scale_lr_puts_the_scale_factors_in_their_own_group() -> None:
+    run, model, _ = make_run(scale_lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    run.dgq_configure_optimizer(optimizer, model)
+    steps = {id(p) for p in run.scales.values()}
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-4]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == steps
+    assert not steps & {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_fqat_without_freezing_is_lsq_plus_sagm(tmp_path) -> None:
+    """τ = 0 freezes nothing: FQAT must then train exactly like LSQ+SAGM with FQAT's quantizers."""
+    common = ["--n_steps", "20", "--eval_every", "10", "--frac", "0.3", "--batch_size", "32", "--bits", "4",
+              "--no_progress"]
+    assert main(["--plugin", "dg_quant.fqat", "--freeze_steps", "5", "--freeze_tau", "0", *common,
+                 "--log_dir", str(tmp_path / "fqat")]) == 0
+    assert main(["--plugin", "dg_quant.lsq", "--plugin", "dg_quant.sagm", "--act_bits", "4", "--first_layer",
+                 "activations_only", "--weight_init", "mse", "--act_init", "mse", *common,
+                 "--log_dir", str(tmp_path / "lsq_sagm")]) == 0
+    a, b = read_jsonl(tmp_path / "fqat" / "results.jsonl"), read_jsonl(tmp_path / "lsq_sagm" / "results.jsonl")
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+    assert [r["id_val/acc_avg"] for r in a] == [r["id_val/acc_avg"] for r in b]
