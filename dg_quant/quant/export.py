@@ -1,0 +1,308 @@
+"""A real bit-packed export of a fake-quantized model, its loader and a size report.
+
+File layout (little endian)::
+
+    preamble  24 bytes: magic b"DGQX", version u16, flags u16, header length u32,
+              payload length u64, CRC-32 of header + payload u32
+    header    UTF-8 JSON: backbone, num_classes, user metadata, activation quantizers, and one
+              entry per state-dict tensor (name, kind, shape, dtype, offset, nbytes, ...)
+    payload   the tensors' bytes: "packed" entries hold b-bit unsigned codes (integer + Q_N),
+              bit-packed LSB first, followed by their per-channel FP32 steps; "fp" entries
+              (BatchNorm, biases, the FP classifier, activation steps) hold raw bytes.
+
+The loader rebuilds a plain model whose quantized weights are ``code * step`` computed in
+float32, exactly what the fake-quant forward computes, so outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dg_quant.errors import CheckpointError
+from dg_quant.io import atomic_write_bytes
+from dg_quant.quant.api import ACT_QUANTIZER, iter_quantized_weights, latent_weight, quantize_
+from dg_quant.quant.config import LSQConfig, QuantConfig
+from dg_quant.quant.lsq import LSQQuantizer
+
+MAGIC = b"DGQX"
+VERSION = 1
+PREAMBLE = struct.Struct("<4sHHIQI")
+CHUNK = 1 << 20  # values packed per numpy call (a multiple of 8 keeps chunks byte aligned)
+
+
+# -- bit packing ----------------------------------------------------------------------------
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned codes < 2^bits into ``ceil(n * bits / 8)`` bytes, LSB first."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    out = []
+    for start in range(0, codes.size, CHUNK):
+        chunk = codes[start:start + CHUNK]
+        planes = np.unpackbits(chunk[:, None], axis=1, bitorder="little")[:, :bits]
+        out.append(np.packbits(planes.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: ``count`` codes as uint8."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.uint8)
+    chunk_bytes = CHUNK * bits // 8
+    for i, start in enumerate(range(0, count, CHUNK)):
+        n = min(CHUNK, count - start)
+        planes = np.unpackbits(raw[i * chunk_bytes:], count=n * bits, bitorder="little").reshape(n, bits)
+        out[start:start + n] = np.packbits(planes, axis=1, bitorder="little").reshape(-1)
+    return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _tensor_from(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
+    torch_dtype = getattr(torch, dtype)
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape).clone()
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeReport:
+    """Sizes in bytes; ``file_bytes`` is the file's real size on disk."""
+
+    file_bytes: int
+    header_bytes: int
+    packed_weight_bytes: int
+    scale_bytes: int
+    fp_bytes: int
+    quantized_params: int
+    fp_params: int
+    bits: list[int]
+
+    @property
+    def fp32_bytes(self) -> int:
+        """The same tensors stored as plain FP32 (quantized weights at 4 bytes each)."""
+        return self.quantized_params * 4 + self.fp_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.file_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fp32_bytes": self.fp32_bytes, "compression_ratio": self.ratio}
+
+    def table(self) -> str:
+        mib = 2**20
+        return "\n".join([
+            f"file            {self.file_bytes / mib:10.3f} MiB  (real size on disk)",
+            f"  packed codes  {self.packed_weight_bytes / mib:10.3f} MiB  "
+            f"({self.quantized_params} weights at {'/'.join(map(str, sorted(set(self.bits)))) or '-'} bits)",
+            f"  scales        {self.scale_bytes / mib:10.3f} MiB",
+            f"  FP remainder  {self.fp_bytes / mib:10.3f} MiB  ({self.fp_params} values)",
+            f"  header        {self.header_bytes / mib:10.3f} MiB",
+            f"FP32 model      {self.fp32_bytes / mib:10.3f} MiB  -> x{self.ratio:.2f} smaller",
+        ])
+
+
+def _quantizer_keys(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str, LSQQuantizer]], set[str]]:
+    """Quantized weights by their plain state-dict key, and the keys their parametrization adds."""
+    quantized: dict[str, tuple[nn.Module, str, LSQQuantizer]] = {}
+    skip: set[str] = set()
+    for name, module, tensor, q in iter_quantized_weights(model):
+        prefix = f"{name}.parametrizations.{tensor}" if name else f"parametrizations.{tensor}"
+        skip |= {f"{prefix}.original", f"{prefix}.0.step", f"{prefix}.0._extra_state"}
+        quantized[f"{name}.{tensor}" if name else tensor] = (module, tensor, q)
+    return quantized, skip
+
+
+def _act_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, module in model.named_modules():
+        q = getattr(module, ACT_QUANTIZER, None)
+        if isinstance(q, LSQQuantizer):
+            out[name] = {"bits": q.bits, "mode": q.config.mode, "init": q.config.init,
+                         **q.get_extra_state()}
+    return out
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> SizeReport:
+    """Write ``model`` (fake-quantized or not) to ``path``; returns the size report of the file.
+
+    ``meta`` may carry ``backbone`` and ``num_classes`` so that ``load_export`` can rebuild the
+    network from the adapter registry without being handed a model.
+    """
+    quantized, skip = _quantizer_keys(model)
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+
+    def add(data: bytes) -> tuple[int, int]:
+        nonlocal offset
+        chunks.append(data)
+        offset += len(data)
+        return offset - len(data), len(data)
+
+    for key, value in model.state_dict(keep_vars=False).items():
+        if key in skip or not isinstance(value, torch.Tensor):
+            continue
+        off, n = add(_tensor_bytes(value))
+        entries.append({"name": key, "kind": "fp", "dtype": str(value.dtype).removeprefix("torch."),
+                        "shape": list(value.shape), "offset": off, "nbytes": n})
+    for key, (module, tensor, q) in quantized.items():
+        latent = latent_weight(module, tensor).detach()
+        if not q.enabled:  # a disabled quantizer is the identity: the weight is FP
+            off, n = add(_tensor_bytes(latent))
+            entries.append({"name": key, "kind": "fp", "dtype": str(latent.dtype).removeprefix("torch."),
+                            "shape": list(latent.shape), "offset": off, "nbytes": n})
+            continue
+        qn, _qp = q.bounds
+        codes = (q.integers(latent) + qn).to(torch.int64).cpu().numpy().astype(np.uint8)
+        off, n = add(pack_bits(codes, q.bits))
+        step = q.step.detach().to(torch.float32)
+        s_off, s_n = add(_tensor_bytes(step))
+        entries.append({"name": key, "kind": "packed", "dtype": str(latent.dtype).removeprefix("torch."),
+                        "shape": list(latent.shape), "offset": off, "nbytes": n, "bits": q.bits, "qn": qn,
+                        "step_shape": list(step.shape), "step_offset": s_off, "step_nbytes": s_n})
+    header = {"format": "dg-quant packed model", "version": VERSION, **(meta or {}),
+              "act_quantizers": _act_quantizers(model), "entries": entries}
+    header_bytes = json.dumps(header, sort_keys=True, default=str).encode()
+    payload = b"".join(chunks)
+    crc = zlib.crc32(payload, zlib.crc32(header_bytes))
+    preamble = PREAMBLE.pack(MAGIC, VERSION, 0, len(header_bytes), len(payload), crc)
+    atomic_write_bytes(path, preamble + header_bytes + payload)
+    return size_report(path)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """Validate the file and return (header, payload); any damage is a one-line ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; export a run first with dgq_export")
+    data = path.read_bytes()
+    if len(data) < PREAMBLE.size:
+        raise CheckpointError(f"{path} is truncated ({len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble)")
+    magic, version, _flags, header_len, payload_len, crc = PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path} is not a dg-quant export (bad magic {magic!r}); export it with dgq_export")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this dg-quant reads up to {VERSION}, upgrade it")
+    expected = PREAMBLE.size + header_len + payload_len
+    if len(data) < expected:
+        raise CheckpointError(f"{path} is truncated: {len(data)} of {expected} bytes; export it again")
+    if len(data) > expected:
+        raise CheckpointError(f"{path} is corrupt: {len(data) - expected} unexpected trailing bytes; export it again")
+    header_bytes = data[PREAMBLE.size:PREAMBLE.size + header_len]
+    payload = data[PREAMBLE.size + header_len:]
+    if zlib.crc32(payload, zlib.crc32(header_bytes)) != crc:
+        raise CheckpointError(f"{path} is corrupt (checksum mismatch); export it again")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        raise CheckpointError(f"{path} is corrupt (unreadable header); export it again") from None
+    return header, payload
+
+
+def _segment(payload: bytes, offset: int, nbytes: int, name: str) -> bytes:
+    if offset < 0 or offset + nbytes > len(payload):
+        raise CheckpointError(f"corrupt export: entry {name} points outside the payload")
+    return payload[offset:offset + nbytes]
+
+
+def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, torch.Tensor]:
+    """The plain (baked) state dict: packed weights become ``code * step`` in their dtype."""
+    state = {}
+    for e in header["entries"]:
+        data = _segment(payload, e["offset"], e["nbytes"], e["name"])
+        if e["kind"] == "fp":
+            state[e["name"]] = _tensor_from(data, e["dtype"], e["shape"])
+            continue
+        count = int(np.prod(e["shape"]))
+        codes = torch.from_numpy(unpack_bits(data, e["bits"], count).astype(np.int64))
+        step = _tensor_from(_segment(payload, e["step_offset"], e["step_nbytes"], e["name"]), "float32",
+                            e["step_shape"])
+        ints = (codes - e["qn"]).to(torch.float32).reshape(e["shape"])
+        state[e["name"]] = (ints * step).to(getattr(torch, e["dtype"]))
+    return state
+
+
+def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the exported model (from the adapter registry unless ``model`` is given), in eval mode."""
+    header, payload = read_export(path)
+    if model is None:
+        if "backbone" not in header or "num_classes" not in header:
+            raise CheckpointError(f"{path} does not name its backbone; pass the model to load_export")
+        from dg_quant.registry import create_adapter
+
+        model = create_adapter(header["backbone"], num_classes=int(header["num_classes"]))
+    _attach_act_quantizers(model, header.get("act_quantizers", {}))
+    state = exported_state_dict(header, payload)
+    for name, spec in header.get("act_quantizers", {}).items():
+        state[f"{name}.{ACT_QUANTIZER}._extra_state" if name else f"{ACT_QUANTIZER}._extra_state"] = spec
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CheckpointError(f"{path} does not match the model ({first}); pass the backbone it was exported from") from None
+    return model.eval()
+
+
+def _attach_act_quantizers(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
+    if not specs:
+        return
+    by_config: dict[tuple, set[str]] = {}
+    for name, spec in specs.items():
+        by_config.setdefault((spec["bits"], spec["mode"], spec["init"]), set()).add(name)
+    for (bits, mode, init), names in by_config.items():
+        act = LSQConfig(bits=bits, mode=mode, granularity="per_tensor", init=init)
+        quantize_(model, QuantConfig(weight=None, activation=act, quantize_head=True),
+                  filter_fn=lambda _m, n, names=names: n in names)
+
+
+def size_report(path: str | os.PathLike) -> SizeReport:
+    """What the file at ``path`` holds, from its header and its real size."""
+    header, _payload = read_export(path)
+    packed = [e for e in header["entries"] if e["kind"] == "packed"]
+    fp = [e for e in header["entries"] if e["kind"] == "fp"]
+    with open(path, "rb") as handle:
+        header_len = PREAMBLE.unpack(handle.read(PREAMBLE.size))[3]
+    return SizeReport(
+        file_bytes=os.path.getsize(path),
+        header_bytes=PREAMBLE.size + header_len,
+        packed_weight_bytes=sum(e["nbytes"] for e in packed),
+        scale_bytes=sum(e["step_nbytes"] for e in packed),
+        fp_bytes=sum(e["nbytes"] for e in fp),
+        quantized_params=sum(int(np.prod(e["shape"])) for e in packed),
+        fp_params=sum(int(np.prod(e["shape"])) for e in fp),
+        bits=[e["bits"] for e in packed],
+    )
+
+
+def torch_save_bytes(model: nn.Module) -> int:
+    """Real size of ``torch.save`` of the model's plain float state dict (the FP32 reference file)."""
+    quantized, skip = _quantizer_keys(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in skip and isinstance(v, torch.Tensor)}
+    state.update({k: latent_weight(m, t).detach() for k, (m, t, _q) in quantized.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "fp32.pt"
+        torch.save(state, file)
+        return file.stat().st_size

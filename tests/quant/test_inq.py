@@ -1,0 +1,83 @@
+"""INQ maths: paper levels, projection intervals, partition masks, schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dg_quant.errors import ConfigError
+from dg_quant.quant.inq import (
+    PartitionSchedule,
+    inq_exponents,
+    inq_levels,
+    inq_project,
+    next_frozen_mask,
+    parse_partitions,
+)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 7])
+def test_paper_level_count_not_the_quantlab_off_by_one(bits):
+    w = torch.randn(64, 32)
+    n1, n2 = inq_exponents(w, bits)
+    levels = inq_levels(n1, n2)
+    assert len(levels) == 2 ** (bits - 1) + 1  # b = 5: 17; quantlab's n1 + 2 - L/2 would give 15
+    assert n2 == n1 + 1 - 2 ** (bits - 2)
+    s = float(w.abs().max())
+    assert 2.0**n1 <= 4 * s / 3 < 2.0 ** (n1 + 1)
+
+
+def test_projection_lands_on_levels_with_paper_intervals():
+    n1, n2 = 0, -3  # levels 0, ±1/8, ±1/4, ±1/2, ±1
+    w = torch.tensor([0.0, 0.06, 0.0626, 0.18, 0.19, 0.374, 0.376, 1.2, 1.6, -0.3, -0.05])
+    q = inq_project(w, n1, n2)
+    expected = torch.tensor([0.0, 0.0, 0.125, 0.125, 0.25, 0.25, 0.5, 1.0, 1.0, -0.25, 0.0])
+    assert torch.equal(q, expected)
+    levels = set(inq_levels(n1, n2).tolist())
+    rand = inq_project(torch.randn(1000), n1, n2)
+    assert set(rand.tolist()) <= levels
+    assert torch.equal(inq_project(q, n1, n2), q)  # idempotent
+
+
+def test_projection_is_nearest_level_for_levels_above_the_smallest():
+    w = torch.rand(5000) * 1.4 + 0.07  # inside [2^(n2-1), 1.5 * 2^n1) for n1=0, n2=-3
+    q = inq_project(w, 0, -3)
+    levels = inq_levels(0, -3).float()
+    # Paper intervals [3b/4, 3b/2) split geometric neighbours at their arithmetic mean: nearest level.
+    nearest = levels[(w[:, None] - levels[None]).abs().argmin(dim=1)]
+    assert torch.equal(q, nearest)
+
+
+def test_magnitude_partitions_freeze_largest_first_with_exact_counts():
+    w = torch.randn(40, 25)
+    frozen = torch.zeros_like(w, dtype=torch.bool)
+    previous = frozen
+    for fraction in parse_partitions("0.5,0.75,0.875,1"):
+        frozen = next_frozen_mask(w, previous, fraction)
+        assert int(frozen.sum()) == round(fraction * w.numel())
+        assert bool((frozen | ~previous).all())  # never unfreezes
+        if not frozen.all():
+            assert w[frozen].abs().min() >= w[~frozen].abs().max()
+        previous = frozen
+
+
+def test_random_strategy_keeps_counts_and_earlier_partitions():
+    w = torch.randn(100)
+    g = torch.Generator().manual_seed(1)
+    first = next_frozen_mask(w, torch.zeros(100, dtype=torch.bool), 0.5, "random", g)
+    second = next_frozen_mask(w, first, 0.75, "random", g)
+    assert int(first.sum()) == 50 and int(second.sum()) == 75
+    assert bool(second[first].all())
+    assert not torch.equal(first, w.abs() >= w.abs().median())  # not the magnitude order
+
+
+@pytest.mark.parametrize("bad", ["0.5,0.4,1", "0.5,0.75", "0,1", "a,b", ""])
+def test_bad_partitions_are_one_line_errors(bad):
+    with pytest.raises(ConfigError):
+        parse_partitions(bad)
+
+
+def test_schedule_spreads_partitions_over_the_run():
+    schedule = PartitionSchedule((0.5, 0.75, 0.875, 1.0), start=10, total=50)
+    assert schedule.steps() == [10, 20, 30, 40]
+    assert [schedule.partitions_due(s) for s in (0, 9, 10, 19, 20, 45)] == [0, 0, 1, 1, 2, 4]
