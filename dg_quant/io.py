@@ -54,3 +54,8 @@ def _json_default(value: Any) -> Any:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` (e.g. a rendered PNG) atomically."""
+    _atomic_replace(path, lambda h: h.write(data))

@@ -1,0 +1,249 @@
+"""DomainBed-style result tables from a folder of run folders.
+
+One table per (selection rule, dataset): rows are methods, columns are test domains plus
+``Avg``; a cell is ``mean +- standard error`` over seeds in percent. As DomainBed's
+``collect_results`` does, the standard error is ``np.std(values) / sqrt(n)`` (population std),
+``Avg`` is the mean of the column means, and a missing cell is ``X``.
+
+Selection rules (each picks one evaluation record per run; the table reports its test metric):
+
+- ``training_domain``: the record with the best ``val_metric`` (training-domain validation,
+  QT-DoG's rule; ``id_val/acc_avg`` by default);
+- ``last``: the last evaluation;
+- ``oracle``: the record with the best held-out-domain validation accuracy (``val/acc_avg``),
+  as the SWAD/QT-DoG code reports it; skipped for runs that never evaluated ``val``.
+
+Several runs with the same (dataset, method, test domain, seed), e.g. an lr sweep, are reduced
+to the one whose selection-rule validation is best.
+
+An EoQ folder (``eoq.json`` from ``dgq_eoq``) adds a row ``EoQ <method>``: its members' own runs
+count as usual, and the ensemble counts once (its seed is the members' seeds) under the rule its
+members were picked by (``training_domain`` for best checkpoints, ``last`` for last ones).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dg_quant.errors import DataError
+from dg_quant.io import read_jsonl
+
+SELECTIONS = ("training_domain", "last", "oracle")
+ORACLE_METRIC = "val/acc_avg"
+TEST_METRIC = "test/acc_avg"
+RUN_FILES = ("final.json", "results.jsonl")
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders among ``paths``: each path is a run folder or a folder searched recursively."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path} does not exist; pass run folders or a folder that holds them")
+        if any((path / f).is_file() for f in RUN_FILES):
+            found.append(path)
+            continue
+        inner = sorted({p.parent for f in RUN_FILES for p in path.rglob(f)})
+        found.extend(inner)
+    if not found:
+        raise DataError(f"no run folders (with final.json or results.jsonl) under {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(found))
+
+
+def find_ensembles(paths: Iterable[str | Path]) -> list[Path]:
+    """``eoq.json`` files of ``dgq_eoq`` folders among or under ``paths``."""
+    found = []
+    for path in map(Path, paths):
+        found += [path / "eoq.json"] if (path / "eoq.json").is_file() else sorted(path.rglob("eoq.json"))
+    return list(dict.fromkeys(found))
+
+
+def _ensemble_rows(path: Path, metric: str, selections: Sequence[str], group_by: Sequence[str]) -> list[dict]:
+    summary = _read_json(path)
+    rule = "training_domain" if summary.get("which", "best") == "best" else "last"
+    value = summary.get("ensemble", {}).get(metric)
+    members = [Path(m) for m in summary.get("members", [])]
+    if rule not in selections or value is None or not members or not members[0].exists():
+        return []
+    info = run_info(members[0], group_by)
+    seeds = ",".join(str(run_info(m).get("seed")) for m in members if m.exists())
+    env = info["test_env"] or _test_env([summary["ensemble"]], metric)
+    return [{**info, "run": str(path.parent), "method": f"EoQ {info['method']}", "seed": seeds,
+             "test_env": env, "selection": rule, "step": None, "val": summary["ensemble"].get(info["val_metric"]),
+             "value": float(value)}]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}); is it a wilds_run result?") from None
+
+
+def run_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Evaluation records of a run: ``results.jsonl``, else the two kept in ``final.json``."""
+    run_dir = Path(run_dir)
+    if (run_dir / "results.jsonl").is_file():
+        return read_jsonl(run_dir / "results.jsonl")
+    final = _read_json(run_dir / "final.json")
+    records = [r for r in (final.get("best"), final.get("last")) if r]
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+def run_info(run_dir: str | Path, group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """dataset, method (plugins plus any ``group_by`` settings), seed, test domain and val metric."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    final = _read_json(run_dir / "final.json") if (run_dir / "final.json").is_file() else {}
+    plugins = final.get("plugins", config.get("plugins")) or []
+    method = "+".join(p.rsplit(".", 1)[-1] for p in plugins) or "erm"
+    extras = [f"{key}={config.get(key)}" for key in group_by]
+    if extras:
+        method = f"{method} ({', '.join(extras)})"
+    return {
+        "run": str(run_dir),
+        "dataset": final.get("dataset", config.get("dataset", "?")),
+        "method": method,
+        "seed": final.get("seed", config.get("seed", 0)),
+        "val_metric": final.get("val_metric", config.get("val_metric", "id_val/acc_avg")),
+        "test_env": config.get("test_domain"),
+    }
+
+
+def _test_env(records: list[dict[str, Any]], metric: str) -> str:
+    """Test domains named in the records' per-group keys (``test/acc_domain:rot75``)."""
+    split = metric.split("/", 1)[0]
+    groups = sorted({k.split(":", 1)[1] for r in records for k in r
+                     if k.startswith(f"{split}/acc_") and ":" in k})
+    return ",".join(groups) if groups else split
+
+
+def select_record(records: list[dict[str, Any]], rule: str, val_metric: str) -> dict[str, Any] | None:
+    """The record ``rule`` picks; ties go to the earliest, as ``wilds_run``'s best checkpoint."""
+    if rule == "last":
+        return records[-1] if records else None
+    key = {"training_domain": val_metric, "oracle": ORACLE_METRIC}.get(rule)
+    if key is None:
+        raise DataError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTIONS)}")
+    scored = [r for r in records if r.get(key) is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r[key], -r["step"]))
+
+
+def collect(
+    paths: Iterable[str | Path],
+    metric: str = TEST_METRIC,
+    selections: Sequence[str] = SELECTIONS,
+    group_by: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One row per (selection rule, run): the selected step, its validation and ``metric``."""
+    rows = []
+    for run_dir in find_runs(paths):
+        info = run_info(run_dir, group_by)
+        records = run_records(run_dir)
+        if not records:
+            continue
+        info["test_env"] = info["test_env"] or _test_env(records, metric)
+        for rule in selections:
+            record = select_record(records, rule, info["val_metric"])
+            if record is None or record.get(metric) is None:
+                continue
+            val_key = {"training_domain": info["val_metric"], "oracle": ORACLE_METRIC}.get(rule)
+            rows.append({**info, "selection": rule, "step": record["step"],
+                         "val": record.get(val_key) if val_key else None, "value": float(record[metric])})
+    for path in find_ensembles(paths):
+        rows += _ensemble_rows(path, metric, selections, group_by)
+    columns = ["selection", "dataset", "method", "test_env", "seed", "run", "step", "val", "value", "val_metric"]
+    frame = pd.DataFrame(rows, columns=columns)
+    if frame.empty:
+        raise DataError(f"no run reports {metric!r}; pick another --metric (e.g. test/acc_avg)")
+    # One run per seed: the best validation among duplicates (e.g. a learning-rate sweep).
+    frame = frame.sort_values(["val", "step"], ascending=[False, True], na_position="last")
+    frame = frame.drop_duplicates(["selection", "dataset", "method", "test_env", "seed"], keep="first")
+    frame["seed"] = frame["seed"].astype(str)
+    return frame.sort_values(["selection", "dataset", "method", "test_env", "seed"]).reset_index(drop=True)
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """DomainBed's mean and standard error: ``np.std(values) / sqrt(n)`` (ddof 0)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std() / np.sqrt(len(arr)))
+
+
+def summarize(frame: pd.DataFrame, scale: float = 100.0) -> pd.DataFrame:
+    """Mean, standard error and seed count per (selection, dataset, method, test domain), in percent."""
+    rows = []
+    keys = ["selection", "dataset", "method", "test_env"]
+    for key, group in frame.groupby(keys, sort=True):
+        mean, err = mean_stderr(group["value"].to_numpy() * scale)
+        rows.append({**dict(zip(keys, key)), "mean": mean, "stderr": err, "n": len(group)})
+    return pd.DataFrame(rows, columns=keys + ["mean", "stderr", "n"])
+
+
+def wide_tables(summary: pd.DataFrame, digits: int = 1) -> dict[tuple[str, str], pd.DataFrame]:
+    """``{(selection, dataset): table}`` of ``mean +- stderr`` strings with an ``Avg`` column."""
+    tables = {}
+    for (rule, dataset), group in summary.groupby(["selection", "dataset"], sort=False):
+        envs = sorted(group["test_env"].unique())
+        methods = list(dict.fromkeys(group["method"]))
+        cells: dict[str, dict[str, str]] = {}
+        for method in methods:
+            row, means = {}, []
+            for env in envs:
+                hit = group[(group["method"] == method) & (group["test_env"] == env)]
+                if hit.empty:
+                    row[env], means = "X", means + [None]
+                    continue
+                mean, err = float(hit["mean"].iloc[0]), float(hit["stderr"].iloc[0])
+                row[env] = f"{mean:.{digits}f} +- {err:.{digits}f}"
+                means.append(mean)
+            row["Avg"] = "X" if None in means else f"{np.mean(means):.{digits}f}"
+            cells[method] = row
+        table = pd.DataFrame.from_dict(cells, orient="index", columns=envs + ["Avg"])
+        table.index.name = "method"
+        tables[(rule, dataset)] = table
+    order = {rule: i for i, rule in enumerate(SELECTIONS)}
+    return dict(sorted(tables.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
+
+
+def _title(rule: str, dataset: str) -> str:
+    return f"{dataset}, model selection: {rule.replace('_', '-')}"
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub pipe table (pandas' own ``to_markdown`` needs the optional ``tabulate``)."""
+    head = [table.index.name or ""] + list(table.columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":---:"] * len(table.columns)) + "|"]
+    for name, row in table.iterrows():
+        lines.append("| " + " | ".join([str(name)] + [str(v) for v in row]) + " |")
+    return "\n".join(lines)
+
+
+def _latex(table: pd.DataFrame, caption: str) -> str:
+    body = table.map(lambda v: v.replace("+-", r"$\pm$"))
+    body.columns = [c.replace("_", r"\_") for c in body.columns]
+    body.index = [str(i).replace("_", r"\_") for i in body.index]
+    return body.to_latex(caption=caption.replace("_", r"\_"), column_format="l" + "c" * len(body.columns))
+
+
+def render(tables: dict[tuple[str, str], pd.DataFrame], fmt: str) -> str:
+    """All tables in one of ``text``, ``markdown`` or ``latex``."""
+    parts = []
+    for (rule, dataset), table in tables.items():
+        title = _title(rule, dataset)
+        if fmt == "text":
+            parts.append(f"-- {title}\n{table.to_string()}")
+        elif fmt == "markdown":
+            parts.append(f"### {title}\n\n{to_markdown(table)}")
+        elif fmt == "latex":
+            parts.append(_latex(table, title))
+        else:
+            raise DataError(f"unknown table format {fmt!r}; choose text, markdown, csv or latex")
+    return "\n\n".join(parts) + "\n"
