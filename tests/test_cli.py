@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from dg_quant.adapters.wilds.cli import main
 
+from dg_quant.adapters.wilds.cli import main
 from dg_quant.io import read_jsonl
 from dg_quant.results import main as results_main
 
