@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dg_quant.errors import DataError
+from dg_quant.errors import DataError, run_command
 
 SPLIT_ORDER = ("train", "id_val", "val", "test", "id_test")
 
@@ -106,13 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dgq_results", description="Compare finished runs side by side.")
     parser.add_argument("runs", nargs="+", help="run folders (each with a final.json)")
     args = parser.parse_args(argv)
-    try:
+
+    def show() -> None:
         finals = [load_final(r) for r in args.runs]
-    except DataError as exc:
-        print(f"dgq_results: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(comparison_rows(finals, args.runs)))
-    return 0
+        print(format_table(comparison_rows(finals, args.runs)))
+
+    return run_command("dgq_results", show)
 
 
 if __name__ == "__main__":  # pragma: no cover

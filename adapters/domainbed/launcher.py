@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dg_quant.errors import ConfigError, DGQuantError
+from dg_quant.errors import ConfigError, run_command
 
 PROG = "python -m dg_quant.adapters.domainbed"
 SCRIPTS = {
@@ -142,10 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr if rest else sys.stdout)
         return 0 if not rest or rest[0] in ("-h", "--help") else 2
     try:
-        run_script(args.command, rest, args.domainbed, args.no_pretrained)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(PROG, lambda: run_script(args.command, rest, args.domainbed, args.no_pretrained))
     except SystemExit as exc:  # DomainBed's scripts exit through argparse or exit()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0

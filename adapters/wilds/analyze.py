@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dg_quant.errors import ConfigError, DGQuantError
+from dg_quant.errors import ConfigError, run_command
 
 PROG = "dgq_analyze"
 FORMATS = ("text", "markdown", "csv", "latex")
@@ -209,12 +209,7 @@ COMMANDS = {"table": cmd_table, "flatness": cmd_flatness, "surface": cmd_surface
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(PROG, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":  # pragma: no cover

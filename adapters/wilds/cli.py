@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
 from dg_quant.adapters.wilds.presets import apply_preset
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
-from dg_quant.errors import DGQuantError
+from dg_quant.errors import run_command
 from dg_quant.host import PluginHost, known_plugins
 from dg_quant.results import format_run
 
@@ -128,19 +128,17 @@ def _check(config: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def body() -> None:
         config, host = parse_config(argv)
         from dg_quant.adapters.wilds.runner import run  # heavy imports after the flags are checked
 
-        final = run(config, host)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        print(format_run(run(config, host)))
+
+    try:
+        return run_command(PROG, body)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    print(format_run(final))
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,7 @@ from dg_quant.adapters.wilds.checkpoints import (
     split_metrics,
 )
 from dg_quant.ensemble import LogitEnsemble, ensemble_size
-from dg_quant.errors import ConfigError, DGQuantError
+from dg_quant.errors import ConfigError, run_command
 from dg_quant.io import atomic_torch_save, atomic_write_json
 
 PROG = "dgq_eoq"
@@ -199,13 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(own)
     else:
         args, wilds_args = build_parser().parse_known_args(argv)
-    try:
-        summary = run_eoq(args, wilds_args)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return run_command(PROG, lambda: print(format_summary(run_eoq(args, wilds_args))))
 
 
 if __name__ == "__main__":  # pragma: no cover

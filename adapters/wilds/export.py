@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dg_quant.errors import CheckpointError, DGQuantError
+from dg_quant.errors import CheckpointError, run_command
 
 PROG = "dgq_export"
 
@@ -87,18 +87,16 @@ def _test_batch(model: torch.nn.Module, config: argparse.Namespace) -> torch.Ten
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = export_run(args)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: _print_export(export_run(args)))
+
+
+def _print_export(out: dict) -> None:
     print(out["table"])
     print(f"torch.save of the FP32 model: {out['fp32_torch_save_bytes'] / 2**20:.3f} MiB "
           f"(file is {out['file_bytes'] / max(out['fp32_torch_save_bytes'], 1):.3f} of it)")
     if "verified_on" in out:
         print(f"verified: outputs equal on a test batch of shape {tuple(out['verified_on'])}")
     print(f"wrote {out['output']}")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

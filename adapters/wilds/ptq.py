@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dg_quant.errors import DGQuantError
+from dg_quant.errors import run_command
 
 PROG = "dgq_ptq"
 PTQ_PLUGIN = "dg_quant.obc"
@@ -137,13 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples <= 0 or args.batch_size <= 0:
         parser.error("--samples and --batch_size must be positive")
-    try:
-        record = ptq_run(args)
-    except DGQuantError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_result(record))
-    return 0
+    return run_command(PROG, lambda: print(format_result(ptq_run(args))))
 
 
 if __name__ == "__main__":  # pragma: no cover

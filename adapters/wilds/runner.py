@@ -369,8 +369,16 @@ class Run:
 
     def _finish(self) -> dict[str, Any]:
         self.config.calibration_batches = self.calibration_batches  # for PTQ plugins (dg_quant.obc)
+        before = _snapshot(self.model)
         extras = self.trainer.finish(str(self.log_dir))
         del self.config.calibration_batches
+        if _changed(before, _snapshot(self.model)):
+            # An end-of-training hook changed the model (e.g. post-training quantization):
+            # the last record must describe the model that is saved, so evaluate it again.
+            record = {"step": self.trainer.step, "epoch": self.records[-1]["epoch"], "phase": "train_end"}
+            record.update(self.evaluate())
+            self.records.append(record)
+            atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
         report = compression_report(self.model)
         atomic_torch_save(self.log_dir / "model.pt", self._model_file())
         final = {
@@ -392,6 +400,18 @@ class Run:
         }
         atomic_write_json(self.log_dir / "final.json", final)
         return final
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """The model's state (tensors copied; extra state such as quantizer flags as is)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    if before.keys() != after.keys():
+        return True
+    return not all(torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k]
+                   for k, v in after.items())
 
 
 def _drop_empty_groups(results: dict[str, Any]) -> dict[str, Any]:

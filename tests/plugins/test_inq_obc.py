@@ -115,6 +115,11 @@ def test_obc_plugin_quantizes_at_train_end_and_beats_rtn(tmp_path):
         assert row["error"] < row["rtn_error"], row
     final = json.loads((log_dir / "final.json").read_text())
     assert final["ptq/layers"] == 4 and len(final["compression"]["layers"]) == 4
+    # the runner evaluated the post-training-quantized model again: "last" describes model.pt
+    records = [json.loads(line) for line in (log_dir / "results.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in records] == [None, "train_end"]
+    assert final["last"] == records[-1] and final["last"]["compression_ratio"] > 4
+    assert records[0]["compression_ratio"] == 1.0
     # model.pt holds the PTQ model and reloads through the plugin; best_model.pt is still FP
     last, _config, _ = load_run_model(log_dir, "last")
     assert all(q.enabled and q.bits == 4 for *_, q in iter_quantized_weights(last))
