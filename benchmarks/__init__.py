@@ -1,0 +1,1 @@
+"""Speed benchmarks of the fake-quant training step (``python benchmarks/bench.py``); not installed."""
