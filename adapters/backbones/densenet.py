@@ -13,7 +13,10 @@ from torchvision.models import DenseNet121_Weights, densenet121
 from torchvision.models.densenet import DenseNet
 
 from dg_quant.adapters.backbones.policy import CONV
-from dg_quant.adapters.backbones.torchvision_backbone import enum_weights_for, torchvision_adapter
+from dg_quant.adapters.backbones.torchvision_backbone import (
+    register_imagenet_adapter,
+    torchvision_adapter,
+)
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
 
@@ -29,27 +32,14 @@ def new_keys(state: dict[str, Any]) -> dict[str, Any]:
     return {OLD_KEY.sub(lambda m: m[1] + m[2], k): v for k, v in state.items()}
 
 
-@register_adapter(name="densenet121")
-def densenet121_adapter(
-    num_classes: int,
-    pretrained: bool = False,
-    weights: str | None = None,
-    tag: str = "IMAGENET1K_V1",
-    img_size: int = 224,
-) -> DGModel:
-    """torchvision DenseNet-121; WILDS' Camelyon17 config uses it without pretraining."""
-    return torchvision_adapter(
-        densenet121,
-        name="densenet121",
-        head_attr="classifier",
-        num_classes=num_classes,
-        enum_weights=enum_weights_for(DenseNet121_Weights, tag),
-        pretrained=pretrained,
-        weights=weights,
-        policy=CONV,
-        img_size=img_size,
-        fix_keys=new_keys,
-    )
+register_imagenet_adapter(
+    "densenet121",
+    densenet121,
+    DenseNet121_Weights,
+    "classifier",
+    "torchvision DenseNet-121; WILDS' Camelyon17 config uses it without pretraining.",
+    fix_keys=new_keys,
+)
 
 
 @register_adapter

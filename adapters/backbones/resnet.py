@@ -15,55 +15,30 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from dg_quant.adapters.backbones.policy import CONV
 from dg_quant.adapters.backbones.timm_backbone import timm_adapter
-from dg_quant.adapters.backbones.torchvision_backbone import enum_weights_for, torchvision_adapter
+from dg_quant.adapters.backbones.torchvision_backbone import (
+    register_imagenet_adapter,
+    torchvision_adapter,
+)
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
 
 IG1B_TIMM_NAME = "resnext50_32x4d.fb_swsl_ig1b_ft_in1k"
 
 
-@register_adapter(name="resnet50")
-def resnet50_adapter(
-    num_classes: int,
-    pretrained: bool = False,
-    weights: str | None = None,
-    tag: str = "IMAGENET1K_V1",
-    img_size: int = 224,
-) -> DGModel:
-    """torchvision ResNet-50; ``tag`` picks the torchvision weights (``IMAGENET1K_V2`` is newer)."""
-    return torchvision_adapter(
-        resnet50,
-        name="resnet50",
-        head_attr="fc",
-        num_classes=num_classes,
-        enum_weights=enum_weights_for(ResNet50_Weights, tag),
-        pretrained=pretrained,
-        weights=weights,
-        policy=CONV,
-        img_size=img_size,
-    )
-
-
-@register_adapter(name="resnext50_32x4d")
-def resnext50_adapter(
-    num_classes: int,
-    pretrained: bool = False,
-    weights: str | None = None,
-    tag: str = "IMAGENET1K_V1",
-    img_size: int = 224,
-) -> DGModel:
-    """torchvision ResNeXt-50 32x4d (ImageNet)."""
-    return torchvision_adapter(
-        resnext50_32x4d,
-        name="resnext50_32x4d",
-        head_attr="fc",
-        num_classes=num_classes,
-        enum_weights=enum_weights_for(ResNeXt50_32X4D_Weights, tag),
-        pretrained=pretrained,
-        weights=weights,
-        policy=CONV,
-        img_size=img_size,
-    )
+register_imagenet_adapter(
+    "resnet50",
+    resnet50,
+    ResNet50_Weights,
+    "fc",
+    "torchvision ResNet-50; ``tag`` picks the torchvision weights (``IMAGENET1K_V2`` is newer).",
+)
+register_imagenet_adapter(
+    "resnext50_32x4d",
+    resnext50_32x4d,
+    ResNeXt50_32X4D_Weights,
+    "fc",
+    "torchvision ResNeXt-50 32x4d (ImageNet).",
+)
 
 
 @register_adapter

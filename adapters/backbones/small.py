@@ -9,7 +9,11 @@ from dg_quant.registry import register_adapter
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return [
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    ]
 
 
 def conv_featurizer(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
@@ -26,11 +30,15 @@ def conv_featurizer(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
 def digits_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> DGModel:
     """Four conv blocks in the spirit of DomainBed's MNIST_CNN, sized for 16x16 digits."""
     widths = (width, 2 * width, 2 * width, 2 * width)
-    return DGModel(conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1])
+    return DGModel(
+        conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1]
+    )
 
 
 @register_adapter
 def test_cnn(num_classes: int, in_channels: int = 3, width: int = 8) -> DGModel:
     """A two-block CNN for fast tests."""
     widths = (width, 2 * width)
-    return DGModel(conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1])
+    return DGModel(
+        conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1]
+    )

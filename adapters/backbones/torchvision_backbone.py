@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import QuantPolicy, attach
+from dg_quant.adapters.backbones.policy import CONV, QuantPolicy, attach
 from dg_quant.adapters.backbones.transforms import image_transform
 from dg_quant.adapters.backbones.weights import (
     WeightsError,
@@ -22,6 +22,7 @@ from dg_quant.adapters.backbones.weights import (
 )
 from dg_quant.errors import ConfigError
 from dg_quant.model import DGModel
+from dg_quant.registry import register_adapter
 
 
 def enum_weights_for(enum_cls: Any, tag: str) -> Any:
@@ -97,3 +98,42 @@ def torchvision_adapter(
     head, d_out = split_head(model, head_attr, num_classes, keep_trained=loaded)
     transform = image_transform(img_size, crop_pct=224 / 256)
     return attach(DGModel(model, head, d_out, transform), policy)
+
+
+def register_imagenet_adapter(
+    name: str,
+    build: Callable[..., nn.Module],
+    weights_enum: Any,
+    head_attr: str,
+    doc: str,
+    fix_keys: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+) -> Callable[..., DGModel]:
+    """Register ``name`` as a torchvision ImageNet classifier adapter (Conv2d policy, FP head).
+
+    The adapters of ResNet-50, ResNeXt-50 and DenseNet-121 differ only in these arguments;
+    ``tag`` picks the torchvision weights (e.g. ``IMAGENET1K_V2``).
+    """
+
+    def adapter(
+        num_classes: int,
+        pretrained: bool = False,
+        weights: str | None = None,
+        tag: str = "IMAGENET1K_V1",
+        img_size: int = 224,
+    ) -> DGModel:
+        return torchvision_adapter(
+            build,
+            name=name,
+            head_attr=head_attr,
+            num_classes=num_classes,
+            enum_weights=enum_weights_for(weights_enum, tag),
+            pretrained=pretrained,
+            weights=weights,
+            policy=CONV,
+            img_size=img_size,
+            fix_keys=fix_keys,
+        )
+
+    adapter.__name__ = adapter.__qualname__ = f"{name}_adapter"
+    adapter.__doc__ = doc
+    return register_adapter(adapter, name=name)

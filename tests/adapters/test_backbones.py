@@ -190,36 +190,40 @@ def image_root(tmp_path_factory) -> Path:
     return write_image_folders(tmp_path_factory.mktemp("images"))
 
 
+def train_on_image_folders(name: str, image_root: Path, log_dir: Path, *extra: str) -> int:
+    """``wilds_run`` QT-DoG (W8A8 from step 0) for two steps on the tiny image folders."""
+    argv = [
+        "--dataset",
+        "image_folder",
+        "--root_dir",
+        str(image_root),
+        "--test_domain",
+        "domain2",
+        "--model",
+        name,
+        "--transform",
+        "model",
+        *QTDOG_FLAGS,
+        "--n_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--eval_every",
+        "2",
+        *extra,
+        "--log_dir",
+        str(log_dir),
+        "--no_progress",
+        "--device",
+        "cpu",
+    ]
+    return wilds_run(argv)
+
+
 @pytest.mark.parametrize("name", IMAGE_TINY)
 def test_wilds_run_trains_image_backbone_with_its_policy(name, image_root, tmp_path, capsys):
     log_dir = tmp_path / "run"
-    rc = wilds_run(
-        [
-            "--dataset",
-            "image_folder",
-            "--root_dir",
-            str(image_root),
-            "--test_domain",
-            "domain2",
-            "--model",
-            name,
-            "--transform",
-            "model",
-            *QTDOG_FLAGS,
-            "--n_steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--eval_every",
-            "2",
-            "--log_dir",
-            str(log_dir),
-            "--no_progress",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0, capsys.readouterr().err
+    assert train_on_image_folders(name, image_root, log_dir) == 0, capsys.readouterr().err
     assert (log_dir / "final.json").exists()
     check_policy_was_applied(name, log_dir, num_classes=2)
 
@@ -358,35 +362,9 @@ def test_real_distilbert_takes_a_qtdog_step():
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "deit_tiny", "clip_vit_b16"])
 def test_real_backbone_trains_under_wilds_run(name, image_root, tmp_path, capsys):
     log_dir = tmp_path / "run"
-    rc = wilds_run(
-        [
-            "--dataset",
-            "image_folder",
-            "--root_dir",
-            str(image_root),
-            "--test_domain",
-            "domain2",
-            "--model",
-            name,
-            "--transform",
-            "model",
-            *QTDOG_FLAGS,
-            "--n_steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--eval_every",
-            "2",
-            "--frac",
-            "0.5",
-            "--log_dir",
-            str(log_dir),
-            "--no_progress",
-            "--device",
-            "cpu",
-        ]
+    assert train_on_image_folders(name, image_root, log_dir, "--frac", "0.5") == 0, (
+        capsys.readouterr().err
     )
-    assert rc == 0, capsys.readouterr().err
     check_policy_was_applied(name, log_dir, num_classes=2)
 
 
