@@ -73,8 +73,14 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
             type=kind,
             default=default,
             choices=f.metadata.get("choices"),
-            help=f.metadata.get("help", ""),
+            help=_help(f.metadata.get("help", "")),
         )
+
+
+def _help(text: str) -> str:
+    """Help text; one that names its own default (e.g. "same as --bits") keeps argparse's
+    ``ArgumentDefaultsHelpFormatter`` from appending "(default: None)" after it."""
+    return text + "%(default).0s" if "(default:" in text else text
 
 
 def declared_options(parser: argparse.ArgumentParser) -> list[type]:

@@ -57,6 +57,14 @@ def test_qtdog_run_is_quantized_after_the_scaled_switch(runs) -> None:
     assert any(k.endswith("parametrizations.weight.original") for k in saved["model"])
 
 
+def test_resuming_a_finished_run_changes_nothing(runs, capsys) -> None:
+    _, qtdog = runs
+    before = {p.name: p.read_bytes() for p in qtdog.iterdir() if p.name != "config.json"}
+    assert main(["--plugin", "dg_quant.qtdog", "--bits", "7", *FAST, "--log_dir", str(qtdog), "--resume"]) == 0
+    assert "method qtdog" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in qtdog.iterdir() if p.name != "config.json"} == before
+
+
 def test_results_command_compares_runs(runs, capsys) -> None:
     erm, qtdog = runs
     assert results_main([str(erm), str(qtdog)]) == 0

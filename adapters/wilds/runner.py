@@ -40,6 +40,7 @@ from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.quant import compression_report
 from dg_quant.registry import create_adapter
+from dg_quant.results import load_final
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")
 # Settings a resumed run must share with the run that wrote last.pt.
@@ -315,6 +316,8 @@ class Run:
         atomic_write_json(self.log_dir / "config.json", _jsonable(vars(config)))
         resume_rng = self.load_checkpoint() if config.resume else None
         total = config.total_steps
+        if config.resume and trainer.step >= total and (self.log_dir / "final.json").is_file():
+            return load_final(self.log_dir)  # finished: the end-of-training hooks ran already
         window: list[dict[str, Any]] = []
         bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", disable=config.no_progress,
                    dynamic_ncols=True, file=sys.stderr)
