@@ -101,20 +101,23 @@ def prepare(model: nn.Module, options: QATOptions, start_step: int) -> None:
     quantize_(model, options.quant_config(enabled=start_step == 0), filter_fn=filter_fn)
 
 
-def switch_on(model: nn.Module, optimizer: torch.optim.Optimizer, compat: bool) -> None:
+def switch_on(model: nn.Module, compat: bool) -> None:
     """Turn quantization on; under ``compat`` freeze what the released code stops training."""
     set_quantization(model, True)
-    if not compat:
-        return
-    frozen = {id(p) for p in step_parameters(model)}
-    frozen |= {id(latent_weight(m, t)) for _, m, t, _q in iter_quantized_weights(model)}
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in frozen]
-    for p in [p for p in optimizer.state if id(p) in frozen]:
-        del optimizer.state[p]  # state of a parameter outside every group breaks state_dict()
-    for p in model.parameters():
-        if id(p) in frozen:
-            p.requires_grad_(False)
+    if compat:
+        freeze_quantized(model)
+
+
+def freeze_quantized(model: nn.Module) -> None:
+    """Stop training the step sizes and the quantized weights (the released QT-DoG behaviour).
+
+    They stay in the optimizer's groups, so its ``state_dict`` keeps the shape of a fresh one and
+    a run resumes; with ``requires_grad`` off they get no gradient and the optimizer skips them.
+    """
+    frozen = step_parameters(model) + [latent_weight(m, t) for _, m, t, _q in iter_quantized_weights(model)]
+    for p in frozen:
+        p.requires_grad_(False)
+        p.grad = None
 
 
 class QATHooks:
@@ -145,8 +148,12 @@ class QATHooks:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
     ) -> None:
         options = read_options(QATOptions, config)
-        if step >= start_step_for(config, options, self.default_start) and not is_quantization_enabled(model):
-            switch_on(model, optimizer, options.qtdog_compat)
+        if step < start_step_for(config, options, self.default_start):
+            return
+        if not is_quantization_enabled(model):
+            switch_on(model, options.qtdog_compat)
+        elif options.qtdog_compat:
+            freeze_quantized(model)  # a resumed run restores the quantizers but not requires_grad
 
     @hookimpl
     def dgq_after_step(self, model: nn.Module) -> None:

@@ -114,3 +114,16 @@ def test_help_lists_plugin_options(capsys) -> None:
         main(["--plugin", "dg_quant.qtdog", "--help"])
     out = capsys.readouterr().out
     assert "--bits" in out and "--quant-start-step" in out
+
+
+def test_compat_run_resumes_after_the_switch_like_an_uninterrupted_run(tmp_path) -> None:
+    compat = ["--plugin", "dg_quant.qtdog", "--qtdog-compat", "true", "--quant-start-step", "5",
+              "--eval_every", "10", "--no_progress"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*compat, "--n_steps", "20", "--log_dir", str(straight)]) == 0
+    assert main([*compat, "--n_steps", "10", "--log_dir", str(resumed)]) == 0
+    assert main([*compat, "--n_steps", "20", "--log_dir", str(resumed), "--resume"]) == 0
+    assert read_jsonl(resumed / "results.jsonl") == read_jsonl(straight / "results.jsonl")
+    a = torch.load(straight / "model.pt", weights_only=False)["model"]
+    b = torch.load(resumed / "model.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))

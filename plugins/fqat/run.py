@@ -93,7 +93,7 @@ class FQATRun:
             if self.resume and step > 0:
                 self._load_state(step)
         if step >= start_step_for(config, self.options, 0) and not is_quantization_enabled(model):
-            switch_on(model, optimizer, compat=False)
+            switch_on(model, compat=False)
 
     # -- the step ---------------------------------------------------------------------------
 
