@@ -190,19 +190,12 @@ def image_root(tmp_path_factory) -> Path:
     return write_image_folders(tmp_path_factory.mktemp("images"))
 
 
-def train_on_image_folders(name: str, image_root: Path, log_dir: Path, *extra: str) -> int:
-    """``wilds_run`` QT-DoG (W8A8 from step 0) for two steps on the tiny image folders."""
+def train_briefly(model: str, log_dir: Path, *data_args: str) -> int:
+    """``wilds_run`` QT-DoG (W8A8 from step 0) for two steps of batch 4 with ``model``."""
     argv = [
-        "--dataset",
-        "image_folder",
-        "--root_dir",
-        str(image_root),
-        "--test_domain",
-        "domain2",
+        *data_args,
         "--model",
-        name,
-        "--transform",
-        "model",
+        model,
         *QTDOG_FLAGS,
         "--n_steps",
         "2",
@@ -210,7 +203,6 @@ def train_on_image_folders(name: str, image_root: Path, log_dir: Path, *extra: s
         "4",
         "--eval_every",
         "2",
-        *extra,
         "--log_dir",
         str(log_dir),
         "--no_progress",
@@ -218,6 +210,34 @@ def train_on_image_folders(name: str, image_root: Path, log_dir: Path, *extra: s
         "cpu",
     ]
     return wilds_run(argv)
+
+
+def train_on_image_folders(name: str, image_root: Path, log_dir: Path, *extra: str) -> int:
+    """``train_briefly`` on the tiny image folders (domain2 held out)."""
+    folders = [
+        "--dataset",
+        "image_folder",
+        "--root_dir",
+        str(image_root),
+        "--test_domain",
+        "domain2",
+        "--transform",
+        "model",
+    ]
+    return train_briefly(name, log_dir, *folders, *extra)
+
+
+@pytest.fixture()
+def tiny_text(tmp_path, monkeypatch) -> str:
+    """Registers ``TinyTextDataset`` as the wilds_run dataset ``tiny_text``; returns that name."""
+
+    def factory(config: argparse.Namespace):
+        return TinyTextDataset(
+            str(tmp_path), config.test_domain, config.holdout_fraction, config.split_seed
+        )
+
+    monkeypatch.setitem(wilds_datasets.LOCAL_DATASETS, "tiny_text", factory)
+    return "tiny_text"
 
 
 @pytest.mark.parametrize("name", IMAGE_TINY)
@@ -261,36 +281,9 @@ class TinyTextDataset(DomainDataset):
 
 
 @pytest.mark.parametrize("name", TEXT_TINY)
-def test_wilds_run_trains_text_backbone_with_its_policy(name, tmp_path, monkeypatch, capsys):
-    def factory(config: argparse.Namespace):
-        return TinyTextDataset(
-            str(tmp_path), config.test_domain, config.holdout_fraction, config.split_seed
-        )
-
-    monkeypatch.setitem(wilds_datasets.LOCAL_DATASETS, "tiny_text", factory)
+def test_wilds_run_trains_text_backbone_with_its_policy(name, tiny_text, tmp_path, capsys):
     log_dir = tmp_path / "run"
-    rc = wilds_run(
-        [
-            "--dataset",
-            "tiny_text",
-            "--model",
-            name,
-            "--max_token_length",
-            "24",
-            *QTDOG_FLAGS,
-            "--n_steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--eval_every",
-            "2",
-            "--log_dir",
-            str(log_dir),
-            "--no_progress",
-            "--device",
-            "cpu",
-        ]
-    )
+    rc = train_briefly(name, log_dir, "--dataset", tiny_text, "--max_token_length", "24")
     assert rc == 0, capsys.readouterr().err
     check_policy_was_applied(name, log_dir, num_classes=2, max_token_length=24)
 
@@ -369,39 +362,18 @@ def test_real_backbone_trains_under_wilds_run(name, image_root, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_minilm_text_encoder_trains_under_wilds_run(tmp_path, monkeypatch, capsys):
+def test_minilm_text_encoder_trains_under_wilds_run(tiny_text, tmp_path, capsys):
     folder = minilm_dir()
-
-    def factory(config: argparse.Namespace):
-        return TinyTextDataset(
-            str(tmp_path), config.test_domain, config.holdout_fraction, config.split_seed
-        )
-
-    monkeypatch.setitem(wilds_datasets.LOCAL_DATASETS, "tiny_text", factory)
     log_dir = tmp_path / "run"
-    rc = wilds_run(
-        [
-            "--dataset",
-            "tiny_text",
-            "--model",
-            "hf_encoder",
-            "--weights",
-            str(folder),
-            "--max_token_length",
-            "32",
-            *QTDOG_FLAGS,
-            "--n_steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--eval_every",
-            "2",
-            "--log_dir",
-            str(log_dir),
-            "--no_progress",
-            "--device",
-            "cpu",
-        ]
+    rc = train_briefly(
+        "hf_encoder",
+        log_dir,
+        "--dataset",
+        tiny_text,
+        "--weights",
+        str(folder),
+        "--max_token_length",
+        "32",
     )
     assert rc == 0, capsys.readouterr().err
     check_policy_was_applied(
