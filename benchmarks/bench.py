@@ -33,7 +33,6 @@ from benchmarks.methods import METHODS, build_method
 from benchmarks.models import MODELS, Workload, build
 from dg_quant.errors import DGQuantError
 from dg_quant.loop import Trainer
-from dg_quant.quant.api import set_compiled_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,15 +127,16 @@ class Bench:
         self.image_size = args.image_size or (224 if cuda else 64)
         self.clock = ("wall" if cuda else "process") if args.clock == "auto" else args.clock
 
-    def _prepare(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
     def _trainer(
         self, work: Workload, method: str, fallback: str | None, batch: tuple
     ) -> tuple[Trainer, Any]:
         built = build_method(method, fallback)
-        model = self._prepare(copy.deepcopy(work.model))
+        # The run's own speed settings (dg_quant.speed), as wilds_run and DomainBed apply them;
+        # fp16 is harness-only (the Trainer offers bf16), so the step wraps it below.
+        built.config.precision = "bf16" if self.amp == "bf16" else "fp32"
+        built.config.channels_last = self.channels_last
+        built.config.quant_kernels = self.args.quant_kernel
+        model = copy.deepcopy(work.model).to(self.device)
         trainer = Trainer.build(
             built.host,
             model,
@@ -144,8 +144,6 @@ class Bench:
             lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
             F.cross_entropy,
         )
-        if self.args.quant_kernel == "compiled":
-            set_compiled_kernels(trainer.model)
         if self.args.compile:
             # One eager forward first: activation steps initialise from the first batch (a
             # data-dependent branch that would break the compiled graph into per-layer frames).
@@ -157,8 +155,10 @@ class Bench:
     def _step_fn(
         self, trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> Callable[[], object]:
+        outer_amp = "fp16" if self.amp == "fp16" else "none"
+
         def step() -> object:
-            with measure.autocast(self.device, self.amp):
+            with measure.autocast(self.device, outer_amp):
                 return trainer.train_step(batch)
 
         return step

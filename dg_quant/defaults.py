@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from torch import nn
 
 from dg_quant.hookimpl import hookimpl
+from dg_quant.options import add_options, read_options
 from dg_quant.quant import compression_report, is_quantization_enabled
+from dg_quant.speed import SpeedOptions, prepare_model
+
+
+@hookimpl
+def dgq_add_options(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, SpeedOptions, "speed (every method)")
+
+
+@hookimpl
+def dgq_configure(config: argparse.Namespace) -> None:
+    read_options(SpeedOptions, config)
+
+
+@hookimpl(trylast=True)
+def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
+    """Last, so that the quantizers the methods attached get the compiled kernels and NHWC too."""
+    prepare_model(model, read_options(SpeedOptions, config))
 
 
 @hookimpl(trylast=True)

@@ -7,6 +7,7 @@ the DomainBed algorithms call it from ``update``. A method changes training only
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from dg_quant.host import PluginHost
+from dg_quant.options import read_options
+from dg_quant.speed import SpeedOptions, autocast, model_device
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -32,6 +35,7 @@ class Trainer:
     ) -> None:
         self.host, self.model, self.optimizer = host, model, optimizer
         self.loss_fn, self.config, self.scheduler = loss_fn, config, scheduler
+        self.precision = read_options(SpeedOptions, config).precision
         self.step = 0
 
     @classmethod
@@ -51,6 +55,13 @@ class Trainer:
         scheduler = make_scheduler(optimizer) if make_scheduler else None
         return cls(host, model, optimizer, loss_fn, config, scheduler)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's forward precision (``--precision``), on the model's current device.
+
+        Evaluation code wraps its forward passes in it too, so that a bf16 run is scored as trained.
+        """
+        return autocast(model_device(self.model), self.precision)
+
     def _kwargs(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "step": self.step, "config": self.config}
 
@@ -60,7 +71,10 @@ class Trainer:
         self.model.train()
         hook.dgq_step_start(**self._kwargs())
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = hook.dgq_compute_gradients(batch=batch, loss_fn=self.loss_fn, **self._kwargs())
+        # The methods' forward passes and their backward run under autocast (backward ops keep the
+        # dtypes of their forward); parameters and gradients stay fp32.
+        with self.autocast():
+            metrics = hook.dgq_compute_gradients(batch=batch, loss_fn=self.loss_fn, **self._kwargs())
         hook.dgq_after_backward(**self._kwargs())
         self.optimizer.step()
         if self.scheduler is not None:

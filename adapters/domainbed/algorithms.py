@@ -142,7 +142,8 @@ class DGQuantAlgorithm:
         return {(f"train_{k}" if k in RESERVED_KEYS else k): v for k, v in metrics.items()}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+        with self.trainer.autocast():  # the run's precision hparam, as in training
+            return self.network(x).float()
 
     def evaluation_extras(self) -> dict[str, Any]:
         """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""

@@ -262,7 +262,9 @@ class Run:
         for split, loader in self.eval_loaders.items():
             preds, ys, metas = [], [], []
             for x, y, meta in loader:
-                preds.append(model(to_device(x, self.device)).argmax(dim=1).cpu())
+                with self.trainer.autocast():
+                    logits = model(to_device(x, self.device))
+                preds.append(logits.argmax(dim=1).cpu())
                 ys.append(y)
                 metas.append(meta)
             results, _ = self.dataset.eval(torch.cat(preds), torch.cat(ys), torch.cat(metas))

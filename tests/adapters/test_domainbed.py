@@ -24,7 +24,9 @@ from dg_quant.adapters.domainbed import algorithms as dgq_algorithms
 from dg_quant.adapters.domainbed import launcher
 from dg_quant.adapters.domainbed.hparams import HParam, extend_registry
 from dg_quant.errors import ConfigError
+from dg_quant.options import option_defaults
 from dg_quant.quant import is_quantization_enabled, iter_quantized_weights
+from dg_quant.speed import SpeedOptions
 
 FAKE_TREE = {
     "domainbed/__init__.py": "",
@@ -307,7 +309,8 @@ def test_plugin_options_become_hparams_with_their_samplers(fake_root, tmp_path, 
     (tmp_path / "toy_dgq_plugin.py").write_text(textwrap.dedent(TOY_PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
     specs = plugin_hparams(["toy_dgq_plugin"])
-    assert {k: v.default for k, v in specs.items()} == {"width": 4, "mode": "a", "bits": 6}
+    speed = option_defaults(SpeedOptions)  # every algorithm also gets the host's speed settings
+    assert {k: v.default for k, v in specs.items()} == {**speed, "width": 4, "mode": "a", "bits": 6}
     extend_registry(registry, {"Toy": specs}, misc.seed_hash)
     for seed in range(1, 6):
         drawn = registry.random_hparams("Toy", "Toy", seed)
@@ -409,6 +412,22 @@ def test_bad_choice_in_hparams_is_a_config_error(domainbed):
     algorithms, registry, _ = domainbed
     with pytest.raises(ConfigError, match="granularity"):
         algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", granularity="per_row"))
+
+
+def test_speed_hparams_reach_training_and_prediction(domainbed):
+    algorithms, registry, _ = domainbed
+    assert registry.default_hparams("FQAT", "Toy")["precision"] == "fp32"
+    hparams = _hparams(registry, "QTDoG", quant_start_step=0, precision="bf16", channels_last=True)
+    algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, hparams)
+    conv = algorithm.featurizer.conv
+    seen = []
+    conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    algorithm.update(_minibatches())
+    assert seen == [torch.bfloat16]
+    assert conv.parametrizations.weight.original.is_contiguous(memory_format=torch.channels_last)
+    algorithm.eval()
+    assert algorithm.predict(torch.randn(5, 3, 8, 8)).dtype == torch.float32
+    assert seen[-1] == torch.bfloat16
 
 
 # -- the launcher ---------------------------------------------------------------------------

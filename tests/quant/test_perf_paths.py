@@ -250,6 +250,26 @@ def test_bench_writes_markdown_and_json_with_side_by_side_ratios(bench_modules, 
     assert "| digits_cnn | qtdog |" in md and result["meta"]["device"] == "cpu"
 
 
+def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, tmp_path, monkeypatch) -> None:
+    """bf16 autocast and channels_last, the CUDA defaults, reach the timed Trainer as run settings."""
+    bench, _, _ = bench_modules
+    built = []
+    original = bench.Trainer.build.__func__
+    monkeypatch.setattr(bench.Trainer, "build",
+                        classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1]))
+    argv = ["--models", "digits_cnn", "--plugins", "qtdog", "--warmup", "1", "--repeats", "1",
+            "--steps", "1", "--batch-size", "8", "--threads", "1", "--amp", "bf16", "--channels-last",
+            "--no-inference", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "cpu.json").read_text())
+    assert result["meta"]["amp"] == "bf16" and result["meta"]["channels_last"] is True
+    assert [r["method"] for r in result["training"]] == ["erm", "qtdog"]
+    assert all(r["step_ms"] > 0 for r in result["training"])
+    assert built and all(t.precision == "bf16" for t in built)
+    kernels = [p for t in built for p in t.model.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+
+
 def test_bench_reports_bad_input_in_one_line(bench_modules, capsys) -> None:
     bench, _, _ = bench_modules
     assert bench.main(["--models", "nope", "--plugins", "erm"]) == 2

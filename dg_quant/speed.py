@@ -1,0 +1,86 @@
+"""Training-speed settings every host shares: bf16 autocast, channels_last, torch.compile.
+
+These are the settings under which issue 9's step-time ratios are measured on GPU
+(``benchmarks/bench.py``); declaring them once here gives ``wilds_run`` the flags and DomainBed
+the hparams of the same name, and ``Trainer`` applies them for every method alike. fp16 is not
+offered: it needs loss scaling, which would rescale the gradients SAGM and FQAT perturb with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dg_quant.errors import ConfigError
+from dg_quant.options import option
+from dg_quant.quant.api import iter_quantizers, set_compiled_kernels
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SpeedOptions:
+    """How fast the training step runs; none of these changes what the method computes."""
+
+    precision: str = option(
+        "fp32", "forward-pass precision: fp32, or bf16 autocast (weights, steps and optimizer stay fp32)",
+        choices=tuple(PRECISIONS),
+    )
+    channels_last: bool = option(False, "store 4-D weights NHWC (faster convolutions on GPUs with tensor cores)")
+    compile: bool = option(False, "torch.compile the model in place (the first steps are slow while it compiles)")
+    quant_kernels: str = option(
+        "eager", "LSQ fake-quant kernels: eager, or fused torch.compile kernels (compiled on first use)",
+        choices=("eager", "compiled"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.quant_kernels not in ("eager", "compiled"):
+            raise ConfigError(f"--quant-kernels {self.quant_kernels}: choose eager or compiled")
+
+    @property
+    def needs_compiler(self) -> bool:
+        return self.compile or self.quant_kernels == "compiled"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU builds C++: fail now, in one line, rather than at the first step."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise ConfigError(
+            "--compile / --quant-kernels compiled need a C++ compiler on CPU (none on PATH); install "
+            "g++ or drop the option"
+        )
+
+
+def prepare_model(model: nn.Module, options: SpeedOptions) -> nn.Module:
+    """Apply the memory-format and compile settings to ``model`` in place (state_dict keys unchanged)."""
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if options.needs_compiler:
+        check_compiler(model_device(model))
+    if options.quant_kernels == "compiled" and any(True for _ in iter_quantizers(model)):
+        set_compiled_kernels(model)
+    if options.compile:
+        model.compile()  # in place: checkpoints keep their keys, hooks still see the same module
+    return model
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision {precision}: this GPU has no bf16 support; use --precision fp32")
+    return torch.autocast(device_type=device.type, dtype=dtype)
