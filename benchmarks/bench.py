@@ -220,6 +220,7 @@ class Bench:
                     "samples_per_s": work.batch_size / step_s,
                     "saved_mb": self._saved_mb(trainer.model, x, y),
                     "peak_mb": measure.cuda_peak_mb(step, self.device),
+                    "ops_per_step": None if self.args.compile else measure.aten_ops(step),
                     "step_ms_all": [t * 1e3 for t in times[method]],
                     "note": built.note,
                 }

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,6 +90,31 @@ def forward_saved_mb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
         loss = loss_fn(model(x), y)
     del loss
     return total[0] / 2**20
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators that do work (views and aliases excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(fn: Callable[[], object]) -> int | None:
+    """ATen operators one call of ``fn`` dispatches, views excluded (a ``_foreach_*`` op is one).
+
+    On a GPU nearly each one is a kernel launch with a few microseconds of CPU cost, so this is
+    the launch overhead a step carries, measurable on any device. None for compiled models.
+    """
+    counter = _OpCounter()
+    with counter:
+        fn()
+    return counter.count
 
 
 def cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:

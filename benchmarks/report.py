@@ -26,16 +26,18 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "x FP is the median over repeats of (method step time / ERM step time of the same repeat).",
         "Saved MB: tensors one training forward keeps for backward (weights included); "
-        "peak MB: CUDA allocator peak of one step (CUDA only).",
+        "peak MB: CUDA allocator peak of one step (CUDA only); "
+        "ops/step: ATen operators one step dispatches, views excluded (about one GPU kernel launch each).",
         "",
-        "| model | method | batch | step ms | x FP | target | samples/s | saved MB | peak MB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | batch | step ms | x FP | target | samples/s | saved MB | peak MB | ops/step | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["training"]:
         lines.append(
             f"| {r['model']} | {r['label']} | {r['batch']} | {_fmt(r['step_ms'], '.1f')} | "
             f"{_fmt(r['ratio_vs_fp'], '.2f')} | {_fmt(r['target'], '.2f')} | {_fmt(r['samples_per_s'], '.1f')} | "
-            f"{_fmt(r['saved_mb'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {r['note']} |"
+            f"{_fmt(r['saved_mb'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {_fmt(r.get('ops_per_step'), 'd')} | "
+            f"{r['note']} |"
         )
     if result["inference"]:
         lines += [

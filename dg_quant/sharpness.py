@@ -58,18 +58,27 @@ class TwoPassGradients:
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Run the block with every BatchNorm's running statistics restored afterwards.
+    """Run the block with every BatchNorm's running statistics left exactly as they were.
 
-    SAGM sets BN momentum to 0 for the perturbed pass; restoring the buffers is the exact version
-    of that (it also keeps ``num_batches_tracked`` and cumulative-average BNs unchanged).
+    SAGM sets BN momentum to 0 for the perturbed pass; this is the exact version of that (it also
+    keeps ``num_batches_tracked`` and cumulative-average BNs unchanged). A training-mode BatchNorm
+    normalises with batch statistics either way, so switching ``track_running_stats`` off for the
+    block skips the update without copying a buffer; other norms with buffers (InstanceNorm
+    updates them regardless of that flag) are saved and restored.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
+    tracking = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    others = [m for m in norms if not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in others]
+    for module in tracking:
+        module.track_running_stats = False
     try:
         yield
     finally:
+        for module in tracking:
+            module.track_running_stats = True
         with torch.no_grad():
-            for module, buffers in zip(norms, saved):
+            for module, buffers in zip(others, saved):
                 for name, value in buffers.items():
                     getattr(module, name).copy_(value)
 
@@ -103,23 +112,28 @@ def sagm_gradients(
     params = [p for p in model.parameters() if p.requires_grad]
     loss, task = _forward_backward(model, batch, loss_fn, params)
     moved = [i for i, (p, g) in enumerate(zip(params, task)) if g is not None and (perturb is None or perturb(p))]
+    moved_grads = [task[i] for i in moved]
     if moved:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(task[i]) for i in moved]))
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(moved_grads)))
     else:
         grad_norm = torch.zeros((), device=loss.device)
     scale = rho / (grad_norm + NORM_EPS) - alpha
-    originals = {}
+    # Multi-tensor ops instead of a loop over parameters (a handful of kernel launches on GPU, not
+    # several per parameter), and no copy of θ: each moved parameter's data is swapped for a new
+    # tensor θ + scale·g during the second pass, then the original tensor is put back -- exact.
+    originals = [params[i].data for i in moved]
     with torch.no_grad():
-        for i in moved:
-            originals[i] = params[i].detach().clone()
-            params[i].add_(task[i] * scale)
+        perturbed = torch._foreach_mul(moved_grads, scale)
+        torch._foreach_add_(perturbed, originals)
     try:
+        for i, value in zip(moved, perturbed):
+            params[i].data = value
+        del perturbed
         with frozen_bn_stats(model):
             perturbed_loss, flat = _forward_backward(model, batch, loss_fn, params)
     finally:
-        with torch.no_grad():
-            for i, value in originals.items():
-                params[i].copy_(value)
+        for i, value in zip(moved, originals):
+            params[i].data = value
     return TwoPassGradients(params, task, flat, loss, perturbed_loss, grad_norm.detach())
 
 
@@ -131,7 +145,20 @@ def combine(task: torch.Tensor | None, flat: torch.Tensor | None, weight: float)
     return total * weight
 
 
+def combine_all(task: list[torch.Tensor | None], flat: list[torch.Tensor | None],
+                weight: float) -> list[torch.Tensor | None]:
+    """``combine`` over aligned lists, with multi-tensor ops where both gradients exist."""
+    out = [combine(g, f, weight) if g is None or f is None else None for g, f in zip(task, flat)]
+    both = [i for i, (g, f) in enumerate(zip(task, flat)) if g is not None and f is not None]
+    if both:
+        sums = torch._foreach_add([task[i] for i in both], [flat[i] for i in both])
+        torch._foreach_mul_(sums, weight)
+        for i, total in zip(both, sums):
+            out[i] = total
+    return out
+
+
 def apply_sagm_(result: TwoPassGradients, weight: float = 0.5) -> None:
     """Write SAGM's update direction ½(g + g') (``weight`` 1 for the plain sum) into ``.grad``."""
-    for p, g, g_flat in zip(result.params, result.task, result.flat):
-        p.grad = combine(g, g_flat, weight)
+    for p, total in zip(result.params, combine_all(result.task, result.flat, weight)):
+        p.grad = total

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dg_quant import PluginHost, Trainer, create_adapter, hookimpl
+from dg_quant.errors import PluginError
 
 
 class Recorder:
@@ -158,3 +159,108 @@ def test_hook_dgq_train_end(run, tmp_path) -> None:
     recorder, trainer = run
     assert trainer.finish(str(tmp_path)) == {"recorder/done": 1}
     assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path)}
+
+
+# -- checkpoints: each plugin's state travels in Trainer.state_dict() under its name ---------
+
+
+class Counter:
+    """A stateful plugin: counts its steps in a tensor (plus a list, to check containers)."""
+
+    def __init__(self, by: int) -> None:
+        self.by, self.count, self.seen = by, torch.zeros((), dtype=torch.long), []
+        self.loaded: list = []
+
+    @hookimpl
+    def dgq_after_step(self, step):
+        self.count = self.count + self.by
+        self.seen.append(step)
+
+    @hookimpl
+    def dgq_state_dict(self, model, config):
+        assert isinstance(model, nn.Module) and isinstance(config, argparse.Namespace)
+        return {"count": self.count.clone(), "seen": list(self.seen)}
+
+    @hookimpl
+    def dgq_load_state_dict(self, state):
+        self.loaded.append(state)
+        self.count, self.seen = state["count"].clone(), list(state["seen"])
+
+
+def counting_trainer(*counters: tuple[str, Counter]) -> Trainer:
+    torch.manual_seed(0)
+    host = PluginHost()
+    for name, counter in counters:
+        host.register(counter, name=name)
+    config = argparse.Namespace()
+    host.configure(config)
+    return Trainer.build(host, create_adapter("test_cnn", num_classes=3), config,
+                         lambda m: torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
+
+
+def test_hook_dgq_state_dict(tmp_path) -> None:
+    a, b = Counter(by=1), Counter(by=10)
+    trainer = counting_trainer(("count.a", a), ("count.b", b))
+    for _ in range(3):
+        trainer.train_step(batch())
+    state = trainer.state_dict()
+    assert set(state["plugins"]) == {"count.a", "count.b"}  # keyed by name: no collision
+    assert int(state["plugins"]["count.a"]["count"]) == 3 and int(state["plugins"]["count.b"]["count"]) == 30
+    assert state["plugins"]["count.a"]["seen"] == [0, 1, 2]
+    path = tmp_path / "last.pt"
+    torch.save(state, path)
+    assert torch.load(path, weights_only=True)["plugins"]["count.b"]["count"].item() == 30
+
+    class Quiet:  # returns None: nothing stored, nothing loaded back
+        @hookimpl
+        def dgq_state_dict(self):
+            return None
+
+    trainer.host.register(Quiet(), name="quiet")
+    assert set(trainer.state_dict()["plugins"]) == {"count.a", "count.b"}
+
+
+def test_hook_dgq_load_state_dict(tmp_path) -> None:
+    trainer = counting_trainer(("count.a", Counter(by=1)), ("count.b", Counter(by=10)))
+    for _ in range(2):
+        trainer.train_step(batch())
+    torch.save(trainer.state_dict(), tmp_path / "last.pt")
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+
+    a, b = Counter(by=1), Counter(by=10)
+    resumed = counting_trainer(("count.a", a), ("count.b", b))
+    resumed.load_state_dict(saved)
+    assert resumed.step == 2
+    assert [int(c.count) for c in (a, b)] == [2, 20]  # each got its own entry
+    assert a.loaded[0] is saved["plugins"]["count.a"] and b.loaded[0] is saved["plugins"]["count.b"]
+    resumed.train_step(batch())
+    assert int(a.count) == 3 and a.seen == [0, 1, 2]
+
+
+def test_a_checkpoint_without_plugin_states_still_loads() -> None:
+    trainer = counting_trainer(("count.a", Counter(by=1)))
+    trainer.train_step(batch())
+    old = trainer.state_dict()
+    del old["plugins"]  # written before plugin states existed
+    fresh = Counter(by=1)
+    resumed = counting_trainer(("count.a", fresh))
+    resumed.load_state_dict(old)
+    assert resumed.step == 1 and fresh.loaded == [] and int(fresh.count) == 0
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_plugin_state_of_a_plugin_not_loaded_is_ignored_with_a_warning() -> None:
+    trainer = counting_trainer(("count.a", Counter(by=1)), ("count.b", Counter(by=1)))
+    state = trainer.state_dict()
+    only_a = Counter(by=1)
+    with pytest.warns(UserWarning, match="count.b"):
+        counting_trainer(("count.a", only_a)).load_state_dict(state)
+    assert len(only_a.loaded) == 1
+
+
+def test_a_stateful_plugin_registered_without_a_name_is_refused() -> None:
+    trainer = counting_trainer()
+    trainer.host.register(Counter(by=1))  # pluggy would key it by id(): not stable across runs
+    with pytest.raises(PluginError, match="name="):
+        trainer.state_dict()

@@ -21,6 +21,8 @@ from dg_quant.plugins.fqat.run import FQATRun
 OPTIONS = FQATOptions
 # Plugins that also quantize the model or replace the step: FQAT already does both.
 CONFLICTS = ("dg_quant.sagm", "dg_quant.lsq", "dg_quant.qtdog")
+# The per-run object's name: it keys FQAT's state in checkpoints (dgq_state_dict).
+RUN_NAME = "dg_quant.fqat.run"
 
 
 @hookimpl
@@ -33,4 +35,4 @@ def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
     clash = [name for name in getattr(config, "plugins", []) if name in CONFLICTS]
     if clash:
         raise ConfigError(f"dg_quant.fqat already quantizes and runs SAGM; drop --plugin {' '.join(clash)}")
-    host.register(FQATRun(read_options(FQATOptions, config), config))
+    host.register(FQATRun(read_options(FQATOptions, config), config), name=RUN_NAME)

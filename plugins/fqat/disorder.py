@@ -81,6 +81,54 @@ def observe(window: Window, task: torch.Tensor | None, flat: torch.Tensor | None
     return window
 
 
+def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``(a != b).float()`` for lists of signs in {-1, 0, 1}, as multi-tensor ops: |a - b| clamped to 1."""
+    diff = torch._foreach_sub(a, b)
+    torch._foreach_abs_(diff)
+    torch._foreach_clamp_max_(diff, 1.0)
+    return diff
+
+
+def observe_all(windows: list[Window], task: list[torch.Tensor | None], flat: list[torch.Tensor | None],
+                signal: str) -> None:
+    """``observe`` for every scale factor of a step at once, in place; bit for bit the same counts.
+
+    Runs a fixed handful of multi-tensor ops per step instead of about five ops per scale factor
+    (each a GPU kernel launch); scale factors without the gradients it needs are skipped, as there.
+    """
+    if signal == "task_vs_smooth":
+        idx = [i for i, (g, f) in enumerate(zip(task, flat)) if g is not None and f is not None]
+        if not idx:
+            return
+        events = _differs(torch._foreach_sign([task[i] for i in idx]), torch._foreach_sign([flat[i] for i in idx]))
+        _accumulate([windows[i] for i in idx], events)
+        return
+    grads = task if signal == "task" else flat
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return
+    signs = torch._foreach_sign([grads[i].detach() for i in idx])
+    seen = [k for k, i in enumerate(idx) if windows[i].previous is not None]
+    if seen:
+        flips = _differs([signs[k] for k in seen], [windows[idx[k]].previous for k in seen])
+        _accumulate([windows[idx[k]] for k in seen], flips)
+    for k, i in enumerate(idx):
+        windows[i].previous = signs[k]
+
+
+def _accumulate(windows: list[Window], events: list[torch.Tensor]) -> None:
+    """``window.events += event`` (the first event starts the count) and one more pair each."""
+    events = list(events)
+    counted = [k for k, w in enumerate(windows) if w.events is not None]
+    if counted:  # out of place, as ``observe``: a state_dict taken earlier keeps its counts
+        totals = torch._foreach_add([windows[k].events for k in counted], [events[k] for k in counted])
+        for k, total in zip(counted, totals):
+            events[k] = total
+    for k, window in enumerate(windows):
+        window.events = events[k]
+        window.pairs += 1
+
+
 def window_disorder(window: Window, reduce: str = "mean") -> torch.Tensor | None:
     """The window's D (None if it has no comparison yet, e.g. quantization was off)."""
     if window.events is None or window.pairs == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dg_quant.sharpness import combine
+from dg_quant.sharpness import combine, combine_all
 
 
 def scale_gradient(
@@ -36,3 +36,26 @@ def scale_gradient(
         return torch.where(frozen, torch.zeros_like(full), full)
     flat_only = torch.zeros_like(full) if flat is None else flat * weight
     return torch.where(frozen, flat_only, full)
+
+
+def scale_gradients(
+    task: list[torch.Tensor | None],
+    flat: list[torch.Tensor | None],
+    frozen: list[torch.Tensor | None],
+    *,
+    weight: float = 0.5,
+    freeze_mode: str = "drop_task_grad",
+    update_mode: str = "joint",
+    step: int = 0,
+) -> list[torch.Tensor | None]:
+    """``scale_gradient`` for every scale factor of a step; the unfrozen ones (most of them) in
+    multi-tensor ops, the frozen ones one by one. Bit for bit the same gradients."""
+    if update_mode == "alternate":
+        return [scale_gradient(g, f, None, weight=weight, update_mode=update_mode, step=step)
+                for g, f in zip(task, flat)]
+    out = combine_all(task, flat, weight)
+    for i, mask in enumerate(frozen):
+        if mask is not None:
+            out[i] = scale_gradient(task[i], flat[i], mask, weight=weight, freeze_mode=freeze_mode,
+                                    update_mode=update_mode, step=step)
+    return out

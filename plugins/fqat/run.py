@@ -1,17 +1,15 @@
 """One FQAT run's state and hooks: quantize, SAGM two-pass step, disorder windows, freezing, logs.
 
-``dg_quant.fqat`` registers one ``FQATRun`` per run in ``dgq_configure``. Files in ``log_dir``:
-
-- ``fqat_disorder.jsonl``: one row per scale factor and window (``step``, ``scale``, ``kind``,
-  ``disorder``, ``frozen``, ``frozen_fraction``, ``ewgs_delta``), for plots over time;
-- ``fqat_state.pt``: the windows and frozen set at the last evaluation, so ``--resume`` goes on
-  with the same freezing decisions (restored when its step matches the resumed step).
+``dg_quant.fqat`` registers one ``FQATRun`` per run in ``dgq_configure``. It writes
+``fqat_disorder.jsonl`` in ``log_dir``: one row per scale factor and window (``step``, ``scale``,
+``kind``, ``disorder``, ``frozen``, ``frozen_fraction``, ``ewgs_delta``), for plots over time.
+The open windows, frozen set and log rows travel in the run's checkpoint (``dgq_state_dict``), so
+``--resume`` and a reloaded DomainBed ``model.pkl`` go on with the same freezing decisions.
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,10 @@ import torch
 from torch import nn
 
 from dg_quant.hookimpl import hookimpl
-from dg_quant.io import atomic_torch_save, atomic_write_jsonl
-from dg_quant.plugins.fqat.disorder import Window, freeze_mask, observe, window_disorder
+from dg_quant.io import atomic_write_jsonl
+from dg_quant.plugins.fqat.disorder import Window, freeze_mask, observe_all, window_disorder
 from dg_quant.plugins.fqat.options import FQATOptions
-from dg_quant.plugins.fqat.routing import scale_gradient
+from dg_quant.plugins.fqat.routing import scale_gradients
 from dg_quant.qat import prepare, start_step_for, switch_on
 from dg_quant.quant import (
     LSQQuantizer,
@@ -32,10 +30,9 @@ from dg_quant.quant import (
     step_parameters,
 )
 from dg_quant.quant.ewgs import set_fixed_delta_, set_hessian_delta_
-from dg_quant.sharpness import combine, sagm_gradients
+from dg_quant.sharpness import combine_all, sagm_gradients
 
 LOG_FILE = "fqat_disorder.jsonl"
-STATE_FILE = "fqat_state.pt"
 DEFAULT_EWGS_EVERY = 1000
 
 
@@ -50,7 +47,6 @@ class FQATRun:
     def __init__(self, options: FQATOptions, config: argparse.Namespace) -> None:
         self.options = options
         self.log_dir = Path(config.log_dir) if getattr(config, "log_dir", None) else None
-        self.resume = bool(getattr(config, "resume", False))
         self.scales: dict[str, nn.Parameter] = {}  # label -> step parameter
         self.quantizers: dict[str, LSQQuantizer] = {}
         self.kinds: dict[str, str] = {}
@@ -58,7 +54,6 @@ class FQATRun:
         self.frozen: dict[str, torch.Tensor] = {}  # label -> bool mask of the step's shape
         self.deltas: dict[str, float] = {}
         self.rows: list[dict[str, Any]] = []
-        self._restored = False
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -88,10 +83,7 @@ class FQATRun:
     @hookimpl
     def dgq_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                        config: argparse.Namespace) -> None:
-        if not self._restored:
-            self._restored = True
-            if self.resume and step > 0:
-                self._load_state(step)
+        self._follow_scales()
         if step >= start_step_for(config, self.options, 0) and not is_quantization_enabled(model):
             switch_on(model, compat=False)
 
@@ -109,14 +101,21 @@ class FQATRun:
         scale_ids = {id(p) for p in self.scales.values()}
         perturb = None if o.perturb_s else (lambda p: id(p) not in scale_ids)
         result = sagm_gradients(model, batch, loss_fn, o.rho, o.alpha, perturb=perturb)
-        grads = {id(p): (p, g, f) for p, g, f in zip(result.params, result.task, result.flat)}
-        for label, s in self.scales.items():
-            _, g, f = grads.pop(id(s), (s, None, None))
-            self.windows[label] = observe(self.windows[label], g, f, o.disorder_signal)
-            s.grad = scale_gradient(g, f, self.frozen.get(label), weight=o.combine_weight,
-                                    freeze_mode=o.freeze_mode, update_mode=o.update_mode, step=step)
-        for p, g, f in grads.values():
-            p.grad = combine(g, f, o.combine_weight)
+        grads = {id(p): (g, f) for p, g, f in zip(result.params, result.task, result.flat)}
+        labels = list(self.scales)
+        pairs = [grads.pop(id(self.scales[label]), (None, None)) for label in labels]
+        task, flat = [g for g, _ in pairs], [f for _, f in pairs]
+        observe_all([self.windows[label] for label in labels], task, flat, o.disorder_signal)
+        routed = scale_gradients(task, flat, [self.frozen.get(label) for label in labels],
+                                 weight=o.combine_weight, freeze_mode=o.freeze_mode,
+                                 update_mode=o.update_mode, step=step)
+        for label, grad in zip(labels, routed):
+            self.scales[label].grad = grad
+        others = [p for p in result.params if id(p) in grads]
+        combined = combine_all([grads[id(p)][0] for p in others], [grads[id(p)][1] for p in others],
+                               o.combine_weight)
+        for p, grad in zip(others, combined):
+            p.grad = grad
         metrics = result.metrics()
         metrics["fqat/frozen_scales"] = float(len(self.frozen))
         return metrics
@@ -167,8 +166,8 @@ class FQATRun:
         }
 
     @hookimpl
-    def dgq_evaluate(self, step: int) -> dict[str, Any]:
-        self._save(step)
+    def dgq_evaluate(self) -> dict[str, Any]:
+        self._save()
         return self.summary()
 
     @hookimpl
@@ -177,29 +176,41 @@ class FQATRun:
             atomic_write_jsonl(Path(log_dir) / LOG_FILE, self.rows)
         return self.summary()
 
-    def _save(self, step: int) -> None:
-        if self.log_dir is None:
-            return
-        atomic_write_jsonl(self.log_dir / LOG_FILE, self.rows)
-        state = {"step": step, "frozen": self.frozen, "deltas": self.deltas, "rows": self.rows,
-                 "windows": {k: w.state_dict() for k, w in self.windows.items()}}
-        atomic_torch_save(self.log_dir / STATE_FILE, state)
+    def _save(self) -> None:
+        if self.log_dir is not None:
+            atomic_write_jsonl(self.log_dir / LOG_FILE, self.rows)
 
-    def _load_state(self, step: int) -> None:
-        path = None if self.log_dir is None else self.log_dir / STATE_FILE
-        if path is None or not path.exists():
-            return
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if int(state["step"]) != step:
-            warnings.warn(f"{path} is from step {state['step']}, not the resumed step {step}; "
-                          "FQAT starts a fresh disorder window", stacklevel=2)
-            return
-        device = next(iter(self.scales.values())).device if self.scales else torch.device("cpu")
-        self.frozen = {k: m.to(device) for k, m in state["frozen"].items()}
-        self.windows = {k: _window_to(Window.from_state(w), device) for k, w in state["windows"].items()}
+    @hookimpl
+    def dgq_state_dict(self) -> dict[str, Any]:
+        """Open windows, frozen masks, EWGS deltas and log rows: plain tensors and containers."""
+        return {"frozen": dict(self.frozen), "deltas": dict(self.deltas), "rows": list(self.rows),
+                "windows": {k: w.state_dict() for k, w in self.windows.items()}}
+
+    @hookimpl
+    def dgq_load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frozen = dict(state["frozen"])
+        self.windows = {k: Window.from_state(w) for k, w in state["windows"].items()}
         self.deltas, self.rows = dict(state["deltas"]), list(state["rows"])
         for label, delta in self.deltas.items():
             self.quantizers[label].ewgs_delta = delta
+        self._follow_scales()
+
+    def _follow_scales(self) -> None:
+        """Keep masks and windows on the scale factors' device (a checkpoint loaded on the CPU, or a
+        DomainBed algorithm moved with ``.to()`` after ``load_state_dict``)."""
+        if not self.quantizers:
+            return
+        device = next(iter(self.quantizers.values())).step.device
+        if all(m.device == device for m in self.frozen.values()) and all(
+                _window_device(w) in (None, device) for w in self.windows.values()):
+            return
+        self.frozen = {k: m.to(device) for k, m in self.frozen.items()}
+        self.windows = {k: _window_to(w, device) for k, w in self.windows.items()}
+
+
+def _window_device(window: Window) -> torch.device | None:
+    tensor = window.events if window.events is not None else window.previous
+    return None if tensor is None else tensor.device
 
 
 def _window_to(window: Window, device: torch.device) -> Window:

@@ -21,11 +21,13 @@ from dg_quant.plugins.fqat.disorder import (
     freeze_mask,
     gradient_disorder,
     observe,
+    observe_all,
     sign_disagreement,
     window_disorder,
 )
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.plot import disorder_frame, plot_disorder
+from dg_quant.plugins.fqat.routing import scale_gradient, scale_gradients
 from dg_quant.plugins.fqat.run import FQATRun
 from dg_quant.quant import iter_quantizers
 from dg_quant.sharpness import SAGMOptions
@@ -255,6 +257,31 @@ def test_nothing_is_frozen_before_the_first_window_closes() -> None:
     assert set(run.frozen) == set(run.scales) and {r["step"] for r in run.rows} == {3}
 
 
+def test_state_round_trips_and_follows_the_scales_device(tmp_path) -> None:
+    run, _, _ = make_run(freeze_steps=4, disorder_reduce="per_element")
+    feed(run, 4, window_pattern(stable="0.act"))
+    run.close_window(4)
+    feed(run, 3, window_pattern(stable="none"))  # a window left open mid-way
+    torch.save(run.dgq_state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and containers only
+
+    other, model, _ = make_run(freeze_steps=4, disorder_reduce="per_element")
+    other.dgq_load_state_dict(state)
+    assert other.rows == run.rows and other.frozen.keys() == run.frozen.keys() == {"0.act", "3.weight"}
+    assert all(torch.equal(other.frozen[k], m) for k, m in run.frozen.items())
+    assert [(w.pairs, w.events.tolist()) for w in other.windows.values()] == [
+        (w.pairs, w.events.tolist()) for w in run.windows.values()]
+    other.close_window(8)  # the open windows end alike
+    run.close_window(8)
+    assert [r["disorder"] for r in other.rows] == [r["disorder"] for r in run.rows]
+
+    feed(other, 2, window_pattern(stable="none"))
+    model.to("meta")  # the model moves after loading (DomainBed: load_state_dict, then .to(device))
+    other.dgq_step_start(model, None, 10, argparse.Namespace())
+    assert other.frozen and {m.device.type for m in other.frozen.values()} == {"meta"}
+    assert {w.events.device.type for w in other.windows.values()} == {"meta"}
+
+
 # -- the plugin in wilds_run ----------------------------------------------------------------
 
 
@@ -314,6 +341,9 @@ def test_resume_continues_the_same_freezing_decisions(tmp_path) -> None:
     first = fqat_argv(split, "--freeze_steps", "4")
     first[first.index("--n_steps") + 1] = "10"
     assert main(first) == 0
+    saved = torch.load(split / "last.pt", weights_only=False)["trainer"]["plugins"]["dg_quant.fqat.run"]
+    assert saved["rows"] and saved["windows"]  # the state travels in last.pt, in no file of its own
+    assert not (split / "fqat_state.pt").exists()
     assert main(fqat_argv(split, "--freeze_steps", "4", "--resume")) == 0
     a, b = read_jsonl(straight / "fqat_disorder.jsonl"), read_jsonl(split / "fqat_disorder.jsonl")
     assert [(r["step"], r["scale"], r["frozen"]) for r in a] == [(r["step"], r["scale"], r["frozen"]) for r in b]
@@ -352,3 +382,48 @@ def test_fqat_without_freezing_is_lsq_plus_sagm(tmp_path) -> None:
     a, b = read_jsonl(tmp_path / "fqat" / "results.jsonl"), read_jsonl(tmp_path / "lsq_sagm" / "results.jsonl")
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
     assert [r["id_val/acc_avg"] for r in a] == [r["id_val/acc_avg"] for r in b]
+
+
+# -- the batched step bookkeeping equals the per-scale definition --------------------------
+
+
+def _random_grads(n: int, seed: int, missing: set[int]) -> list[torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 1, 1, 1), (1,), (3, 1)]
+    grads = []
+    for i in range(n):
+        grad = torch.randn(shapes[i % 3], generator=g)
+        grad[..., 0] = 0.0  # exact zeros: sign 0 must count as its own sign
+        grads.append(None if i in missing else grad)
+    return grads
+
+
+@pytest.mark.parametrize("signal", ["task", "smooth", "task_vs_smooth"])
+def test_observe_all_counts_exactly_like_observe_per_scale(signal: str) -> None:
+    n = 7
+    batched = [Window() for _ in range(n)]
+    single = [Window() for _ in range(n)]
+    for step in range(5):
+        task = _random_grads(n, 2 * step, missing={1} if step < 2 else set())
+        flat = _random_grads(n, 2 * step + 1, missing={4})
+        observe_all(batched, task, flat, signal)
+        single = [observe(w, t, f, signal) for w, t, f in zip(single, task, flat)]
+    for a, b in zip(batched, single):
+        assert a.pairs == b.pairs
+        for x, y in ((a.events, b.events), (a.previous, b.previous)):
+            assert (x is None and y is None) or torch.equal(x, y)
+    assert any(w.pairs for w in batched)
+
+
+@pytest.mark.parametrize("update_mode, freeze_mode", [("joint", "drop_task_grad"), ("joint", "freeze_s"),
+                                                      ("alternate", "drop_task_grad")])
+def test_scale_gradients_route_exactly_like_scale_gradient(update_mode: str, freeze_mode: str) -> None:
+    n = 6
+    task, flat = _random_grads(n, 0, missing={2}), _random_grads(n, 1, missing={3})
+    frozen = [None, torch.tensor([True, False, True, False]).reshape(4, 1, 1, 1), None, torch.tensor([True]),
+              torch.tensor([True, True, True, True]).reshape(4, 1, 1, 1), None]
+    kwargs = {"weight": 0.5, "freeze_mode": freeze_mode, "update_mode": update_mode, "step": 3}
+    batched = scale_gradients(task, flat, frozen, **kwargs)
+    single = [scale_gradient(t, f, m, **kwargs) for t, f, m in zip(task, flat, frozen)]
+    for a, b in zip(batched, single):
+        assert (a is None and b is None) or torch.equal(a, b)

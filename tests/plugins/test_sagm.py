@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,15 +82,27 @@ def test_perturbed_pass_leaves_batchnorm_statistics_alone() -> None:
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_frozen_bn_stats_restores_after_many_passes() -> None:
+def test_frozen_bn_stats_normalises_with_batch_stats_and_keeps_buffers_after_many_passes() -> None:
     model, (x, _) = tiny_net(), batch()
+    reference = copy.deepcopy(model)  # an ordinary training-mode forward: batch statistics
     saved = copy.deepcopy(model[1].state_dict())
     with frozen_bn_stats(model):
         for _ in range(3):
-            model(x * 3 + 1)
-        assert not torch.equal(model[1].running_mean, saved["running_mean"])
+            assert torch.equal(model(x * 3 + 1), reference(x * 3 + 1))
+    assert not torch.equal(reference[1].running_mean, saved["running_mean"])  # it did update
     for key, value in saved.items():
         assert torch.equal(model[1].state_dict()[key], value)
+    assert model[1].track_running_stats
+
+
+def test_frozen_bn_stats_restores_norms_that_update_their_buffers_anyway() -> None:
+    norm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+    saved = copy.deepcopy(norm.state_dict())
+    with frozen_bn_stats(norm):
+        norm(torch.randn(8, 4, 5) * 3 + 1)
+        assert not torch.equal(norm.running_mean, saved["running_mean"])
+    for key, value in saved.items():
+        assert torch.equal(norm.state_dict()[key], value)
 
 
 def test_perturb_filter_keeps_excluded_parameters_in_place() -> None:
@@ -140,3 +153,30 @@ def test_wilds_run_with_sagm(tmp_path, plugins) -> None:
     assert record["quantized"] == ("dg_quant.lsq" in plugins)
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["steps"] == 20 and final["plugins"] == plugins
+
+
+def _sagm_bookkeeping_ops(n_layers: int, monkeypatch) -> int:
+    """ATen ops of one SAGM step beyond its two forward/backward passes."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    from benchmarks.measure import aten_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n_layers)])
+    x, y = torch.randn(4, 8), torch.randint(0, 8, (4,))
+
+    def two_passes() -> None:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+
+    def sagm_step() -> None:
+        apply_sagm_(sagm_gradients(model, (x, y), nn.functional.cross_entropy, 0.05, 0.001))
+
+    return aten_ops(sagm_step) - aten_ops(two_passes)
+
+
+def test_sagm_bookkeeping_does_not_grow_with_the_number_of_parameters(monkeypatch) -> None:
+    """Norm, perturbation, restore and combination are multi-tensor ops: a fixed handful of GPU
+    launches per step rather than several per parameter (it was about 7 per parameter)."""
+    small, large = _sagm_bookkeeping_ops(4, monkeypatch), _sagm_bookkeeping_ops(32, monkeypatch)
+    assert small <= 16 and large - small <= 2, (small, large)  # 56 more parameters
