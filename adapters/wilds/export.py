@@ -3,10 +3,10 @@
     dgq_export runs/pacs_qtdog_seed0 -o qtdog.dgq                 # best_model.pt
     dgq_export runs/pacs_erm_seed0 -o obc.dgq --checkpoint runs/pacs_erm_seed0/ptq_obc_w7.pt
 
-The file holds the b-bit integer weights bit-packed with their per-channel steps and everything
-else (BatchNorm, biases, the FP classifier) as is; ``dg_quant.quant.export.load_export`` rebuilds
-a model whose outputs equal the fake-quant model's. ``--verify`` checks that on a batch of the
-run's test data.
+The file holds the b-bit integer weights bit-packed with their per-channel steps (INQ weights as
+b-bit sign + exponent codes) and everything else (BatchNorm, biases, the FP classifier) as is;
+``dg_quant.quant.export.load_export`` rebuilds a model whose outputs equal the fake-quant model's.
+``--verify`` checks that on a batch of the run's test data.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def _print_export(out: dict) -> None:
     print(out["table"])
     print(f"torch.save of the FP32 model: {out['fp32_torch_save_bytes'] / 2**20:.3f} MiB "
           f"(file is {out['file_bytes'] / max(out['fp32_torch_save_bytes'], 1):.3f} of it)")
+    if out["escape_params"]:
+        print(f"note: {out['escape_params']} INQ weights were still training in this checkpoint (an "
+              "unfinished partition) and are stored in FP32; export --checkpoint last for the fully "
+              "quantized model")
     if "verified_on" in out:
         print(f"verified: outputs equal on a test batch of shape {tuple(out['verified_on'])}")
     print(f"wrote {out['output']}")

@@ -7,11 +7,16 @@ File layout (little endian)::
     header    UTF-8 JSON: backbone, num_classes, user metadata, activation quantizers, and one
               entry per state-dict tensor (name, kind, shape, dtype, offset, nbytes, ...)
     payload   the tensors' bytes: "packed" entries hold b-bit unsigned codes (integer + Q_N),
-              bit-packed LSB first, followed by their per-channel FP32 steps; "fp" entries
-              (BatchNorm, biases, the FP classifier, activation steps) hold raw bytes.
+              bit-packed LSB first, followed by their per-channel FP32 steps; "pow2" entries
+              (INQ weights, version 2) hold b-bit codes ``sign << (b-1) | exponent slot``
+              with n1, n2 in the header, then, only if some weights are not on a level
+              (an unfinished INQ partition), a 1-bit mask of those weights and their raw
+              values; "fp" entries (BatchNorm, biases, the FP classifier, activation steps)
+              hold raw bytes.
 
 The loader rebuilds a plain model whose quantized weights are ``code * step`` computed in
-float32, exactly what the fake-quant forward computes, so outputs are bit-identical.
+float32 (or ±2^n for INQ), exactly what the fake-quant forward computes, so outputs are
+bit-identical. Version 1 files (no "pow2" entries) still load.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +39,11 @@ from dg_quant.errors import CheckpointError
 from dg_quant.io import atomic_write_bytes
 from dg_quant.quant.api import ACT_QUANTIZER, iter_quantized_weights, latent_weight, quantize_
 from dg_quant.quant.config import LSQConfig, QuantConfig
+from dg_quant.quant.inq import INQ_BUFFERS, InqLayer, inq_decode, inq_encode, iter_inq_layers
 from dg_quant.quant.lsq import LSQQuantizer
 
 MAGIC = b"DGQX"
-VERSION = 1
+VERSION = 2  # 2: "pow2" entries for INQ weights; INQ training buffers are no longer written
 PREAMBLE = struct.Struct("<4sHHIQI")
 CHUNK = 1 << 20  # values packed per numpy call (a multiple of 8 keeps chunks byte aligned)
 
@@ -94,6 +101,8 @@ class SizeReport:
     quantized_params: int
     fp_params: int
     bits: list[int]
+    escape_bytes: int = 0  # INQ weights not yet on a level: their mask and raw values
+    escape_params: int = 0
 
     @property
     def fp32_bytes(self) -> int:
@@ -114,6 +123,8 @@ class SizeReport:
             f"  packed codes  {self.packed_weight_bytes / mib:10.3f} MiB  "
             f"({self.quantized_params} weights at {'/'.join(map(str, sorted(set(self.bits)))) or '-'} bits)",
             f"  scales        {self.scale_bytes / mib:10.3f} MiB",
+            *([f"  INQ unfrozen  {self.escape_bytes / mib:10.3f} MiB  ({self.escape_params} weights not on a "
+               f"level yet, stored exactly)"] if self.escape_params else []),
             f"  FP remainder  {self.fp_bytes / mib:10.3f} MiB  ({self.fp_params} values)",
             f"  header        {self.header_bytes / mib:10.3f} MiB",
             f"FP32 model      {self.fp32_bytes / mib:10.3f} MiB  -> x{self.ratio:.2f} smaller",
@@ -149,6 +160,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
     network from the adapter registry without being handed a model.
     """
     quantized, skip = _quantizer_keys(model)
+    inq, inq_skip = _inq_keys(model, quantized)
+    skip |= inq_skip
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     offset = 0
@@ -180,6 +193,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
         entries.append({"name": key, "kind": "packed", "dtype": str(latent.dtype).removeprefix("torch."),
                         "shape": list(latent.shape), "offset": off, "nbytes": n, "bits": q.bits, "qn": qn,
                         "step_shape": list(step.shape), "step_offset": s_off, "step_nbytes": s_n})
+    for key, layer in inq.items():
+        entries.append(_inq_entry(key, layer, add))
     header = {"format": "dg-quant packed model", "version": VERSION, **(meta or {}),
               "act_quantizers": _act_quantizers(model), "entries": entries}
     header_bytes = json.dumps(header, sort_keys=True, default=str).encode()
@@ -188,6 +203,51 @@ def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
     preamble = PREAMBLE.pack(MAGIC, VERSION, 0, len(header_bytes), len(payload), crc)
     atomic_write_bytes(path, preamble + header_bytes + payload)
     return size_report(path)
+
+
+def _inq_keys(model: nn.Module, quantized: dict) -> tuple[dict[str, InqLayer], set[str]]:
+    """INQ weights by state-dict key, and the keys not written: the weights and the training buffers.
+
+    The buffers (frozen mask, exponents, partition count) only drive training; n1/n2 go into the
+    weight's header entry instead, so the reloaded model is the plain backbone.
+    """
+    layers: dict[str, InqLayer] = {}
+    skip: set[str] = set()
+    for layer in iter_inq_layers(model):
+        prefix = f"{layer.name}." if layer.name else ""
+        skip |= {prefix + b for b in INQ_BUFFERS}
+        if prefix + "weight" not in quantized:  # an LSQ quantizer on the same weight wins
+            layers[prefix + "weight"] = layer
+            skip.add(prefix + "weight")
+    return layers, skip
+
+
+def _inq_entry(key: str, layer: InqLayer, add: Callable[[bytes], tuple[int, int]]) -> dict[str, Any]:
+    """One INQ weight: b-bit sign/exponent codes, plus the weights not on a level (kept exactly).
+
+    A tensor whose first partition was never applied, or whose codes would not be smaller than
+    its raw bytes, is written as a plain "fp" entry.
+    """
+    weight = layer.module.weight.detach().cpu()
+    dtype = str(weight.dtype).removeprefix("torch.")
+    raw = _tensor_bytes(weight)
+    entry: dict[str, Any] = {"name": key, "dtype": dtype, "shape": list(weight.shape)}
+    if layer.partitions_applied:
+        codes, exact = inq_encode(weight, layer.n1, layer.n2)
+        escaped = ~exact.reshape(-1)
+        packed = pack_bits(codes.reshape(-1).numpy(), layer.bits)
+        mask = pack_bits(escaped.numpy().astype(np.uint8), 1) if escaped.any() else b""
+        values = _tensor_bytes(weight.reshape(-1)[escaped])
+        if len(packed) + len(mask) + len(values) < len(raw):
+            off, n = add(packed)
+            m_off, m_n = add(mask)
+            v_off, v_n = add(values)
+            return {**entry, "kind": "pow2", "offset": off, "nbytes": n, "bits": layer.bits,
+                    "n1": layer.n1, "n2": layer.n2, "partitions_applied": layer.partitions_applied,
+                    "escapes": int(escaped.sum()), "escape_mask_offset": m_off, "escape_mask_nbytes": m_n,
+                    "escape_value_offset": v_off, "escape_value_nbytes": v_n}
+    off, n = add(raw)
+    return {**entry, "kind": "fp", "offset": off, "nbytes": n}
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -236,6 +296,9 @@ def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, tor
         if e["kind"] == "fp":
             state[e["name"]] = _tensor_from(data, e["dtype"], e["shape"])
             continue
+        if e["kind"] == "pow2":
+            state[e["name"]] = _pow2_weight(e, data, payload)
+            continue
         count = int(np.prod(e["shape"]))
         codes = torch.from_numpy(unpack_bits(data, e["bits"], count).astype(np.int64))
         step = _tensor_from(_segment(payload, e["step_offset"], e["step_nbytes"], e["name"]), "float32",
@@ -243,6 +306,18 @@ def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, tor
         ints = (codes - e["qn"]).to(torch.float32).reshape(e["shape"])
         state[e["name"]] = (ints * step).to(getattr(torch, e["dtype"]))
     return state
+
+
+def _pow2_weight(e: dict[str, Any], codes: bytes, payload: bytes) -> torch.Tensor:
+    count = int(np.prod(e["shape"]))
+    ints = torch.from_numpy(unpack_bits(codes, e["bits"], count))
+    weight = inq_decode(ints, e["n1"], e["n2"], getattr(torch, e["dtype"]))
+    if e["escapes"]:
+        mask = _segment(payload, e["escape_mask_offset"], e["escape_mask_nbytes"], e["name"])
+        escaped = torch.from_numpy(unpack_bits(mask, 1, count).astype(bool))
+        values = _segment(payload, e["escape_value_offset"], e["escape_value_nbytes"], e["name"])
+        weight[escaped] = _tensor_from(values, e["dtype"], [e["escapes"]])
+    return weight.reshape(e["shape"])
 
 
 def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -258,6 +333,8 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     state = exported_state_dict(header, payload)
     for name, spec in header.get("act_quantizers", {}).items():
         state[f"{name}.{ACT_QUANTIZER}._extra_state" if name else f"{ACT_QUANTIZER}._extra_state"] = spec
+    own = model.state_dict()  # version 1 wrote INQ training buffers; a plain model has none
+    state = {k: v for k, v in state.items() if k in own or k.rsplit(".", 1)[-1] not in INQ_BUFFERS}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -281,7 +358,7 @@ def _attach_act_quantizers(model: nn.Module, specs: dict[str, dict[str, Any]]) -
 def size_report(path: str | os.PathLike) -> SizeReport:
     """What the file at ``path`` holds, from its header and its real size."""
     header, _payload = read_export(path)
-    packed = [e for e in header["entries"] if e["kind"] == "packed"]
+    packed = [e for e in header["entries"] if e["kind"] in ("packed", "pow2")]
     fp = [e for e in header["entries"] if e["kind"] == "fp"]
     with open(path, "rb") as handle:
         header_len = PREAMBLE.unpack(handle.read(PREAMBLE.size))[3]
@@ -289,17 +366,20 @@ def size_report(path: str | os.PathLike) -> SizeReport:
         file_bytes=os.path.getsize(path),
         header_bytes=PREAMBLE.size + header_len,
         packed_weight_bytes=sum(e["nbytes"] for e in packed),
-        scale_bytes=sum(e["step_nbytes"] for e in packed),
+        scale_bytes=sum(e.get("step_nbytes", 0) for e in packed),
         fp_bytes=sum(e["nbytes"] for e in fp),
         quantized_params=sum(int(np.prod(e["shape"])) for e in packed),
         fp_params=sum(int(np.prod(e["shape"])) for e in fp),
         bits=[e["bits"] for e in packed],
+        escape_bytes=sum(e.get("escape_mask_nbytes", 0) + e.get("escape_value_nbytes", 0) for e in packed),
+        escape_params=sum(e.get("escapes", 0) for e in packed),
     )
 
 
 def torch_save_bytes(model: nn.Module) -> int:
     """Real size of ``torch.save`` of the model's plain float state dict (the FP32 reference file)."""
     quantized, skip = _quantizer_keys(model)
+    skip |= {k for k in _inq_keys(model, quantized)[1] if k.rsplit(".", 1)[-1] in INQ_BUFFERS}
     state = {k: v for k, v in model.state_dict().items() if k not in skip and isinstance(v, torch.Tensor)}
     state.update({k: latent_weight(m, t).detach() for k, (m, t, _q) in quantized.items()})
     with tempfile.TemporaryDirectory() as tmp:

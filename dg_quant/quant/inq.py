@@ -2,22 +2,31 @@
 
 Weights move, partition by partition, onto power-of-two levels {0, ±2^n2, ..., ±2^n1}; once a
 weight is quantized it is frozen and the remaining free weights retrain to compensate. This module
-holds the maths (levels, projection, which weights a partition freezes); the training-loop side
-(schedule over steps, masked updates) is the ``dg_quant.inq`` plugin.
+holds the maths (levels, projection, which weights a partition freezes, the sign + exponent codes
+the exporter stores); the training-loop side (schedule over steps, masked updates) is the
+``dg_quant.inq`` plugin.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dg_quant.errors import ConfigError
 
 DEFAULT_PARTITIONS = (0.5, 0.75, 0.875, 1.0)
 STRATEGIES = ("magnitude", "random")
+# Buffer names of the per-tensor INQ state; the plugin registers them, the exporter and the
+# compression report read them (the core never imports the plugin).
+FROZEN_BUFFER = "inq_frozen"
+EXPONENTS_BUFFER = "inq_exponents"
+APPLIED_BUFFER = "inq_partitions_applied"
+INQ_BUFFERS = (FROZEN_BUFFER, EXPONENTS_BUFFER, APPLIED_BUFFER)
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def inq_exponents(weight: torch.Tensor, bits: int) -> tuple[int, int]:
@@ -113,3 +122,73 @@ class PartitionSchedule:
     def partitions_due(self, step: int) -> int:
         """How many partitions must have been applied before ``step`` runs."""
         return sum(1 for s in self.steps() if s <= step)
+
+
+# -- storage: sign + exponent codes ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InqLayer:
+    """The INQ state of one weight tensor as training left it."""
+
+    name: str
+    module: nn.Module
+    n1: int
+    n2: int
+    partitions_applied: int
+    frozen: torch.Tensor
+
+    @property
+    def bits(self) -> int:
+        return inq_code_bits(self.n1, self.n2)
+
+
+def iter_inq_layers(model: nn.Module) -> Iterator[InqLayer]:
+    """Every module holding INQ buffers (``dg_quant.inq``), started or not."""
+    for name, module in model.named_modules():
+        if all(hasattr(module, b) for b in INQ_BUFFERS):
+            n1, n2 = (int(v) for v in getattr(module, EXPONENTS_BUFFER))
+            yield InqLayer(name, module, n1, n2, int(getattr(module, APPLIED_BUFFER)),
+                           getattr(module, FROZEN_BUFFER))
+
+
+def inq_code_bits(n1: int, n2: int) -> int:
+    """Bits per stored weight: one sign bit plus an exponent slot (0 = zero, 1.. = 2^n2..2^n1).
+
+    With the paper's n2 this is the INQ bit width b: 2^(b-2) magnitudes need b-1 bits next to the
+    zero slot (2^(b-1)+1 levels in b bits, as in the paper; the spare code holds -0.0).
+    """
+    slots = n1 - n2 + 2  # zero + one slot per magnitude
+    return 1 + max(1, math.ceil(math.log2(slots)))
+
+
+def inq_encode(weight: torch.Tensor, n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, exact): b-bit codes ``sign << (b-1) | slot`` and where decoding gives the same bits.
+
+    Weights off the levels (free weights of an unfinished partition, NaN, grown past 2^n1) are
+    not exact; their codes are 0 and the caller must store them some other way.
+    """
+    bits = inq_code_bits(n1, n2)
+    w = weight.detach()
+    mantissa, exponent = torch.frexp(w.double().abs())  # |w| = m * 2^e, m in [0.5, 1)
+    power = exponent.long() - 1
+    on_grid = (mantissa == 0.5) & (power >= n2) & (power <= n1)
+    slot = torch.where(on_grid, power - n2 + 1, torch.zeros_like(power))
+    codes = (torch.signbit(w).long() << (bits - 1)) | slot
+    exact = _same_bits(inq_decode(codes, n1, n2, w.dtype), w)
+    return torch.where(exact, codes, torch.zeros_like(codes)).to(torch.uint8), exact
+
+
+def inq_decode(codes: torch.Tensor, n1: int, n2: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``inq_encode``: ±2^(n2 + slot - 1), ±0 for slot 0 (the sign of zero kept)."""
+    bits = inq_code_bits(n1, n2)
+    codes = codes.long()
+    slot = codes & ((1 << (bits - 1)) - 1)
+    powers = torch.exp2((slot + n2 - 1).double())
+    magnitude = torch.where(slot > 0, powers, torch.zeros_like(powers))
+    return torch.where((codes >> (bits - 1)).bool(), -magnitude, magnitude).to(dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    view = _INT_VIEW[a.element_size()]
+    return a.contiguous().view(view) == b.contiguous().view(view)

@@ -7,22 +7,31 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from dg_quant.quant.api import ACT_QUANTIZER, iter_quantized_weights, iter_quantizers
+from dg_quant.quant.inq import iter_inq_layers
 
 FP_BITS = 32
 
 
 @dataclass
 class LayerBits:
-    """One weight tensor: how many values, at how many bits, with how many FP32 scales."""
+    """One weight tensor: how many values, at how many bits, with how many FP32 scales.
+
+    ``unfrozen`` counts INQ weights not yet on a level; the export keeps them exactly, at one
+    mask bit per weight of the tensor plus their FP32 value.
+    """
 
     name: str
     numel: int
     bits: int
     scales: int
+    unfrozen: int = 0
 
     @property
     def packed_bits(self) -> int:
-        return self.numel * self.bits + self.scales * FP_BITS
+        packed = self.numel * self.bits + self.scales * FP_BITS
+        if not self.unfrozen:
+            return packed
+        return min(packed + self.numel + self.unfrozen * FP_BITS, self.numel * FP_BITS)  # as the export
 
 
 @dataclass
@@ -84,7 +93,9 @@ def compression_report(model: nn.Module, include_disabled: bool = False) -> Comp
     Quantized weights cost ``bits`` each plus one FP32 scale per step entry; every other
     parameter is FP32; floating buffers (BatchNorm statistics) count at their own size. Step
     sizes are counted as the scales, not as parameters. Disabled quantizers count as FP unless
-    ``include_disabled``.
+    ``include_disabled``. INQ weights (``dg_quant.inq``) count at their code width b once their
+    first partition is applied (no scales: n1, n2 are two header integers), with the weights of
+    an unfinished partition as ``unfrozen``; INQ's integer training buffers are not counted.
     """
     report = CompressionReport()
     quantized_ids: set[int] = set()
@@ -94,6 +105,13 @@ def compression_report(model: nn.Module, include_disabled: bool = False) -> Comp
         latent = module.parametrizations[tensor_name].original
         quantized_ids.add(id(latent))
         report.layers.append(LayerBits(f"{name}.{tensor_name}", latent.numel(), q.bits, q.step.numel()))
+    for layer in iter_inq_layers(model):
+        weight = layer.module.weight
+        if id(weight) in quantized_ids or not layer.partitions_applied:  # b is known from n1, n2 only
+            continue
+        quantized_ids.add(id(weight))
+        unfrozen = int((~layer.frozen).sum())
+        report.layers.append(LayerBits(f"{layer.name}.weight", weight.numel(), layer.bits, 0, unfrozen))
     step_ids = {id(q.step) for _, q in iter_quantizers(model)}
     act_ids = {
         id(p) for _, m in model.named_modules() if hasattr(m, ACT_QUANTIZER) for p in getattr(m, ACT_QUANTIZER).parameters()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,16 +14,26 @@ import torch
 import torchvision
 
 from dg_quant.errors import CheckpointError
-from dg_quant.quant import LSQConfig, QuantConfig, default_activation_config, quantize_
+from dg_quant.quant import (
+    LSQConfig,
+    QuantConfig,
+    compression_report,
+    default_activation_config,
+    iter_quantized_weights,
+    latent_weight,
+    quantize_,
+)
 from dg_quant.quant.export import (
     PREAMBLE,
     export_model,
     load_export,
     pack_bits,
+    read_export,
     size_report,
     torch_save_bytes,
     unpack_bits,
 )
+from dg_quant.quant.inq import INQ_BUFFERS, inq_levels, iter_inq_layers
 from dg_quant.registry import create_adapter
 
 
@@ -137,6 +150,166 @@ def test_missing_file_and_wrong_model_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not match") as info:
         load_export(path, create_adapter("test_cnn", num_classes=5, width=4))
     assert "\n" not in str(info.value)
+
+
+# -- INQ: power-of-two codes -----------------------------------------------------------------
+
+META = {"backbone": "test_cnn", "num_classes": 5}
+
+
+def _inq_cnn(bits: int = 5, due: int = 4, partitions: str = "0.5,0.75,0.875,1"):
+    """test_cnn after ``due`` INQ partitions, its free weights moved on as retraining would."""
+    from dg_quant.plugins.inq import InqOptions, apply_partitions, prepare_inq
+
+    model = create_adapter("test_cnn", num_classes=5)
+    options = InqOptions(bits=bits, inq_partitions=partitions)
+    prepare_inq(model, options)
+    model.train()
+    model(torch.randn(16, 3, 12, 12))  # BN statistics
+    apply_partitions(model, None, options, due)
+    with torch.no_grad():
+        for layer in iter_inq_layers(model):
+            layer.module.weight.add_(0.01 * torch.randn_like(layer.module.weight) * ~layer.frozen)
+    return model.eval()
+
+
+def _assert_bit_exact(loaded, model):
+    """Every tensor of the reloaded plain model has the INQ model's bits; logits are equal."""
+    own = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in INQ_BUFFERS}
+    state = loaded.state_dict()
+    assert set(state) == set(own)  # no INQ training buffers in the plain model
+    for key, value in own.items():
+        bytes_of = [t.reshape(-1).view(torch.uint8) for t in (value, state[key])]
+        assert value.dtype == state[key].dtype and torch.equal(*bytes_of), key
+    x = torch.randn(6, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("bits", [2, 5, 7])
+def test_inq_model_is_stored_as_b_bit_codes_and_reloads_bit_exactly(tmp_path, bits):
+    model = _inq_cnn(bits)
+    layers = list(iter_inq_layers(model))
+    assert [layer.bits for layer in layers] == [bits, bits]
+    path = tmp_path / "inq.dgq"
+    report = export_model(model, path, META)
+    _assert_bit_exact(load_export(path), model)
+    numels = [layer.module.weight.numel() for layer in layers]
+    assert report.bits == [bits, bits] and report.escape_params == 0 and report.scale_bytes == 0
+    assert report.quantized_params == sum(numels)
+    assert report.packed_weight_bytes == sum(math.ceil(n * bits / 8) for n in numels)
+    # the INQ weights shrink 32/b-fold (up to the last partial byte of each tensor)
+    assert report.quantized_params * 4 / report.packed_weight_bytes == pytest.approx(32 / bits, rel=0.01)
+    header, _ = read_export(path)
+    pow2 = [e for e in header["entries"] if e["kind"] == "pow2"]
+    assert [(e["n1"], e["n2"]) for e in pow2] == [(layer.n1, layer.n2) for layer in layers]
+    # the compression report predicts the file up to the header and the int64 BN step counters
+    estimate = compression_report(model)
+    assert [(lb.bits, lb.scales, lb.unfrozen) for lb in estimate.layers] == [(bits, 0, 0)] * 2
+    assert 0 <= report.file_bytes - report.header_bytes - estimate.packed_bytes <= 2 * 8 + 2
+
+
+def test_unfinished_inq_partition_keeps_the_free_weights_exactly(tmp_path):
+    model = _inq_cnn(bits=5, due=2)  # 75% of each tensor on levels, the rest still training
+    free = sum(int((~layer.frozen).sum()) for layer in iter_inq_layers(model))
+    assert free > 0
+    path = tmp_path / "half.dgq"
+    report = export_model(model, path, META)
+    loaded = load_export(path)
+    _assert_bit_exact(loaded, model)
+    assert report.escape_params == free and report.bits == [5, 5]
+    for layer in iter_inq_layers(model):  # frozen weights are on levels, the free ones are not
+        levels = inq_levels(layer.n1, layer.n2).float()
+        assert bool(torch.isin(layer.module.weight[layer.frozen], levels).all())
+    # still smaller than FP32: 5-bit codes + a 1-bit mask + the 25% free weights in FP32
+    assert report.file_bytes < 0.5 * torch_save_bytes(model)
+    estimate = compression_report(model)
+    assert sum(lb.unfrozen for lb in estimate.layers) == free
+    assert estimate.packed_bytes == pytest.approx(report.file_bytes - report.header_bytes, abs=20)
+
+
+def test_inq_tensors_that_codes_would_not_shrink_stay_fp(tmp_path):
+    model = _inq_cnn(bits=5, due=1, partitions="0.05,1")  # 95% of the weights still free
+    report = export_model(model, tmp_path / "early.dgq", META)
+    assert report.quantized_params == 0  # codes + mask + 95% FP values > FP: written as FP
+    _assert_bit_exact(load_export(tmp_path / "early.dgq"), model)
+    assert compression_report(model).ratio == pytest.approx(1.0, abs=0.01)
+    untouched = _inq_cnn(bits=5, due=0)  # no partition yet: n1, n2 unknown, plain FP
+    assert export_model(untouched, tmp_path / "fp.dgq", META).quantized_params == 0
+    _assert_bit_exact(load_export(tmp_path / "fp.dgq"), untouched)
+    assert not compression_report(untouched).layers
+
+
+def _write_version_1(model, path, meta) -> None:
+    """The version-1 layout, written independently of the exporter (a frozen copy of the spec)."""
+    entries, chunks, offset = [], [], 0
+    lsq = {}
+    for name, module, tensor, q in iter_quantized_weights(model):
+        prefix = f"{name}.parametrizations.{tensor}"
+        lsq[f"{name}.{tensor}"] = (module, tensor, q, {f"{prefix}.original", f"{prefix}.0.step",
+                                                       f"{prefix}.0._extra_state"})
+    skip = set().union(*(keys for *_, keys in lsq.values()))
+
+    def add(data: bytes) -> int:
+        nonlocal offset
+        chunks.append(data)
+        offset += len(data)
+        return offset - len(data)
+
+    def raw(t: torch.Tensor) -> bytes:
+        return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    for key, value in model.state_dict().items():
+        if key not in skip:  # v1 wrote every plain tensor raw, the INQ buffers included
+            entries.append({"name": key, "kind": "fp", "dtype": str(value.dtype)[6:], "shape": list(value.shape),
+                            "offset": add(raw(value)), "nbytes": len(chunks[-1])})
+    for key, (module, tensor, q, _) in lsq.items():
+        latent = latent_weight(module, tensor)
+        qn = q.bounds[0]
+        codes = (q.integers(latent) + qn).to(torch.uint8).reshape(-1).numpy()
+        planes = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, :q.bits]
+        packed = np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+        step = q.step.detach().float()
+        entries.append({"name": key, "kind": "packed", "dtype": "float32", "shape": list(latent.shape),
+                        "offset": add(packed), "nbytes": len(packed), "bits": q.bits, "qn": qn,
+                        "step_shape": list(step.shape), "step_offset": add(raw(step)), "step_nbytes": step.numel() * 4})
+    header = json.dumps({"format": "dg-quant packed model", "version": 1, **meta, "act_quantizers": {},
+                         "entries": entries}, sort_keys=True).encode()
+    payload = b"".join(chunks)
+    crc = zlib.crc32(payload, zlib.crc32(header))
+    path.write_bytes(struct.pack("<4sHHIQI", b"DGQX", 1, 0, len(header), len(payload), crc) + header + payload)
+
+
+@pytest.mark.parametrize("kind", ["lsq", "inq"])
+def test_version_1_files_still_load(tmp_path, kind):
+    model = _quantized_cnn(bits=4) if kind == "lsq" else _inq_cnn(bits=5)
+    path = tmp_path / "v1.dgq"
+    _write_version_1(model, path, META)
+    assert PREAMBLE.unpack_from(path.read_bytes())[1] == 1
+    loaded = load_export(path)  # v1 INQ files carry the training buffers: dropped for the plain model
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    report = size_report(path)
+    assert report.file_bytes == path.stat().st_size
+    assert report.quantized_params == (8 * 3 * 9 + 16 * 8 * 9 if kind == "lsq" else 0)
+
+
+def test_dgq_export_of_an_inq_run_verifies_and_reports_sizes(tmp_path, capsys):
+    from dg_quant.adapters.wilds.cli import main as wilds_main
+    from dg_quant.adapters.wilds.export import main as export_main
+
+    log_dir = tmp_path / "inq"
+    assert wilds_main(["--plugin", "dg_quant.inq", "--bits", "4", "--n_steps", "4", "--eval_every", "4",
+                       "--batch_size", "16", "--frac", "0.1", "--log_dir", str(log_dir), "--no_progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "inq.dgq"
+    assert export_main([str(log_dir), "-o", str(out), "--checkpoint", "last", "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "verified" in printed and "at 4 bits" in printed
+    report = size_report(out)
+    assert set(report.bits) == {4} and report.escape_params == 0
+    assert report.packed_weight_bytes * 8 == pytest.approx(report.quantized_params * 4, abs=8 * len(report.bits))
 
 
 @pytest.mark.slow

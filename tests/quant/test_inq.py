@@ -7,7 +7,11 @@ import torch
 
 from dg_quant.errors import ConfigError
 from dg_quant.quant.inq import (
+    INQ_BUFFERS,
     PartitionSchedule,
+    inq_code_bits,
+    inq_decode,
+    inq_encode,
     inq_exponents,
     inq_levels,
     inq_project,
@@ -81,3 +85,32 @@ def test_schedule_spreads_partitions_over_the_run():
     schedule = PartitionSchedule((0.5, 0.75, 0.875, 1.0), start=10, total=50)
     assert schedule.steps() == [10, 20, 30, 40]
     assert [schedule.partitions_due(s) for s in (0, 9, 10, 19, 20, 45)] == [0, 0, 1, 1, 2, 4]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 7, 8])
+def test_codes_are_b_bits_and_decode_every_level_bit_exactly(bits):
+    w = torch.randn(300, 7)
+    n1, n2 = inq_exponents(w, bits)
+    assert inq_code_bits(n1, n2) == bits  # 2^(b-1)+1 levels (and -0.0) fit the paper's b bits
+    levels = inq_levels(n1, n2).float()
+    on_levels = torch.cat([levels, torch.tensor([-0.0]), inq_project(w, n1, n2).reshape(-1)])
+    codes, exact = inq_encode(on_levels, n1, n2)
+    assert bool(exact.all()) and int(codes.max()) < 2**bits
+    decoded = inq_decode(codes, n1, n2)
+    assert torch.equal(decoded.view(torch.int32), on_levels.view(torch.int32))  # sign of zero kept
+    assert len(set(codes.tolist())) == len(levels) + 1  # one code per level, plus -0.0
+
+
+def test_weights_off_the_levels_are_flagged_not_rounded():
+    n1, n2 = 0, -3  # levels 0, ±1/8 .. ±1
+    w = torch.tensor([0.25, 0.3, -0.5, 2.0, 1.0 / 16, float("nan"), -0.0, 1.0])
+    codes, exact = inq_encode(w, n1, n2)
+    assert exact.tolist() == [True, False, True, False, False, False, True, True]
+    assert torch.equal(inq_decode(codes, n1, n2)[exact], w[exact])
+    assert not codes[~exact].any()
+
+
+def test_plugin_registers_the_buffers_the_core_reads():
+    from dg_quant.plugins import inq as plugin
+
+    assert (plugin.FROZEN, plugin.EXPONENTS, plugin.APPLIED) == INQ_BUFFERS
