@@ -6,9 +6,9 @@ projections, the MLP Linears, and CLIP's final image projection, which open_clip
 matrix and this adapter turns into an ``nn.Linear`` so that it is quantized like every other
 layer. Class/position embeddings, LayerNorms and the classifier stay FP.
 
-Caveat (activations): ``nn.MultiheadAttention`` calls its ``out_proj`` weight directly, not the
-module, so the *input* of ``out_proj`` is not fake-quantized even with ``--act_bits``; its weight
-is.
+With ``--act_bits``, every one of those layers' inputs is fake-quantized too, the attention output
+projection's included: ``quantize_`` makes each attention a ``QuantizableMHA``
+(``dg_quant/quant/mha.py``), which calls ``out_proj`` instead of reading its weight.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from dg_quant.errors import ConfigError
 from dg_quant.quant.config import LSQConfig, QuantConfig
 from dg_quant.quant.lsq import LSQQuantizer
+from dg_quant.quant.mha import QuantizableMHA
 
 # Module type -> names of the weight tensors to quantize. Subclasses match too
 # (``NonDynamicallyQuantizableLinear`` is an ``nn.Linear``).
@@ -113,6 +114,8 @@ def quantize_(
     act_config = config.activation
     if act_config is not None and act_config.granularity != "per_tensor":
         raise ConfigError("activation quantizers are per tensor: set activation granularity='per_tensor'")
+    if act_config is not None:
+        _call_quantized_out_projections(modules, decisions)
     for name, (weights, acts) in decisions.items():
         module = modules[name]
         if filter_fn is not None and not filter_fn(module, name):
@@ -131,6 +134,16 @@ def quantize_(
             setattr(module, ACT_QUANTIZER, act)
             module.register_forward_pre_hook(_act_pre_hook)
     return model
+
+
+def _call_quantized_out_projections(modules: dict[str, nn.Module], decisions: dict[str, tuple[bool, bool]]) -> None:
+    """Attention layers read ``out_proj.weight`` without calling ``out_proj``; where that module is
+    to get an activation quantizer, make the attention a ``QuantizableMHA``, which calls it (before
+    parametrization, which subclasses the module's class)."""
+    for name, module in modules.items():
+        if type(module) is nn.MultiheadAttention and decisions.get(f"{name}.out_proj" if name else "out_proj",
+                                                                    (False, False))[1]:
+            module.__class__ = QuantizableMHA
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -22,6 +22,7 @@ from dg_quant.quant import (
     set_quantization,
     step_parameters,
 )
+from dg_quant.quant.mha import QuantizableMHA
 
 
 class Net(nn.Module):
@@ -126,6 +127,30 @@ def test_attention_input_projection_is_quantized() -> None:
     x = torch.randn(5, 2, 16)
     out, _ = attn(x, x, x)
     assert out.shape == (5, 2, 16)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attention_output_projection_input_is_quantized_too(batch_first: bool) -> None:
+    """MHA reads out_proj.weight directly; with an activation quantizer on out_proj the layer
+    becomes a QuantizableMHA that calls out_proj, so that quantizer runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(16, 2, batch_first=batch_first))
+    model.add_module("head", nn.Linear(16, 3))
+    reference = copy.deepcopy(model.attn)
+    quantize_(model, QuantConfig(activation=default_activation_config(8), enabled=False))
+    attn = model.attn
+    assert isinstance(attn, QuantizableMHA) and isinstance(reference, nn.MultiheadAttention)
+    assert list(attn.state_dict()) != [] and hasattr(attn.out_proj, "act_quantizer")
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], reference(x, x, x, need_weights=False)[0])
+    set_quantization(model, True)
+    seen = []
+    attn.out_proj.act_quantizer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    out, _ = attn(x, x, x, need_weights=False)
+    assert attn.out_proj.act_quantizer.initialized and len(seen) == 1
+    assert seen[0].unique().numel() <= 2**8  # the attention output reached out_proj quantized
+    assert attn(x, x, x)[1] is not None  # need_weights: the parent's path, unchanged contract
 
 
 def test_switch_on_reinitialises_steps_from_current_weights() -> None:
