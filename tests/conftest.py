@@ -18,3 +18,18 @@ import torch  # noqa: E402
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def pacs_root(tmp_path_factory):
+    """The real PACS extracted once per test session (``<root>/PACS/<domain>/<class>/*.jpg``)."""
+    import tarfile
+
+    from tests.assets import PACS_TAR
+
+    if not PACS_TAR.is_file():
+        pytest.skip(f"{PACS_TAR} not present")
+    root = tmp_path_factory.mktemp("pacs")
+    with tarfile.open(PACS_TAR) as tar:
+        tar.extractall(root, filter="data")
+    return root

