@@ -55,6 +55,8 @@ SPECS: tuple[AlgorithmSpec, ...] = (
     AlgorithmSpec("LSQ_SAGM", ("dg_quant.lsq", "dg_quant.sagm"), "LSQ quantization-aware training with SAGM",
                   {"quant_start_step": _FROM_START}),
     AlgorithmSpec("INQ", ("dg_quant.inq",), "Incremental network quantization"),
+    AlgorithmSpec("OBC", ("dg_quant.obc",),
+                  "ERM in full precision, then OBC/GPTQ post-training quantization (QT-DoG Table 4's PTQ row)"),
 )
 
 
@@ -149,12 +151,14 @@ class DGQuantAlgorithm:
         """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""
         return self.trainer.evaluation_extras()
 
-    # The step counter travels in the state_dict, so a reloaded model.pkl knows where it was.
-    def get_extra_state(self) -> dict[str, int]:
-        return {"step": self.trainer.step}
+    # The step counter and the plugins' states (FQAT's frozen set, ...) travel in the state_dict,
+    # so a reloaded model.pkl knows where it was and what it decided.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.trainer.step = int(state["step"])
+        self.trainer.load_plugin_state_dict(state.get("plugins", {}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DGQuantAlgorithm:
         """A rebuilt algorithm holding a copy of this one's weights (the plugin host cannot be

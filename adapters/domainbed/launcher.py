@@ -4,7 +4,9 @@ Registers the dg-quant algorithms, then runs DomainBed's own script from the use
 this process. A sweep's jobs are ``python -m domainbed.scripts.train ...`` subprocesses, which
 would not see the registration; the launcher rewrites each job command to come back through
 this entry point (for every command launcher, ``local``, ``multi_gpu`` or a cluster's own), so
-the job directories, ``results.jsonl`` and ``collect_results`` stay DomainBed's.
+the job directories, ``results.jsonl`` and ``collect_results`` stay DomainBed's. After ``train``
+returns, the launcher runs the plugins' end of training (``finish.finish_training``), which
+sweep jobs get too since they come back through ``train``.
 """
 
 from __future__ import annotations
@@ -130,9 +132,13 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     saved_argv = sys.argv
     sys.argv = [module, *script_args]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        namespace = runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         sys.argv = saved_argv
+    if command == "train":  # DomainBed has no end-of-training callback: run the plugins' here
+        from dg_quant.adapters.domainbed.finish import finish_training
+
+        finish_training(namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

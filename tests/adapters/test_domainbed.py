@@ -35,8 +35,56 @@ FAKE_TREE = {
     "domainbed/lib/misc.py": """
         import hashlib
 
+        import numpy as np
+        import torch
+
         def seed_hash(*args):
             return int(hashlib.sha1(repr(args).encode()).hexdigest()[:7], 16)
+
+        def split_dataset(dataset, n, seed=0):
+            keys = list(range(len(dataset)))
+            np.random.RandomState(seed).shuffle(keys)
+            return torch.utils.data.Subset(dataset, keys[:n]), torch.utils.data.Subset(dataset, keys[n:])
+
+        def accuracy(network, loader, weights, device):
+            correct = total = 0
+            network.eval()
+            with torch.no_grad():
+                for x, y in loader:
+                    correct += (network.predict(x.to(device)).argmax(1) == y.to(device)).sum().item()
+                    total += len(y)
+            network.train()
+            return correct / total
+    """,
+    "domainbed/datasets.py": """
+        import torch
+
+        BUILT = []  # the hparams each dataset was built with (the tests count and inspect them)
+
+        def get_dataset_class(name):
+            if name not in globals():
+                raise NotImplementedError(name)
+            return globals()[name]
+
+        class Toy:
+            N_WORKERS = 0
+            input_shape, num_classes = (3, 8, 8), 2
+
+            def __init__(self, root, test_envs, hparams):
+                BUILT.append(dict(hparams))
+                g = torch.Generator().manual_seed(0)
+                self.datasets = []
+                for env in range(3):  # env i's pixels are about i; pixel [0, 0, 0] is the sample's id
+                    x = torch.randn(30, 3, 8, 8, generator=g) * 0.1 + env
+                    x[:, 0, 0, 0] = torch.arange(30) + 100 * env
+                    y = torch.randint(0, 2, (30,), generator=g)
+                    self.datasets.append(torch.utils.data.TensorDataset(x, y))
+
+            def __getitem__(self, index):
+                return self.datasets[index]
+
+            def __len__(self):
+                return len(self.datasets)
     """,
     "domainbed/algorithms.py": """
         import torch
@@ -55,7 +103,23 @@ FAKE_TREE = {
                 self.hparams = hparams
 
         class ERM(Algorithm):
-            pass
+            def __init__(self, input_shape, num_classes, num_domains, hparams):
+                super().__init__(input_shape, num_classes, num_domains, hparams)
+                featurizer = networks.Featurizer(input_shape, hparams)
+                self.network = torch.nn.Sequential(featurizer, networks.Classifier(8, num_classes))
+                self.optimizer = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"])
+
+            def update(self, minibatches, unlabeled=None):
+                x = torch.cat([x for x, _ in minibatches])
+                y = torch.cat([y for _, y in minibatches])
+                loss = torch.nn.functional.cross_entropy(self.network(x), y)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                return {"loss": loss.item()}
+
+            def predict(self, x):
+                return self.network(x)
     """,
     "domainbed/hparams_registry.py": """
         import numpy as np
@@ -68,6 +132,7 @@ FAKE_TREE = {
                 assert name not in hparams
                 hparams[name] = (default, sample(np.random.RandomState(misc.seed_hash(random_seed, name))))
 
+            _hparam("data_augmentation", True, lambda r: True)
             _hparam("freeze_bn", False, lambda r: False)
             _hparam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])))
             _hparam("nonlinear_classifier", False, lambda r: False)
@@ -116,25 +181,60 @@ FAKE_TREE = {
         REGISTRY = {"dummy": dummy_launcher}
     """,
     "domainbed/scripts/train.py": """
-        import argparse, json, os, sys
+        import argparse, json, os
         import torch
-        from domainbed import algorithms, hparams_registry
+        from torch.utils.data import DataLoader
+        from domainbed import algorithms, datasets, hparams_registry
+        from domainbed.lib import misc
 
-        if __name__ == "__main__":
+        if __name__ == "__main__":  # DomainBed's train.py, cut down to its contracts
             parser = argparse.ArgumentParser()
+            parser.add_argument("--data_dir", default="unused")
+            parser.add_argument("--dataset", default="Toy")
             parser.add_argument("--algorithm", default="ERM")
             parser.add_argument("--hparams")
+            parser.add_argument("--trial_seed", type=int, default=0)
+            parser.add_argument("--seed", type=int, default=0)
             parser.add_argument("--steps", type=int, default=2)
+            parser.add_argument("--test_envs", type=int, nargs="+", default=[0])
             parser.add_argument("--output_dir", required=True)
+            parser.add_argument("--holdout_fraction", type=float, default=0.2)
+            parser.add_argument("--skip_model_save", action="store_true")
             args = parser.parse_args()
-            hparams = hparams_registry.default_hparams(args.algorithm, "Toy")
+            os.makedirs(args.output_dir, exist_ok=True)
+            hparams = hparams_registry.default_hparams(args.algorithm, args.dataset)
             hparams.update(json.loads(args.hparams or "{}"))
-            algorithm = algorithms.get_algorithm_class(args.algorithm)((3, 8, 8), 2, 2, hparams)
+            torch.manual_seed(args.seed)
+            dataset = datasets.get_dataset_class(args.dataset)(args.data_dir, args.test_envs, hparams)
+            in_splits, out_splits = [], []
+            for env_i, env in enumerate(dataset):
+                out, in_ = misc.split_dataset(env, int(len(env) * args.holdout_fraction),
+                                              misc.seed_hash(args.trial_seed, env_i))
+                in_splits.append((in_, None))
+                out_splits.append((out, None))
+            train_loaders = [DataLoader(env, batch_size=4, shuffle=True, drop_last=True)
+                             for i, (env, _) in enumerate(in_splits) if i not in args.test_envs]
+            eval_loaders = [DataLoader(env, batch_size=64) for env, _ in in_splits + out_splits]
+            eval_weights = [None for _ in eval_loaders]
+            eval_loader_names = [f"env{i}_in" for i in range(len(in_splits))]
+            eval_loader_names += [f"env{i}_out" for i in range(len(out_splits))]
+            algorithm = algorithms.get_algorithm_class(args.algorithm)(
+                dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
             for step in range(args.steps):
-                batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))) for _ in range(2)]
+                batches = [next(iter(loader)) for loader in train_loaders]
                 record = {"step": step, **algorithm.update(batches), "hparams": hparams}
+                for name, loader, weights in zip(eval_loader_names, eval_loaders, eval_weights):
+                    record[name + "_acc"] = misc.accuracy(algorithm, loader, weights, "cpu")
                 with open(os.path.join(args.output_dir, "results.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\\n")
+            if not args.skip_model_save:
+                torch.save({"args": vars(args), "model_input_shape": dataset.input_shape,
+                            "model_num_classes": dataset.num_classes,
+                            "model_num_domains": len(dataset) - len(args.test_envs),
+                            "model_hparams": hparams, "model_dict": algorithm.state_dict()},
+                           os.path.join(args.output_dir, "model.pkl"))
+            with open(os.path.join(args.output_dir, "done"), "w") as f:
+                f.write("done")
     """,
     "domainbed/scripts/sweep.py": """
         import sys
@@ -322,7 +422,7 @@ def test_plugin_options_become_hparams_with_their_samplers(fake_root, tmp_path, 
 # -- the algorithm contract -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["QTDoG", "LSQ", "SAGM", "LSQ_SAGM", "FQAT", "INQ"])
+@pytest.mark.parametrize("name", ["QTDoG", "LSQ", "SAGM", "LSQ_SAGM", "FQAT", "INQ", "OBC"])
 def test_contract_update_predict_state_dict(domainbed, name, tmp_path):
     algorithms, registry, registered = domainbed
     if name not in registered:
@@ -358,6 +458,32 @@ def test_contract_update_predict_state_dict(domainbed, name, tmp_path):
     assert clone.trainer.step == 4
     assert is_quantization_enabled(clone.network) == is_quantization_enabled(algorithm.network)
 
+
+def test_fqat_model_pkl_reloads_the_frozen_set_and_open_windows(domainbed, tmp_path):
+    algorithms, registry, registered = domainbed
+    if "FQAT" not in registered:
+        pytest.skip("plugin of FQAT not installed")
+    # τ = 0 with the reverse rule freezes every scale factor at the first window (K = 3 steps).
+    hparams = _hparams(registry, "FQAT", freeze_steps=3, freeze_if="above_tau", freeze_tau=0.0)
+    algorithm = algorithms.FQAT((3, 8, 8), 3, 2, hparams)
+    for i in range(5):  # one window closed at step 3, the next one open with 2 gradients
+        algorithm.update(_minibatches(seed=i))
+    run = algorithm.trainer.host.pm.get_plugin("dg_quant.fqat.run")
+    assert run.frozen and run.rows and all(w.pairs == 1 for w in run.windows.values())
+
+    path = tmp_path / "model.pkl"
+    torch.save({"model_hparams": hparams, "model_dict": algorithm.state_dict()}, path)
+    saved = torch.load(path, weights_only=True)
+    clone = algorithms.FQAT((3, 8, 8), 3, 2, saved["model_hparams"])
+    clone.load_state_dict(saved["model_dict"])
+    again = clone.trainer.host.pm.get_plugin("dg_quant.fqat.run")
+    assert clone.trainer.step == 5 and again.rows == run.rows
+    assert again.frozen.keys() == run.frozen.keys() == run.scales.keys()
+    assert all(torch.equal(again.frozen[k], m) for k, m in run.frozen.items())
+    for label, window in run.windows.items():
+        assert again.windows[label].pairs == window.pairs
+        assert torch.equal(again.windows[label].events, window.events)
+    assert clone.update(_minibatches(seed=9))["fqat/frozen_scales"] == len(run.scales)
 
 def test_deepcopy_rebuilds_an_independent_equal_algorithm(domainbed):
     algorithms, registry, _ = domainbed
@@ -472,6 +598,136 @@ def test_launcher_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "--domainbed" in err and "error:" in err
 
 
+# -- the end of training (dgq_train_end after train.py) -------------------------------------
+
+
+def _train(root: Path, out: Path, algorithm: str, *extra: str, **hparams) -> int:
+    return launcher.main(["train", "--domainbed", str(root), "--algorithm", algorithm, "--output_dir", str(out),
+                          "--hparams", json.dumps(hparams), *extra])
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)  # DomainBed's reload recipe (#21)
+
+
+def _rebuild(saved: dict):
+    import domainbed.algorithms as algorithms
+
+    cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
+    algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
+                    saved["model_hparams"])
+    algorithm.load_state_dict(saved["model_dict"])
+    return algorithm
+
+
+def _on_grid(algorithm) -> list[bool]:
+    """Per quantized weight: do its values lie on its quantizer's integer grid?"""
+    flags = []
+    for _name, module, tensor_name, q in iter_quantized_weights(algorithm.network):
+        steps = getattr(module, tensor_name) / q.step
+        flags.append(q.enabled and bool(torch.allclose(steps, steps.round(), atol=1e-3)))
+    return flags
+
+
+PTQ_HPARAMS = {"bits": 4, "ptq_samples": 16, "ptq_batch_size": 8}
+
+
+def test_obc_algorithm_ends_with_ptq_weights_and_a_final_record(fake_root, tmp_path):
+    import domainbed.datasets as datasets
+
+    out = tmp_path / "obc"
+    assert _train(fake_root, out, "OBC", "--steps", "3", **PTQ_HPARAMS) == 0
+    fp, ptq = _rebuild(_load(out / "model_fp.pkl")), _rebuild(_load(out / "model.pkl"))
+    assert _on_grid(fp) == [False] and _on_grid(ptq) == [True]  # featurizer.conv; the head stays FP
+    assert ptq.trainer.step == fp.trainer.step == 3
+    final = json.loads((out / "dgq_final.json").read_text())
+    assert final["algorithm"] == "OBC" and final["model_changed"] is True and final["fp_model"] == "model_fp.pkl"
+    assert final["quantized"] is True and final["compression_ratio"] > 1 and final["packed_mb"] > 0
+    assert final["steps"] == 3 and final["ptq/layers"] == 1 and final["ptq/error"] <= final["ptq/rtn_error"]
+    # The PTQ model is scored again on every split, as train.py scores it.
+    for split in ("env0_in", "env1_in", "env2_out"):
+        assert 0.0 <= final[f"{split}_acc"] <= 1.0
+    assert json.loads((out / "ptq.json").read_text())["calibration_split"] == "train"
+    # Calibration built the dataset once more, without augmentation; train.py's was the first.
+    assert [b["data_augmentation"] for b in datasets.BUILT] == [True, False]
+
+
+def test_calibration_draws_training_in_splits_only_seeded(fake_root):
+    import domainbed.datasets as datasets
+    import domainbed.lib.misc as misc
+
+    from dg_quant.adapters.domainbed.finish import DomainBedCalibration
+
+    args = {"dataset": "Toy", "data_dir": "unused", "test_envs": [0], "holdout_fraction": 0.2,
+            "trial_seed": 1, "seed": 3}
+    calibration = DomainBedCalibration(args, {"data_augmentation": True}, torch.device("cpu"))
+    assert datasets.BUILT == []  # nothing is loaded until a plugin asks
+    first = torch.cat(list(calibration(40, 16)))
+    assert len(datasets.BUILT) == 1 and datasets.BUILT[0]["data_augmentation"] is False
+    assert first.shape == (40, 3, 8, 8)
+    assert torch.equal(first, torch.cat(list(calibration(40, 16))))  # every pass sees the same images
+    ids = {int(v) for v in first[:, 0, 0, 0]}
+    allowed = set()
+    for env_i in (1, 2):
+        _out, in_ = misc.split_dataset(range(30), 6, misc.seed_hash(1, env_i))
+        allowed |= {100 * env_i + k for k in in_}
+    assert ids <= allowed and len(ids) == 40  # training envs' in-splits: no test env, no out-split
+    other_seed = DomainBedCalibration({**args, "seed": 4}, {}, torch.device("cpu"))
+    assert not torch.equal(first, torch.cat(list(other_seed(40, 16))))
+
+
+def test_fqat_writes_its_disorder_log_without_loading_data(fake_root, tmp_path):
+    import domainbed.datasets as datasets
+
+    out = tmp_path / "fqat"
+    assert _train(fake_root, out, "FQAT", "--steps", "4", freeze_steps=2) == 0
+    rows = [json.loads(line) for line in (out / "fqat_disorder.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {2, 4} and all("disorder" in r for r in rows)
+    final = json.loads((out / "dgq_final.json").read_text())
+    assert final["model_changed"] is False and final["fqat/scale_factors"] > 0
+    assert final["quantized"] is True and "compression_ratio" in final
+    assert not (out / "model_fp.pkl").exists() and "fp_model" not in final
+    assert len(datasets.BUILT) == 1  # train.py's own dataset only: FQAT asked for no images
+
+
+def test_erm_output_is_untouched(fake_root, tmp_path):
+    out = tmp_path / "erm"
+    assert _train(fake_root, out, "ERM", "--steps", "2") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["done", "model.pkl", "results.jsonl"]
+
+
+def test_end_of_training_runs_once_per_saved_model(fake_root, tmp_path):
+    from dg_quant.adapters.domainbed import finish
+
+    out = tmp_path / "obc"
+    assert _train(fake_root, out, "OBC", "--steps", "2", **PTQ_HPARAMS) == 0
+    assert finish.is_finished(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    args = _load(out / "model.pkl")["args"]
+    assert finish.finish_training({"args": args}) is None  # done already: nothing is quantized twice
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    (out / "dgq_final.json").unlink()  # as if the process died right after rewriting model.pkl
+    assert finish.is_finished(out) and finish.finish_training({"args": args}) is None
+    assert (out / "model_fp.pkl").stat().st_mtime_ns == stamps["model_fp.pkl"]  # the FP model is kept
+    torch.save(_load(out / "model_fp.pkl"), out / "model.pkl")  # a new train.py run saved a new model
+    assert not finish.is_finished(out)
+
+
+def test_a_run_without_its_algorithm_is_finished_from_model_pkl(fake_root, tmp_path, monkeypatch):
+    from dg_quant.adapters.domainbed import finish
+
+    seen = []
+    monkeypatch.setattr(finish, "finish_training", lambda namespace: seen.append(dict(namespace)))
+    out = tmp_path / "obc"
+    assert _train(fake_root, out, "OBC", "--steps", "2", **PTQ_HPARAMS) == 0
+    assert not (out / "dgq_final.json").exists() and seen[0]["algorithm"].trainer.step == 2
+    monkeypatch.undo()
+    final = finish.finish_training({"args": seen[0]["args"]})  # the script's globals minus its algorithm
+    assert final is not None and final["model_changed"] is True and final["steps"] == 2
+    assert "env0_in_acc" not in final  # no loaders of the rebuilt model's run: no re-scoring
+    assert _on_grid(_rebuild(_load(out / "model.pkl"))) == [True]
+
+
 # -- a real DomainBed checkout (slow; DGQ_DOMAINBED=<checkout root>) --------------------------
 
 
@@ -492,6 +748,9 @@ def test_real_domainbed_train_and_collect_results(tmp_path):
     assert len(runs) == 3 and all((p.parent / "done").exists() for p in runs)
     last = json.loads(runs[0].read_text().splitlines()[-1])
     assert last["quantized"] == 1.0 and last["hparams"]["bits"] == 7
+    for path in runs:  # sweep jobs come back through the launcher, so their end of training runs
+        final = json.loads((path.parent / "dgq_final.json").read_text())
+        assert final["algorithm"] == "QTDoG" and final["steps"] == 3 and final["compression_ratio"] > 1
     table = subprocess.run([*run, "collect_results", "--domainbed", root, "--input_dir", str(out)],
                            check=True, capture_output=True, text=True, timeout=600).stdout
     assert "QTDoG" in table

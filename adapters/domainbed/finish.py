@@ -1,0 +1,204 @@
+"""The end of a DomainBed run: the plugins' ``dgq_train_end``, which DomainBed's ``train.py`` lacks.
+
+The launcher runs ``train.py`` in its own process, so when the script returns its globals still
+hold the trained ``algorithm``, whose plugins keep their per-run state (FQAT's disorder windows,
+INQ's partitions). ``finish_training`` runs ``Trainer.finish`` on it (or, when the script left
+no algorithm behind, on one rebuilt from ``model.pkl``), then:
+
+- if a hook changed the model (post-training quantization), ``model.pkl`` becomes the changed
+  model and ``model_fp.pkl`` keeps the one ``train.py`` saved;
+- ``dgq_final.json`` gets the hooks' numbers, ``evaluation_extras()`` (compression ratio, packed
+  MB) and, for a changed model, every split's accuracy re-measured as ``train.py`` measures it.
+
+A ``model.pkl`` already finished (rewritten by it, or ``dgq_final.json`` at least as new) is left
+alone, so a model is never post-training quantized twice. PTQ plugins
+get ``config.calibration_batches`` over the training environments' in-splits only; the dataset is
+built when a plugin first asks for images.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
+from dg_quant.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from dg_quant.speed import model_device
+
+FINAL_FILE = "dgq_final.json"
+MODEL_FILE = "model.pkl"
+FP_MODEL_FILE = "model_fp.pkl"
+
+
+FINISHED_KEY = "dgq_finished"  # in a model.pkl that end-of-training hooks rewrote
+
+
+def is_finished(output_dir: Path) -> bool:
+    """True when ``model.pkl`` is one this module rewrote (even if the process died before
+    ``dgq_final.json``), or ``dgq_final.json`` exists and ``model.pkl`` was not saved after it."""
+    final, model = output_dir / FINAL_FILE, output_dir / MODEL_FILE
+    if model.exists() and torch.load(model, map_location="cpu", weights_only=False, mmap=True).get(FINISHED_KEY):
+        return True
+    if not final.exists():
+        return False
+    return not model.exists() or final.stat().st_mtime_ns >= model.stat().st_mtime_ns
+
+
+class DomainBedCalibration:
+    """``config.calibration_batches`` for a DomainBed run: training environments only, seeded.
+
+    The images are the training environments' in-splits, split exactly as ``train.py`` splits
+    them (so neither the test environments nor the validation out-splits are seen), with the
+    dataset's own transform without augmentation (every calibration pass sees the same pixels).
+    The dataset is built on the first call only.
+    """
+
+    def __init__(self, args: Mapping[str, Any], hparams: Mapping[str, Any], device: torch.device,
+                 package: str = "domainbed") -> None:
+        self.args, self.hparams, self.device, self.package = args, dict(hparams), device, package
+        self._train: Dataset | None = None
+        self._workers = 0
+        self._loaders: dict[tuple[int, int], DataLoader] = {}
+
+    def training_images(self) -> Dataset:
+        """The training environments' in-splits, concatenated (built once)."""
+        if self._train is None:
+            datasets = importlib.import_module(f"{self.package}.datasets")
+            misc = importlib.import_module(f"{self.package}.lib.misc")
+            args, test_envs = self.args, list(self.args["test_envs"])
+            dataset = datasets.get_dataset_class(args["dataset"])(
+                args["data_dir"], test_envs, {**self.hparams, "data_augmentation": False})
+            splits = []
+            for env_i, env in enumerate(dataset):
+                if env_i in test_envs:
+                    continue
+                _out, in_ = misc.split_dataset(env, int(len(env) * args["holdout_fraction"]),
+                                               misc.seed_hash(args["trial_seed"], env_i))
+                splits.append(in_)
+            self._train = ConcatDataset(splits)
+            self._workers = int(getattr(dataset, "N_WORKERS", 0))
+        return self._train
+
+    def _loader(self, num_samples: int, batch_size: int) -> DataLoader:
+        key = (num_samples, batch_size)
+        if key not in self._loaders:
+            train = self.training_images()
+            generator = torch.Generator().manual_seed(int(self.args.get("seed", 0)))
+            chosen = torch.randperm(len(train), generator=generator)[:num_samples].tolist()
+            self._loaders[key] = DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False,
+                                            num_workers=self._workers, persistent_workers=self._workers > 0)
+        return self._loaders[key]
+
+    def __call__(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
+        """Up to ``num_samples`` inputs on the model's device, the same ones in the same order each call."""
+        for x, *_ in self._loader(num_samples, batch_size):
+            yield x.to(self.device)
+
+
+def load_algorithm(path: Path, algorithms: ModuleType, device: torch.device) -> nn.Module:
+    """Rebuild a saved algorithm with DomainBed's reload recipe (its plugins start with fresh state)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # this run's own train.py wrote it
+    cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
+    algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
+                    saved["model_hparams"])
+    algorithm.load_state_dict(saved["model_dict"])
+    return algorithm.to(device)
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """The model's state, copied (tensors and extra state such as quantizer flags)."""
+    return copy.deepcopy({k: v.detach() if isinstance(v, torch.Tensor) else v
+                          for k, v in model.state_dict().items()})
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equality through dicts and lists of tensors (``==`` on such containers is ambiguous)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _accuracies(algorithm: nn.Module, namespace: Mapping[str, Any], misc: ModuleType,
+                device: torch.device) -> dict[str, float]:
+    """Every split's accuracy with ``train.py``'s own loaders (none when the script has other names)."""
+    names, loaders = namespace.get("eval_loader_names"), namespace.get("eval_loaders")
+    if not names or not loaders:
+        return {}
+    weights = namespace.get("eval_weights") or [None] * len(loaders)
+    return {f"{name}_acc": float(misc.accuracy(algorithm, loader, w, device))
+            for name, loader, w in zip(names, loaders, weights)}
+
+
+def _write_back(output_dir: Path, algorithm: nn.Module) -> None:
+    """``model.pkl`` := the changed model, after ``model_fp.pkl`` := what ``train.py`` saved."""
+    model_path = output_dir / MODEL_FILE
+    atomic_write_bytes(output_dir / FP_MODEL_FILE, model_path.read_bytes())
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    atomic_torch_save(model_path, {**saved, "model_dict": algorithm.state_dict(), FINISHED_KEY: True})
+
+
+def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") -> dict[str, Any] | None:
+    """Run the end of training for the run whose ``train.py`` globals are ``namespace``.
+
+    Returns what was written to ``dgq_final.json``, or None when there was nothing to do (not a
+    dg-quant algorithm, already finished, or no trained model to finish).
+    """
+    args = namespace.get("args")
+    if args is None:
+        return None
+    args = dict(vars(args)) if not isinstance(args, Mapping) else dict(args)
+    algorithms = importlib.import_module(f"{package}.algorithms")
+    if not issubclass(algorithms.get_algorithm_class(args["algorithm"]), DGQuantAlgorithm):
+        return None  # ERM and DomainBed's other algorithms: nothing of ours to run
+    output_dir = Path(args["output_dir"])
+    if is_finished(output_dir):
+        print(f"dg-quant: {output_dir / FINAL_FILE} is up to date; end of training not run again")
+        return None
+    algorithm = namespace.get("algorithm")
+    if not isinstance(algorithm, DGQuantAlgorithm):
+        if not (output_dir / MODEL_FILE).exists():
+            print(f"dg-quant: no trained algorithm and no {MODEL_FILE} in {output_dir}; end of training skipped",
+                  file=sys.stderr)
+            return None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        algorithm = load_algorithm(output_dir / MODEL_FILE, algorithms, device)
+        namespace = {}  # the loaders of the script's globals do not describe this model
+
+    device = model_device(algorithm.network)
+    config = algorithm.trainer.config
+    config.calibration_batches = DomainBedCalibration(args, algorithm.hparams, device, package)
+    before = _snapshot(algorithm.network)
+    try:
+        numbers = algorithm.trainer.finish(str(output_dir))
+    finally:
+        del config.calibration_batches
+    changed = not _equal(before, _snapshot(algorithm.network))
+    final: dict[str, Any] = {
+        "algorithm": args["algorithm"], "plugins": list(algorithm.PLUGINS), "dataset": args.get("dataset"),
+        "test_envs": args.get("test_envs"), "steps": algorithm.trainer.step, "model_changed": changed,
+        **numbers, **algorithm.evaluation_extras(),
+    }
+    if changed:
+        misc = importlib.import_module(f"{package}.lib.misc")
+        final.update(_accuracies(algorithm, namespace, misc, device))
+        if (output_dir / MODEL_FILE).exists():  # absent with --skip_model_save
+            _write_back(output_dir, algorithm)
+            final["fp_model"] = FP_MODEL_FILE
+    atomic_write_json(output_dir / FINAL_FILE, final)
+    print(f"dg-quant: end of training done; wrote {output_dir / FINAL_FILE}"
+          + (f" (model changed: {MODEL_FILE} updated, {FP_MODEL_FILE} keeps the trained one)"
+             if final.get("fp_model") else ""))
+    return final
