@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -85,7 +86,8 @@ class DomainBedCalibration:
                                                misc.seed_hash(args["trial_seed"], env_i))
                 splits.append(in_)
             self._train = ConcatDataset(splits)
-            self._workers = int(getattr(dataset, "N_WORKERS", 0))
+            # DomainBed's N_WORKERS (8), but no more than this machine has cores for.
+            self._workers = min(int(getattr(dataset, "N_WORKERS", 0)), os.cpu_count() or 1)
         return self._train
 
     def _loader(self, num_samples: int, batch_size: int) -> DataLoader:
