@@ -26,18 +26,18 @@ from dg_quant.options import add_options, option, read_options
 from dg_quant.quant.api import plan
 from dg_quant.quant.config import MAX_BITS, MIN_BITS, LSQConfig, QuantConfig
 from dg_quant.quant.inq import (
+    APPLIED_BUFFER,
     DEFAULT_PARTITIONS,
+    EXPONENTS_BUFFER,
+    FROZEN_BUFFER,
     STRATEGIES,
     PartitionSchedule,
     inq_exponents,
     inq_project,
+    iter_inq_layers,
     next_frozen_mask,
     parse_partitions,
 )
-
-FROZEN = "inq_frozen"
-EXPONENTS = "inq_exponents"
-APPLIED = "inq_partitions_applied"
 
 
 @dataclass
@@ -66,9 +66,8 @@ class InqOptions:
 
 def inq_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The modules this plugin prepared (those holding the INQ buffers)."""
-    for name, module in model.named_modules():
-        if hasattr(module, FROZEN):
-            yield name, module
+    for layer in iter_inq_layers(model):
+        yield layer.name, layer.module
 
 
 def prepare_inq(model: nn.Module, options: InqOptions) -> list[str]:
@@ -80,12 +79,12 @@ def prepare_inq(model: nn.Module, options: InqOptions) -> list[str]:
         module = modules[name]
         if not weights or not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
             continue
-        if hasattr(module, FROZEN):
+        if hasattr(module, FROZEN_BUFFER):
             continue
         weight = module.weight
-        module.register_buffer(FROZEN, torch.zeros_like(weight, dtype=torch.bool))
-        module.register_buffer(EXPONENTS, torch.zeros(2, dtype=torch.long, device=weight.device))
-        module.register_buffer(APPLIED, torch.zeros((), dtype=torch.long, device=weight.device))
+        module.register_buffer(FROZEN_BUFFER, torch.zeros_like(weight, dtype=torch.bool))
+        module.register_buffer(EXPONENTS_BUFFER, torch.zeros(2, dtype=torch.long, device=weight.device))
+        module.register_buffer(APPLIED_BUFFER, torch.zeros((), dtype=torch.long, device=weight.device))
         names.append(name)
     return names
 
@@ -95,15 +94,15 @@ def apply_partitions(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     """Bring every INQ tensor up to ``due`` partitions; returns how many tensors changed."""
     changed = 0
     for _, module in inq_modules(model):
-        applied = int(getattr(module, APPLIED))
+        applied = int(getattr(module, APPLIED_BUFFER))
         if applied >= due:
             continue
         weight = module.weight
         if applied == 0:  # n1, n2 are fixed once, from the weights at the first partition
-            getattr(module, EXPONENTS).copy_(torch.tensor(inq_exponents(weight, options.bits)))
-        frozen = getattr(module, FROZEN)
+            getattr(module, EXPONENTS_BUFFER).copy_(torch.tensor(inq_exponents(weight, options.bits)))
+        frozen = getattr(module, FROZEN_BUFFER)
         frozen.copy_(next_frozen_mask(weight, frozen, options.fractions[due - 1], options.inq_strategy))
-        getattr(module, APPLIED).fill_(due)
+        getattr(module, APPLIED_BUFFER).fill_(due)
         _restore_frozen(module)
         if optimizer is not None:
             _mask_optimizer_state(optimizer, weight, frozen)
@@ -112,8 +111,8 @@ def apply_partitions(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
 
 
 def _restore_frozen(module: nn.Module) -> None:
-    n1, n2 = (int(v) for v in getattr(module, EXPONENTS))
-    frozen = getattr(module, FROZEN)
+    n1, n2 = (int(v) for v in getattr(module, EXPONENTS_BUFFER))
+    frozen = getattr(module, FROZEN_BUFFER)
     with torch.no_grad():
         module.weight.copy_(torch.where(frozen, inq_project(module.weight, n1, n2), module.weight))
 
@@ -128,7 +127,7 @@ def _mask_optimizer_state(optimizer: torch.optim.Optimizer, weight: torch.Tensor
 def frozen_fraction(model: nn.Module) -> float:
     frozen = total = 0
     for _, module in inq_modules(model):
-        mask = getattr(module, FROZEN)
+        mask = getattr(module, FROZEN_BUFFER)
         frozen += int(mask.sum())
         total += mask.numel()
     return frozen / max(total, 1)
@@ -163,15 +162,15 @@ def dgq_after_backward(model: nn.Module) -> None:
     for _, module in inq_modules(model):
         grad = module.weight.grad
         if grad is not None:
-            grad.masked_fill_(getattr(module, FROZEN), 0)
+            grad.masked_fill_(getattr(module, FROZEN_BUFFER), 0)
 
 
 @hookimpl
 @torch.no_grad()
 def dgq_after_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for _, module in inq_modules(model):
-        frozen = getattr(module, FROZEN)
-        if int(getattr(module, APPLIED)) and frozen.any():
+        frozen = getattr(module, FROZEN_BUFFER)
+        if int(getattr(module, APPLIED_BUFFER)) and frozen.any():
             _restore_frozen(module)
             _mask_optimizer_state(optimizer, module.weight, frozen)
 

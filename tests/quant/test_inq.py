@@ -15,6 +15,7 @@ from dg_quant.quant.inq import (
     inq_exponents,
     inq_levels,
     inq_project,
+    iter_inq_layers,
     next_frozen_mask,
     parse_partitions,
 )
@@ -111,6 +112,12 @@ def test_weights_off_the_levels_are_flagged_not_rounded():
 
 
 def test_plugin_registers_the_buffers_the_core_reads():
+    from torch import nn
+
     from dg_quant.plugins import inq as plugin
 
-    assert (plugin.FROZEN, plugin.EXPONENTS, plugin.APPLIED) == INQ_BUFFERS
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 2))
+    prepared = plugin.prepare_inq(model, plugin.InqOptions())
+    assert prepared and [layer.name for layer in iter_inq_layers(model)] == prepared
+    for name in prepared:
+        assert set(INQ_BUFFERS) <= {b for b, _ in getattr(model, name).named_buffers()}
