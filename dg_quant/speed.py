@@ -9,6 +9,7 @@ offered: it needs loss scaling, which would rescale the gradients SAGM and FQAT 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 from dataclasses import dataclass
 
@@ -17,9 +18,10 @@ from torch import nn
 
 from dg_quant.errors import ConfigError
 from dg_quant.options import option
-from dg_quant.quant.api import iter_quantizers, set_compiled_kernels
+from dg_quant.quant.api import set_compiled_kernels
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+QUANT_KERNELS = ("eager", "compiled")
 
 
 @dataclass
@@ -34,13 +36,13 @@ class SpeedOptions:
     compile: bool = option(False, "torch.compile the model in place (the first steps are slow while it compiles)")
     quant_kernels: str = option(
         "eager", "LSQ fake-quant kernels: eager, or fused torch.compile kernels (compiled on first use)",
-        choices=("eager", "compiled"),
+        choices=QUANT_KERNELS,
     )
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
-        if self.quant_kernels not in ("eager", "compiled"):
+        if self.quant_kernels not in QUANT_KERNELS:
             raise ConfigError(f"--quant-kernels {self.quant_kernels}: choose eager or compiled")
 
     @property
@@ -69,8 +71,8 @@ def prepare_model(model: nn.Module, options: SpeedOptions) -> nn.Module:
         model.to(memory_format=torch.channels_last)
     if options.needs_compiler:
         check_compiler(model_device(model))
-    if options.quant_kernels == "compiled" and any(True for _ in iter_quantizers(model)):
-        set_compiled_kernels(model)
+    if options.quant_kernels == "compiled":
+        set_compiled_kernels(model)  # every quantizer the methods attached (none: nothing to do)
     if options.compile:
         model.compile()  # in place: checkpoints keep their keys, hooks still see the same module
     return model
@@ -81,6 +83,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not _cuda_bf16(device.index):
         raise ConfigError(f"--precision {precision}: this GPU has no bf16 support; use --precision fp32")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@functools.cache
+def _cuda_bf16(index: int | None) -> bool:
+    """Asked once per GPU: ``autocast`` runs every step, the answer never changes."""
+    with torch.cuda.device(index):
+        return torch.cuda.is_bf16_supported()
