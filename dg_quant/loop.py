@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -168,3 +169,20 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, int | float | bool):
             out[key] = float(value)
     return out
+
+
+def state_snapshot(model: nn.Module) -> dict[str, Any]:
+    """A copy of the model's state (tensors and extra state such as quantizer flags), to tell
+    afterwards whether end-of-training hooks (post-training quantization) changed the model."""
+    return copy.deepcopy({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()})
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Equality through dicts and lists of tensors (``==`` on such containers is ambiguous)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return bool(a == b)

@@ -18,7 +18,6 @@ built when a plugin first asks for images.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 import sys
@@ -33,6 +32,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
 from dg_quant.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from dg_quant.loop import same_state, state_snapshot
 from dg_quant.speed import model_device
 
 FINAL_FILE = "dgq_final.json"
@@ -116,23 +116,6 @@ def load_algorithm(path: Path, algorithms: ModuleType, device: torch.device) -> 
     return algorithm.to(device)
 
 
-def _snapshot(model: nn.Module) -> dict[str, Any]:
-    """The model's state, copied (tensors and extra state such as quantizer flags)."""
-    return copy.deepcopy({k: v.detach() if isinstance(v, torch.Tensor) else v
-                          for k, v in model.state_dict().items()})
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """Equality through dicts and lists of tensors (``==`` on such containers is ambiguous)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
 def _accuracies(algorithm: nn.Module, namespace: Mapping[str, Any], misc: ModuleType,
                 device: torch.device) -> dict[str, float]:
     """Every split's accuracy with ``train.py``'s own loaders (none when the script has other names)."""
@@ -182,12 +165,12 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
     device = model_device(algorithm.network)
     config = algorithm.trainer.config
     config.calibration_batches = DomainBedCalibration(args, algorithm.hparams, device, package)
-    before = _snapshot(algorithm.network)
+    before = state_snapshot(algorithm.network)
     try:
         numbers = algorithm.trainer.finish(str(output_dir))
     finally:
         del config.calibration_batches
-    changed = not _equal(before, _snapshot(algorithm.network))
+    changed = not same_state(before, state_snapshot(algorithm.network))
     final: dict[str, Any] = {
         "algorithm": args["algorithm"], "plugins": list(algorithm.PLUGINS), "dataset": args.get("dataset"),
         "test_envs": args.get("test_envs"), "steps": algorithm.trainer.step, "model_changed": changed,

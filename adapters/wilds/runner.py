@@ -37,7 +37,7 @@ from dg_quant.errors import CheckpointError, ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
-from dg_quant.loop import Trainer, scalar_metrics
+from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
 from dg_quant.quant import compression_report
 from dg_quant.registry import create_adapter
 from dg_quant.results import load_final
@@ -374,10 +374,10 @@ class Run:
 
     def _finish(self) -> dict[str, Any]:
         self.config.calibration_batches = self.calibration_batches  # for PTQ plugins (dg_quant.obc)
-        before = _snapshot(self.model)
+        before = state_snapshot(self.model)
         extras = self.trainer.finish(str(self.log_dir))
         del self.config.calibration_batches
-        if _changed(before, _snapshot(self.model)):
+        if not same_state(before, state_snapshot(self.model)):
             # An end-of-training hook changed the model (e.g. post-training quantization):
             # the last record must describe the model that is saved, so evaluate it again.
             record = {"step": self.trainer.step, "epoch": self.records[-1]["epoch"], "phase": "train_end"}
@@ -405,18 +405,6 @@ class Run:
         }
         atomic_write_json(self.log_dir / "final.json", final)
         return final
-
-
-def _snapshot(model: nn.Module) -> dict[str, Any]:
-    """The model's state (tensors copied; extra state such as quantizer flags as is)."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
-
-
-def _changed(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    if before.keys() != after.keys():
-        return True
-    return not all(torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k]
-                   for k, v in after.items())
 
 
 def _drop_empty_groups(results: dict[str, Any]) -> dict[str, Any]:
