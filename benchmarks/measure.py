@@ -105,11 +105,12 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def aten_ops(fn: Callable[[], object]) -> int | None:
+def aten_ops(fn: Callable[[], object]) -> int:
     """ATen operators one call of ``fn`` dispatches, views excluded (a ``_foreach_*`` op is one).
 
     On a GPU nearly each one is a kernel launch with a few microseconds of CPU cost, so this is
-    the launch overhead a step carries, measurable on any device. None for compiled models.
+    the launch overhead a step carries, measurable on any device (not meaningful for a compiled
+    model, whose fused kernels dispatch differently: the harness leaves it out there).
     """
     counter = _OpCounter()
     with counter:
