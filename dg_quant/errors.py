@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
+from types import ModuleType
 
 
 class DGQuantError(Exception):
@@ -24,6 +26,27 @@ class DataError(DGQuantError, FileNotFoundError):
 
 class CheckpointError(DGQuantError, RuntimeError):
     """A checkpoint or exported model is missing, truncated or corrupt."""
+
+
+# optional package -> the dg-quant extra that installs it (pyproject.toml [project.optional-dependencies])
+OPTIONAL_EXTRAS = {"open_clip": "clip", "transformers": "text", "matplotlib": "plots"}
+
+
+def require_optional(module: str) -> ModuleType:
+    """Import an optional dependency, or fail in one line naming the extra that installs it.
+
+    Heavy libraries only some users need (CLIP, text encoders, plotting) are extras, so that
+    installing dg-quant into an existing environment pulls in no more than it must.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != module.split(".")[0]:
+            raise
+        extra = OPTIONAL_EXTRAS.get(module.split(".")[0], "all")
+        raise ConfigError(
+            f"this needs the optional package {module.split('.')[0]!r}: pip install 'dg-quant[{extra}]'"
+        ) from None
 
 
 def run_command(prog: str, body: Callable[[], object]) -> int:

@@ -26,7 +26,7 @@ from dg_quant.adapters.backbones.weights import (
     require_hub_cache,
     wants_pretrained,
 )
-from dg_quant.errors import ConfigError
+from dg_quant.errors import ConfigError, require_optional
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
 
@@ -81,7 +81,7 @@ def clip_vit_b16(
     img_size: int = 224,
 ) -> DGModel:
     """open_clip ViT-B/16 visual tower; ``tag``: ``openai`` (default), ``laion2b_s34b_b88k``, ..."""
-    import open_clip
+    open_clip = require_optional("open_clip")
 
     cfg = open_clip.get_pretrained_cfg(ARCH, tag)
     if not cfg:
@@ -121,7 +121,7 @@ def clip_vit_b16(
 @register_adapter
 def test_clip_vit(num_classes: int, img_size: int = 32) -> DGModel:
     """The same open_clip ``VisionTransformer`` class with two narrow blocks, for fast tests."""
-    from open_clip.transformer import VisionTransformer
+    VisionTransformer = require_optional("open_clip.transformer").VisionTransformer  # noqa: N806
 
     visual = VisionTransformer(
         image_size=img_size, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16

@@ -27,7 +27,7 @@ from dg_quant.adapters.backbones.weights import (
     local_path,
     wants_pretrained,
 )
-from dg_quant.errors import ConfigError
+from dg_quant.errors import ConfigError, require_optional
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
 
@@ -166,6 +166,7 @@ def text_adapter(
     ``tokenizer`` overrides where the tokenizer comes from (a folder, hub name or object);
     ``config`` builds a randomly initialised encoder without any download.
     """
+    require_optional("transformers")
     folder = _folder(weights)
     tok = load_tokenizer(
         tokenizer if tokenizer is not None else (folder or name)
@@ -264,6 +265,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 @register_adapter
 def test_distilbert(num_classes: int, max_token_length: int = 32, **config: Any) -> DGModel:
     """DistilBERT's code path with two narrow layers and a character tokenizer, for fast tests."""
+    require_optional("transformers")
     from transformers import DistilBertConfig
 
     tok = char_tokenizer()

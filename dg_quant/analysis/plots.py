@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
+from dg_quant.errors import require_optional
 from dg_quant.io import atomic_write_bytes, atomic_write_text
+
+Figure = require_optional("matplotlib.figure").Figure  # one line naming the extra when it is missing
 
 
 def save_frame(frame: pd.DataFrame, path: str | Path) -> Path:

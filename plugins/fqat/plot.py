@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dg_quant.errors import DataError
+from dg_quant.errors import DataError, require_optional
 from dg_quant.io import atomic_write_bytes
 from dg_quant.plugins.fqat.run import LOG_FILE
 
@@ -26,8 +26,7 @@ def disorder_frame(log_dir: str | Path) -> pd.DataFrame:
 
 def plot_disorder(log_dir: str | Path, out: str | Path | None = None, tau: float | None = None) -> Path:
     """Two panels: disorder per scale factor over steps, and which scale factors were frozen."""
-    import matplotlib
-
+    matplotlib = require_optional("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
