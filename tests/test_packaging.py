@@ -77,10 +77,16 @@ def test_the_readme_setup_uses_the_constraints() -> None:
     assert "-c constraints.txt" in setup.splitlines()[1]
 
 
+def _uninstall(module: str, monkeypatch) -> None:
+    """Make ``import module`` (and its submodules, even when already imported) raise ModuleNotFoundError."""
+    for name in [module, *(n for n in sys.modules if n.startswith(module + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 @pytest.mark.parametrize(("module", "extra"), [("open_clip", "clip"), ("transformers", "text"),
                                                ("matplotlib", "plots")])
 def test_a_missing_extra_fails_in_one_line_naming_it(module, extra, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, module, None)  # import now raises ModuleNotFoundError
+    _uninstall(module, monkeypatch)
     with pytest.raises(ConfigError, match=rf"pip install 'dg-quant\[{extra}\]'") as info:
         require_optional(module)
     assert "\n" not in str(info.value)
@@ -89,6 +95,6 @@ def test_a_missing_extra_fails_in_one_line_naming_it(module, extra, monkeypatch)
 def test_a_backbone_whose_extra_is_missing_names_the_extra(monkeypatch) -> None:
     from dg_quant.registry import create_adapter
 
-    monkeypatch.setitem(sys.modules, "open_clip", None)
+    _uninstall("open_clip", monkeypatch)
     with pytest.raises(ConfigError, match=r"dg-quant\[clip\]"):
         create_adapter("test_clip_vit", num_classes=3)
