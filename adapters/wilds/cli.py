@@ -4,6 +4,7 @@
     wilds_run --plugin dg_quant.qtdog --bits 7      # QT-DoG on the same data
     wilds_run -d pacs --root_dir DATA --test_domain sketch        # DomainBed-layout folders
     wilds_run -d camelyon17 --root_dir DATA                       # WILDS' own loader and metrics
+    wilds_run --config run.yaml --seed 1                          # settings from a file, flags win
 
 ``--plugin`` is read first (like pytest's ``-p``) so that plugins can add their own flags.
 """
@@ -14,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dg_quant.adapters.wilds.config_file import config_argv, file_plugins, read_config_file
 from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
 from dg_quant.adapters.wilds.presets import apply_preset
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
@@ -27,6 +29,7 @@ PROG = "wilds_run"
 def _plugin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME")
+    parser.add_argument("--config", default=None)
     return parser
 
 
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
                         help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; "
                              "none means ERM")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML (or a run's config.json) of settings, keys named as the flags; "
+                             "flags on the command line override it")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", "-d", default=DEFAULT_DATASET,
                       help="dataset: rotated_digits (embedded); pacs, vlcs, office_home, terra_incognita, "
@@ -103,10 +109,11 @@ def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plugin
     """Load the plugins named in ``argv``, then parse every flag into one config."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = _plugin_parser().parse_known_args(argv)
-    host = PluginHost(pre.plugin)
+    values = read_config_file(pre.config) if pre.config else {}
+    host = PluginHost([*file_plugins(values), *pre.plugin])
     parser = build_parser()
     host.add_options(parser)
-    config = parser.parse_args(argv)
+    config = parser.parse_args(config_argv(values, parser, pre.config) + argv)
     apply_preset(config, config.dataset)
     _check(config, parser)
     if config.log_dir is None:
