@@ -43,8 +43,9 @@ def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
     """Validate options and set up per-run state (historic: replayed to late plugins).
 
     A plugin that keeps state across steps registers an object holding it with
-    ``host.register(obj, name=...)`` here, rather than keeping module globals; the name keys its
-    ``dgq_state_dict`` in checkpoints, so it must be the same in every run.
+    ``host.register(obj, name=...)`` here, rather than keeping module globals. If that object has
+    ``state_dict()``/``load_state_dict(state)`` (``dg_quant.host.Stateful``), its state travels in
+    the run's checkpoint under that name, so the name must be the same in every run.
     Raise ``dg_quant.errors.ConfigError`` for a bad setting.
 
     :param config: the run's settings.
@@ -185,41 +186,4 @@ def dgq_train_end(model: nn.Module, config: argparse.Namespace, log_dir: str | N
     :return: flat ``{name: number}`` merged into the final results, or None.
 
     .. versionadded:: 0.1
-    """
-
-
-# -- Checkpoints ----------------------------------------------------------------------------
-
-
-@hookspec
-def dgq_state_dict(model: nn.Module, config: argparse.Namespace) -> dict[str, Any] | None:
-    """Return the plugin's resumable state (windows, masks, counters) for the run's checkpoint.
-
-    ``Trainer.state_dict()`` calls each implementation itself and stores the result under
-    ``state["plugins"][<plugin name>]``, so plugins never collide and the state cannot drift from
-    the weights it belongs to (``last.pt`` in WILDS, ``model.pkl`` in DomainBed). Use tensors,
-    dicts, lists, str, int, float, bool and None only: DomainBed reloads with
-    ``torch.load(weights_only=True)``.
-
-    :param model: the model, as configured by the plugins.
-    :param config: the run's settings.
-    :return: the state (handed back unchanged to ``dgq_load_state_dict``), or None for none.
-
-    .. versionadded:: 0.2
-    """
-
-
-@hookspec
-def dgq_load_state_dict(state: dict[str, Any], model: nn.Module, config: argparse.Namespace) -> None:
-    """Restore what this plugin's ``dgq_state_dict`` returned, when a run resumes or reloads.
-
-    Called by ``Trainer.load_state_dict`` after the model is configured, only for a plugin whose
-    entry is in the checkpoint (an older checkpoint without plugin states calls nobody). Tensors
-    come back on the checkpoint's ``map_location``: move them to the model's device.
-
-    :param state: exactly the object this plugin's ``dgq_state_dict`` returned.
-    :param model: the configured model.
-    :param config: the run's settings.
-
-    .. versionadded:: 0.2
     """

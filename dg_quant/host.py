@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -63,6 +63,22 @@ def resolve_plugin(name: str) -> ModuleType | Any:
         raise PluginError(f"plugin {name!r} failed to import: {exc}") from exc
 
 
+@runtime_checkable
+class Stateful(Protocol):
+    """A per-run plugin object whose state travels in the run's checkpoint.
+
+    torch's ``state_dict`` protocol rather than a hook: the host keeps such objects by the name
+    they were registered under, which keys their entry in ``last.pt`` (WILDS) and ``model.pkl``
+    (DomainBed), so the state cannot drift from the weights it belongs to. Return tensors, dicts,
+    lists, str, int, float, bool and None only (DomainBed reloads with ``weights_only=True``);
+    ``None`` stores nothing.
+    """
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class PluginHost:
     """One run's plugin manager with a typed facade (``host.hook.dgq_*``).
 
@@ -74,6 +90,7 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.pm.register(defaults, name="dg_quant.defaults")
         self.names: list[str] = []
+        self.stateful: dict[str, Stateful] = {}  # registered name -> object, in registration order
         if os.environ.get(TRACE_ENV):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
@@ -97,7 +114,15 @@ class PluginHost:
         self.names.append(name)
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register a per-run plugin object (e.g. one holding state across steps)."""
+        """Register a per-run plugin object; a ``Stateful`` one needs a ``name`` that is the same
+        in every run, since it keys the object's state in checkpoints."""
+        if isinstance(plugin, Stateful):
+            if name is None:
+                raise PluginError(
+                    f"{type(plugin).__name__} has state_dict/load_state_dict but was registered without a name; "
+                    "register it with host.register(obj, name='<plugin>.<part>') so checkpoints can find it"
+                )
+            self.stateful[name] = plugin
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
 

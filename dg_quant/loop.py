@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dg_quant.errors import PluginError
 from dg_quant.host import PluginHost
 from dg_quant.options import read_options
 from dg_quant.speed import SpeedOptions, autocast, model_device
@@ -118,46 +117,19 @@ class Trainer:
         self.load_plugin_state_dict(state.get("plugins", {}))
 
     def plugin_state_dict(self) -> dict[str, Any]:
-        """``{plugin name: state}`` from every ``dgq_state_dict`` that returns something."""
-        states = {}
-        for name, impl in _stateful_impls(self.host, "dgq_state_dict"):
-            state = _call(impl, model=self.model, config=self.config)
-            if state is not None:
-                states[name] = state
-        return states
+        """``{registered name: state}`` of every ``Stateful`` plugin object that has state."""
+        states = {name: obj.state_dict() for name, obj in self.host.stateful.items()}
+        return {name: state for name, state in states.items() if state is not None}
 
     def load_plugin_state_dict(self, states: dict[str, Any]) -> None:
-        """Hand each plugin its own entry of ``plugin_state_dict()`` (``dgq_load_state_dict``)."""
-        loaders = dict(_stateful_impls(self.host, "dgq_load_state_dict"))
-        unknown = sorted(set(states) - set(loaders))
+        """Hand each ``Stateful`` plugin object its own entry of ``plugin_state_dict()``."""
+        unknown = sorted(set(states) - set(self.host.stateful))
         if unknown:
             warnings.warn(f"the checkpoint holds state of plugins this run does not load: {', '.join(unknown)}; "
                           "ignored", stacklevel=2)
-        for name, impl in loaders.items():
+        for name, obj in self.host.stateful.items():
             if name in states:
-                _call(impl, state=states[name], model=self.model, config=self.config)
-
-
-def _stateful_impls(host: PluginHost, hook_name: str) -> list[tuple[str, Any]]:
-    """``(plugin name, hook implementation)`` pairs; the name is the checkpoint key, so it must be
-    the one the plugin was registered under, not pluggy's per-process fallback (its ``id``)."""
-    pairs = []
-    for impl in getattr(host.hook, hook_name).get_hookimpls():
-        if impl.wrapper or impl.hookwrapper:  # wraps the others' calls; holds no state itself
-            continue
-        name = impl.plugin_name
-        if name == str(id(impl.plugin)):
-            raise PluginError(
-                f"{type(impl.plugin).__name__} implements {hook_name} but was registered without a name; "
-                "register it with host.register(obj, name='<plugin>.<part>') so checkpoints can find it"
-            )
-        pairs.append((name, impl))
-    return pairs
-
-
-def _call(impl: Any, **kwargs: Any) -> Any:
-    """Call one hook implementation with the subset of ``kwargs`` it declares, as pluggy does."""
-    return impl.function(*(kwargs[arg] for arg in impl.argnames))
+                obj.load_state_dict(states[name])
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -161,7 +161,7 @@ def test_hook_dgq_train_end(run, tmp_path) -> None:
     assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path)}
 
 
-# -- checkpoints: each plugin's state travels in Trainer.state_dict() under its name ---------
+# -- checkpoints: each Stateful plugin object's state travels in Trainer.state_dict() under its name
 
 
 class Counter:
@@ -176,13 +176,10 @@ class Counter:
         self.count = self.count + self.by
         self.seen.append(step)
 
-    @hookimpl
-    def dgq_state_dict(self, model, config):
-        assert isinstance(model, nn.Module) and isinstance(config, argparse.Namespace)
+    def state_dict(self):
         return {"count": self.count.clone(), "seen": list(self.seen)}
 
-    @hookimpl
-    def dgq_load_state_dict(self, state):
+    def load_state_dict(self, state):
         self.loaded.append(state)
         self.count, self.seen = state["count"].clone(), list(state["seen"])
 
@@ -198,7 +195,7 @@ def counting_trainer(*counters: tuple[str, Counter]) -> Trainer:
                          lambda m: torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
 
 
-def test_hook_dgq_state_dict(tmp_path) -> None:
+def test_stateful_plugins_store_their_state_under_their_name(tmp_path) -> None:
     a, b = Counter(by=1), Counter(by=10)
     trainer = counting_trainer(("count.a", a), ("count.b", b))
     for _ in range(3):
@@ -212,15 +209,17 @@ def test_hook_dgq_state_dict(tmp_path) -> None:
     assert torch.load(path, weights_only=True)["plugins"]["count.b"]["count"].item() == 30
 
     class Quiet:  # returns None: nothing stored, nothing loaded back
-        @hookimpl
-        def dgq_state_dict(self):
+        def state_dict(self):
             return None
+
+        def load_state_dict(self, state):
+            raise AssertionError("nothing was stored")
 
     trainer.host.register(Quiet(), name="quiet")
     assert set(trainer.state_dict()["plugins"]) == {"count.a", "count.b"}
 
 
-def test_hook_dgq_load_state_dict(tmp_path) -> None:
+def test_stateful_plugins_get_their_own_state_back(tmp_path) -> None:
     trainer = counting_trainer(("count.a", Counter(by=1)), ("count.b", Counter(by=10)))
     for _ in range(2):
         trainer.train_step(batch())
@@ -261,6 +260,5 @@ def test_plugin_state_of_a_plugin_not_loaded_is_ignored_with_a_warning() -> None
 
 def test_a_stateful_plugin_registered_without_a_name_is_refused() -> None:
     trainer = counting_trainer()
-    trainer.host.register(Counter(by=1))  # pluggy would key it by id(): not stable across runs
-    with pytest.raises(PluginError, match="name="):
-        trainer.state_dict()
+    with pytest.raises(PluginError, match="name="):  # pluggy would key it by id(): not stable across runs
+        trainer.host.register(Counter(by=1))

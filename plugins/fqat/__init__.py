@@ -21,7 +21,7 @@ from dg_quant.plugins.fqat.run import FQATRun
 OPTIONS = FQATOptions
 # Plugins that also quantize the model or replace the step: FQAT already does both.
 CONFLICTS = ("dg_quant.sagm", "dg_quant.lsq", "dg_quant.qtdog")
-# The per-run object's name: it keys FQAT's state in checkpoints (dgq_state_dict).
+# The per-run object's name: it keys FQAT's state in checkpoints (its state_dict).
 RUN_NAME = "dg_quant.fqat.run"
 
 

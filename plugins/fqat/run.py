@@ -3,7 +3,7 @@
 ``dg_quant.fqat`` registers one ``FQATRun`` per run in ``dgq_configure``. It writes
 ``fqat_disorder.jsonl`` in ``log_dir``: one row per scale factor and window (``step``, ``scale``,
 ``kind``, ``disorder``, ``frozen``, ``frozen_fraction``, ``ewgs_delta``), for plots over time.
-The open windows, frozen set and log rows travel in the run's checkpoint (``dgq_state_dict``), so
+The open windows, frozen set and log rows travel in the run's checkpoint (``state_dict``, ``dg_quant.host.Stateful``), so
 ``--resume`` and a reloaded DomainBed ``model.pkl`` go on with the same freezing decisions.
 """
 
@@ -180,14 +180,12 @@ class FQATRun:
         if self.log_dir is not None:
             atomic_write_jsonl(self.log_dir / LOG_FILE, self.rows)
 
-    @hookimpl
-    def dgq_state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Open windows, frozen masks, EWGS deltas and log rows: plain tensors and containers."""
         return {"frozen": dict(self.frozen), "deltas": dict(self.deltas), "rows": list(self.rows),
                 "windows": {k: w.state_dict() for k, w in self.windows.items()}}
 
-    @hookimpl
-    def dgq_load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = dict(state["frozen"])
         self.windows = {k: Window.from_state(w) for k, w in state["windows"].items()}
         self.deltas, self.rows = dict(state["deltas"]), list(state["rows"])

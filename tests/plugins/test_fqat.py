@@ -262,11 +262,11 @@ def test_state_round_trips_and_follows_the_scales_device(tmp_path) -> None:
     feed(run, 4, window_pattern(stable="0.act"))
     run.close_window(4)
     feed(run, 3, window_pattern(stable="none"))  # a window left open mid-way
-    torch.save(run.dgq_state_dict(), tmp_path / "state.pt")
+    torch.save(run.state_dict(), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and containers only
 
     other, model, _ = make_run(freeze_steps=4, disorder_reduce="per_element")
-    other.dgq_load_state_dict(state)
+    other.load_state_dict(state)
     assert other.rows == run.rows and other.frozen.keys() == run.frozen.keys() == {"0.act", "3.weight"}
     assert all(torch.equal(other.frozen[k], m) for k, m in run.frozen.items())
     assert [(w.pairs, w.events.tolist()) for w in other.windows.values()] == [
