@@ -65,21 +65,77 @@ def format_run(final: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Finished run folders among ``paths``: each path is a run folder (with ``final.json``) or a
+    folder searched recursively for them, as ``dgq_analyze table`` does."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "final.json").is_file() or not path.is_dir():
+            found.append(path)  # load_final names a missing or broken final.json
+            continue
+        inner = sorted(p.parent for p in path.rglob("final.json"))
+        if not inner:
+            raise DataError(f"{path} has no final.json, nor any folder under it; is it a finished wilds_run folder?")
+        found.extend(inner)
+    return list(dict.fromkeys(found))
+
+
 def comparison_rows(finals: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per run: method, selection metric, OOD accuracy (best and last) and compression."""
+    """One row per run: what it trained on and with, the selection metric at the best step, and
+    the run's own ``test_metric`` (the dataset's official metric) at the best and the last step.
+
+    Column headers name the metric when every run shares it (``id_val/acc_avg@best``); otherwise
+    a ``val_metric``/``test_metric`` column names it per run.
+    """
+    val_metrics = {f.get("val_metric") for f in finals}
+    test_metrics = {_test_metric(f) for f in finals}
+    val_head = f"{next(iter(val_metrics))}@best" if len(val_metrics) == 1 else "val@best"
+    test_head = next(iter(test_metrics)) if len(test_metrics) == 1 else "test"
     rows = []
     for name, final in zip(names, finals):
         best, last = final.get("best") or {}, final.get("last") or {}
-        test_key = "test/acc_avg"
-        rows.append({
+        config = final.get("config") or {}
+        row: dict[str, Any] = {
             "run": name,
+            "dataset": final.get("dataset"),
+            "test_domain": _test_domains(final, config),
             "method": method_name(final),
-            "val (best)": best.get(final["val_metric"]),
-            "test@best": best.get(test_key),
-            "test@last": last.get(test_key),
-            "compression": final.get("compression", {}).get("compression_ratio"),
-        })
+            "model": final.get("model"),
+            "bits": bits_label(final, config),
+        }
+        if len(val_metrics) > 1:
+            row["val_metric"] = final.get("val_metric")
+        row[val_head] = best.get(final.get("val_metric"))
+        if len(test_metrics) > 1:
+            row["test_metric"] = _test_metric(final)
+        row[f"{test_head}@best"] = best.get(_test_metric(final))
+        row[f"{test_head}@last"] = last.get(_test_metric(final))
+        row["compression"] = final.get("compression", {}).get("compression_ratio")
+        rows.append(row)
     return rows
+
+
+def _test_metric(final: dict[str, Any]) -> str:
+    return final.get("test_metric") or "test/acc_avg"
+
+
+def _test_domains(final: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """The held-out domain(s): ``--test_domain``, else the groups the test split reports."""
+    if config.get("test_domain"):
+        return str(config["test_domain"])
+    record = final.get("last") or {}
+    groups = sorted({k.split(":", 1)[1] for k in record if k.startswith("test/acc_") and ":" in k})
+    return ",".join(groups) if 0 < len(groups) <= 3 else None
+
+
+def bits_label(final: dict[str, Any], config: dict[str, Any]) -> str:
+    """``w7``/``w4a4`` from the run's ``bits``/``act_bits`` settings; ``fp32`` for a run without
+    them or whose compression report counts no quantized tensor."""
+    bits, act = config.get("bits"), config.get("act_bits")
+    quantized = (final.get("compression") or {}).get("quantized_layers")
+    if bits is None or quantized == 0:
+        return "fp32"
+    return f"w{bits}" + (f"a{act}" if act else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -94,6 +150,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _with_config(final: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``final`` with the run's ``config.json`` under ``config`` (test domain, bit widths)."""
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        config = {}
+    return {**final, "config": config}
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -103,13 +169,17 @@ def _cell(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dgq_results", description="Compare finished runs side by side.")
-    parser.add_argument("runs", nargs="+", help="run folders (each with a final.json)")
+    parser = argparse.ArgumentParser(
+        prog="dgq_results",
+        description="Compare finished runs side by side: each run's official test metric at the "
+                    "best-validation and the last step.")
+    parser.add_argument("runs", nargs="+", help="run folders (each with a final.json), or folders that hold them")
     args = parser.parse_args(argv)
 
     def show() -> None:
-        finals = [load_final(r) for r in args.runs]
-        print(format_table(comparison_rows(finals, args.runs)))
+        runs = find_finished_runs(args.runs)
+        finals = [_with_config(load_final(r), r) for r in runs]
+        print(format_table(comparison_rows(finals, [str(r) for r in runs])))
 
     return run_command("dgq_results", show)
 

@@ -69,8 +69,38 @@ def test_results_command_compares_runs(runs, capsys) -> None:
     erm, qtdog = runs
     assert results_main([str(erm), str(qtdog)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:2] == ["run", "method"]
-    assert [line.split()[1] for line in out[1:]] == ["erm", "qtdog"]
+    head = out[0].split()
+    assert head[:6] == ["run", "dataset", "test_domain", "method", "model", "bits"]
+    # the columns name the metrics they show: the selection metric is id_val's, not "val"
+    assert head[6:9] == ["id_val/acc_avg@best", "test/acc_avg@best", "test/acc_avg@last"]
+    rows = [line.split() for line in out[1:]]
+    assert [r[1:6] for r in rows] == [["rotated_digits", "rot75", "erm", "digits_cnn", "fp32"],
+                                      ["rotated_digits", "rot75", "qtdog", "digits_cnn", "w7"]]
+    final = json.loads((erm / "final.json").read_text())
+    assert float(rows[0][6]) == pytest.approx(final["best"]["id_val/acc_avg"], abs=1e-4)
+    assert float(rows[0][8]) == pytest.approx(final["last"]["test/acc_avg"], abs=1e-4)
+
+
+def test_results_command_walks_a_parent_folder(runs, capsys) -> None:
+    erm, qtdog = runs
+    assert results_main([str(erm.parent)]) == 0
+    runs_shown = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert runs_shown == [str(erm), str(qtdog)]
+    assert results_main([str(erm / "model.pt")]) == 2
+    assert "no final.json" in capsys.readouterr().err
+
+
+def test_results_command_reports_each_runs_official_metric(tmp_path, capsys) -> None:
+    record = {"step": 5, "val/acc_avg": 0.6, "val/10th_percentile_acc": 0.4, "test/acc_avg": 0.417,
+              "test/10th_percentile_acc": 0.30}
+    final = {"dataset": "amazon", "plugins": [], "model": "distilbert", "seed": 0, "val_metric": "val/acc_avg",
+             "test_metric": "test/10th_percentile_acc", "best": record, "last": record}
+    (tmp_path / "amazon").mkdir()
+    (tmp_path / "amazon" / "final.json").write_text(json.dumps(final))
+    assert results_main([str(tmp_path)]) == 0
+    head, row = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert head[head.index("test/10th_percentile_acc@best")] and "test/acc_avg@best" not in head
+    assert row[head.index("test/10th_percentile_acc@best")] == "0.3000"
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

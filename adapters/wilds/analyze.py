@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--format", choices=FORMATS + ("all",), default="text")
     table.add_argument("--selection", nargs="+", default=["training_domain", "last", "oracle"],
                        choices=("training_domain", "last", "oracle"), help="model-selection rules")
-    table.add_argument("--metric", default="test/acc_avg", help="record key reported in the cells")
+    table.add_argument("--metric", default=None,
+                       help="record key reported in the cells (default: each run's own test_metric, the "
+                            "dataset's official metric, e.g. test/10th_percentile_acc for Amazon)")
     table.add_argument("--by", nargs="+", default=[], metavar="SETTING",
                        help="config settings that tell methods apart (e.g. bits lr)")
     table.add_argument("--out", default=None, help="also write results.{txt,md,csv,tex} into this folder")

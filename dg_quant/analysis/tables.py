@@ -5,16 +5,24 @@ One table per (selection rule, dataset): rows are methods, columns are test doma
 ``collect_results`` does, the standard error is ``np.std(values) / sqrt(n)`` (population std),
 ``Avg`` is the mean of the column means, and a missing cell is ``X``.
 
+Each cell reports the run's own ``test_metric`` (``final.json``/``config.json``): the
+dataset's official metric as the WILDS presets set it (Amazon: ``test/10th_percentile_acc``),
+``test/acc_avg`` for the DomainBed-layout datasets; ``--metric`` overrides it for every run.
+The metric is named in each table's title, and runs reporting different metrics never share a table.
+
 Selection rules (each picks one evaluation record per run; the table reports its test metric):
 
 - ``training_domain``: the record with the best ``val_metric`` (training-domain validation,
   QT-DoG's rule; ``id_val/acc_avg`` by default);
 - ``last``: the last evaluation;
-- ``oracle``: the record with the best held-out-domain validation accuracy (``val/acc_avg``),
-  as the SWAD/QT-DoG code reports it; skipped for runs that never evaluated ``val``.
+- ``oracle``: the record with the best held-out-domain validation of the reported metric
+  (``val/acc_avg`` for ``test/acc_avg``), as the SWAD/QT-DoG code reports it; skipped for runs
+  that never evaluated ``val``.
 
-Several runs with the same (dataset, method, test domain, seed), e.g. an lr sweep, are reduced
-to the one whose selection-rule validation is best.
+A row is one (method, backbone, bit widths, ``--by`` settings): runs that differ in any of these
+are never merged. Several runs that agree on all of them and on the test domain and seed, e.g.
+an lr sweep, are reduced to the one whose selection-rule validation is best. The row label names
+the backbone and bit widths only where they vary within the table (``qtdog resnet50 w7``).
 
 An EoQ folder (``eoq.json`` from ``dgq_eoq``) adds a row ``EoQ <method>``: its members' own runs
 count as usual, and the ensemble counts once (its seed is the members' seeds) under the rule its
@@ -33,10 +41,12 @@ import pandas as pd
 
 from dg_quant.errors import DataError
 from dg_quant.io import read_jsonl
+from dg_quant.results import bits_label
 
 SELECTIONS = ("training_domain", "last", "oracle")
-ORACLE_METRIC = "val/acc_avg"
 TEST_METRIC = "test/acc_avg"
+# What tells two runs' rows apart besides the method (and the ``--by`` settings).
+IDENTITY = ("model", "bits")
 RUN_FILES = ("final.json", "results.jsonl")
 
 
@@ -64,19 +74,22 @@ def find_ensembles(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _ensemble_rows(path: Path, metric: str, selections: Sequence[str], group_by: Sequence[str]) -> list[dict]:
+def _ensemble_rows(path: Path, metric: str | None, selections: Sequence[str], group_by: Sequence[str]) -> list[dict]:
     summary = _read_json(path)
     rule = "training_domain" if summary.get("which", "best") == "best" else "last"
-    value = summary.get("ensemble", {}).get(metric)
     members = [Path(m) for m in summary.get("members", [])]
-    if rule not in selections or value is None or not members or not members[0].exists():
+    if rule not in selections or not members or not members[0].exists():
         return []
     info = run_info(members[0], group_by)
+    metric = metric or info["test_metric"]
+    value = summary.get("ensemble", {}).get(metric)
+    if value is None:
+        return []
     seeds = ",".join(str(run_info(m).get("seed")) for m in members if m.exists())
     env = info["test_env"] or _test_env([summary["ensemble"]], metric)
     return [{**info, "run": str(path.parent), "method": f"EoQ {info['method']}", "seed": seeds,
              "test_env": env, "selection": rule, "step": None, "val": summary["ensemble"].get(info["val_metric"]),
-             "value": float(value)}]
+             "metric": metric, "value": float(value)}]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -97,7 +110,8 @@ def run_records(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def run_info(run_dir: str | Path, group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """dataset, method (plugins plus any ``group_by`` settings), seed, test domain and val metric."""
+    """dataset, method (plugins plus any ``group_by`` settings), backbone, bit widths, seed, test
+    domain and the run's validation and test metrics."""
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     final = _read_json(run_dir / "final.json") if (run_dir / "final.json").is_file() else {}
@@ -110,10 +124,18 @@ def run_info(run_dir: str | Path, group_by: Sequence[str] = ()) -> dict[str, Any
         "run": str(run_dir),
         "dataset": final.get("dataset", config.get("dataset", "?")),
         "method": method,
+        "model": str(final.get("model", config.get("model", "?"))),
+        "bits": bits_label(final, config),
         "seed": final.get("seed", config.get("seed", 0)),
         "val_metric": final.get("val_metric", config.get("val_metric", "id_val/acc_avg")),
+        "test_metric": final.get("test_metric") or config.get("test_metric") or TEST_METRIC,
         "test_env": config.get("test_domain"),
     }
+
+
+def oracle_metric(metric: str) -> str:
+    """The held-out-domain validation key of ``metric``: ``val/acc_avg`` for ``test/acc_avg``."""
+    return "val/" + metric.split("/", 1)[-1]
 
 
 def _test_env(records: list[dict[str, Any]], metric: str) -> str:
@@ -124,11 +146,13 @@ def _test_env(records: list[dict[str, Any]], metric: str) -> str:
     return ",".join(groups) if groups else split
 
 
-def select_record(records: list[dict[str, Any]], rule: str, val_metric: str) -> dict[str, Any] | None:
+def select_record(
+    records: list[dict[str, Any]], rule: str, val_metric: str, metric: str = TEST_METRIC
+) -> dict[str, Any] | None:
     """The record ``rule`` picks; ties go to the earliest, as ``wilds_run``'s best checkpoint."""
     if rule == "last":
         return records[-1] if records else None
-    key = {"training_domain": val_metric, "oracle": ORACLE_METRIC}.get(rule)
+    key = _selection_key(rule, val_metric, metric)
     if key is None:
         raise DataError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTIONS)}")
     scored = [r for r in records if r.get(key) is not None]
@@ -137,38 +161,48 @@ def select_record(records: list[dict[str, Any]], rule: str, val_metric: str) -> 
     return max(scored, key=lambda r: (r[key], -r["step"]))
 
 
+def _selection_key(rule: str, val_metric: str, metric: str) -> str | None:
+    return {"training_domain": val_metric, "oracle": oracle_metric(metric)}.get(rule)
+
+
+ROW_KEYS = ["dataset", "metric", "method", *IDENTITY]
+
+
 def collect(
     paths: Iterable[str | Path],
-    metric: str = TEST_METRIC,
+    metric: str | None = None,
     selections: Sequence[str] = SELECTIONS,
     group_by: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """One row per (selection rule, run): the selected step, its validation and ``metric``."""
+    """One row per (selection rule, run): the selected step, its validation and the reported metric
+    (``metric``, or each run's own ``test_metric`` when None)."""
     rows = []
     for run_dir in find_runs(paths):
         info = run_info(run_dir, group_by)
         records = run_records(run_dir)
         if not records:
             continue
-        info["test_env"] = info["test_env"] or _test_env(records, metric)
+        reported = metric or info["test_metric"]
+        info["test_env"] = info["test_env"] or _test_env(records, reported)
         for rule in selections:
-            record = select_record(records, rule, info["val_metric"])
-            if record is None or record.get(metric) is None:
+            record = select_record(records, rule, info["val_metric"], reported)
+            if record is None or record.get(reported) is None:
                 continue
-            val_key = {"training_domain": info["val_metric"], "oracle": ORACLE_METRIC}.get(rule)
-            rows.append({**info, "selection": rule, "step": record["step"],
-                         "val": record.get(val_key) if val_key else None, "value": float(record[metric])})
+            val_key = _selection_key(rule, info["val_metric"], reported)
+            rows.append({**info, "selection": rule, "step": record["step"], "metric": reported,
+                         "val": record.get(val_key) if val_key else None, "value": float(record[reported])})
     for path in find_ensembles(paths):
         rows += _ensemble_rows(path, metric, selections, group_by)
-    columns = ["selection", "dataset", "method", "test_env", "seed", "run", "step", "val", "value", "val_metric"]
+    columns = ["selection", *ROW_KEYS, "test_env", "seed", "run", "step", "val", "value", "val_metric"]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
-        raise DataError(f"no run reports {metric!r}; pick another --metric (e.g. test/acc_avg)")
+        named = repr(metric) if metric else "its test_metric"
+        raise DataError(f"no run reports {named}; pick another --metric (e.g. test/acc_avg)")
     # One run per seed: the best validation among duplicates (e.g. a learning-rate sweep).
     frame = frame.sort_values(["val", "step"], ascending=[False, True], na_position="last")
-    frame = frame.drop_duplicates(["selection", "dataset", "method", "test_env", "seed"], keep="first")
+    frame = frame.drop_duplicates(["selection", *ROW_KEYS, "test_env", "seed"], keep="first")
     frame["seed"] = frame["seed"].astype(str)
-    return frame.sort_values(["selection", "dataset", "method", "test_env", "seed"]).reset_index(drop=True)
+    return frame.sort_values(["selection", *ROW_KEYS, "test_env", "seed"]).reset_index(drop=True)
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -178,26 +212,33 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(frame: pd.DataFrame, scale: float = 100.0) -> pd.DataFrame:
-    """Mean, standard error and seed count per (selection, dataset, method, test domain), in percent."""
+    """Mean, standard error and seed count per (selection, dataset, metric, method, backbone, bits,
+    test domain), in percent."""
     rows = []
-    keys = ["selection", "dataset", "method", "test_env"]
+    keys = ["selection", *ROW_KEYS, "test_env"]
     for key, group in frame.groupby(keys, sort=True):
         mean, err = mean_stderr(group["value"].to_numpy() * scale)
         rows.append({**dict(zip(keys, key)), "mean": mean, "stderr": err, "n": len(group)})
     return pd.DataFrame(rows, columns=keys + ["mean", "stderr", "n"])
 
 
-def wide_tables(summary: pd.DataFrame, digits: int = 1) -> dict[tuple[str, str], pd.DataFrame]:
-    """``{(selection, dataset): table}`` of ``mean +- stderr`` strings with an ``Avg`` column."""
+def _row_labels(group: pd.DataFrame) -> pd.Series:
+    """The method, followed by the backbone and bit widths where they vary within the table."""
+    varying = [c for c in IDENTITY if group[c].nunique() > 1]
+    return group[["method", *varying]].astype(str).agg(" ".join, axis=1)
+
+
+def wide_tables(summary: pd.DataFrame, digits: int = 1) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """``{(selection, dataset, metric): table}`` of ``mean +- stderr`` strings with an ``Avg`` column."""
     tables = {}
-    for (rule, dataset), group in summary.groupby(["selection", "dataset"], sort=False):
+    for (rule, dataset, metric), group in summary.groupby(["selection", "dataset", "metric"], sort=False):
+        group = group.assign(label=_row_labels(group))
         envs = sorted(group["test_env"].unique())
-        methods = list(dict.fromkeys(group["method"]))
         cells: dict[str, dict[str, str]] = {}
-        for method in methods:
+        for label in dict.fromkeys(group["label"]):
             row, means = {}, []
             for env in envs:
-                hit = group[(group["method"] == method) & (group["test_env"] == env)]
+                hit = group[(group["label"] == label) & (group["test_env"] == env)]
                 if hit.empty:
                     row[env], means = "X", means + [None]
                     continue
@@ -205,16 +246,16 @@ def wide_tables(summary: pd.DataFrame, digits: int = 1) -> dict[tuple[str, str],
                 row[env] = f"{mean:.{digits}f} +- {err:.{digits}f}"
                 means.append(mean)
             row["Avg"] = "X" if None in means else f"{np.mean(means):.{digits}f}"
-            cells[method] = row
+            cells[label] = row
         table = pd.DataFrame.from_dict(cells, orient="index", columns=envs + ["Avg"])
         table.index.name = "method"
-        tables[(rule, dataset)] = table
+        tables[(rule, dataset, metric)] = table
     order = {rule: i for i, rule in enumerate(SELECTIONS)}
-    return dict(sorted(tables.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])))
+    return dict(sorted(tables.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1], kv[0][2])))
 
 
-def _title(rule: str, dataset: str) -> str:
-    return f"{dataset}, model selection: {rule.replace('_', '-')}"
+def _title(rule: str, dataset: str, metric: str) -> str:
+    return f"{dataset}, {metric}, model selection: {rule.replace('_', '-')}"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -233,11 +274,11 @@ def _latex(table: pd.DataFrame, caption: str) -> str:
     return body.to_latex(caption=caption.replace("_", r"\_"), column_format="l" + "c" * len(body.columns))
 
 
-def render(tables: dict[tuple[str, str], pd.DataFrame], fmt: str) -> str:
+def render(tables: dict[tuple[str, str, str], pd.DataFrame], fmt: str) -> str:
     """All tables in one of ``text``, ``markdown`` or ``latex``."""
     parts = []
-    for (rule, dataset), table in tables.items():
-        title = _title(rule, dataset)
+    for (rule, dataset, metric), table in tables.items():
+        title = _title(rule, dataset, metric)
         if fmt == "text":
             parts.append(f"-- {title}\n{table.to_string()}")
         elif fmt == "markdown":

@@ -20,17 +20,23 @@ SYNTHETIC = {
 }
 
 
-def write_run(folder, plugins, test_env, seed, records, bits=None):
+def write_run(folder, plugins, test_env, seed, records, bits=None, model="m", dataset="toy", extra=None,
+              test_metric=None):
+    """A run folder as wilds_run writes it; ``extra(test_acc) -> {key: value}`` adds record keys."""
     folder.mkdir(parents=True)
     rows = [{"step": s, "id_val/acc_avg": i, "val/acc_avg": v, "test/acc_avg": t,
-             f"test/acc_domain:{test_env}": t} for s, i, v, t in records]
+             f"test/acc_domain:{test_env}": t, **(extra(i, v, t) if extra else {})} for s, i, v, t in records]
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"dataset": "toy", "plugins": plugins, "seed": seed, "test_domain": test_env,
-              "val_metric": "id_val/acc_avg", "bits": bits}
+    config = {"dataset": dataset, "plugins": plugins, "seed": seed, "test_domain": test_env,
+              "val_metric": "id_val/acc_avg", "bits": bits, "model": model}
+    if test_metric:
+        config["test_metric"] = test_metric
     (folder / "config.json").write_text(json.dumps(config))
     best = max(rows, key=lambda r: r["id_val/acc_avg"])
-    final = {"dataset": "toy", "plugins": plugins, "seed": seed, "val_metric": "id_val/acc_avg",
-             "best": best, "last": rows[-1], "model": "m"}
+    final = {"dataset": dataset, "plugins": plugins, "seed": seed, "val_metric": "id_val/acc_avg",
+             "best": best, "last": rows[-1], "model": model}
+    if test_metric:
+        final["test_metric"] = test_metric
     (folder / "final.json").write_text(json.dumps(final))
 
 
@@ -67,8 +73,8 @@ def test_mean_and_stderr_follow_domainbed(synthetic):
 
 def test_wide_table_has_avg_and_marks_missing_cells(synthetic):
     wide = tables.wide_tables(tables.summarize(tables.collect([synthetic])))
-    assert list(wide) == [("training_domain", "toy"), ("last", "toy"), ("oracle", "toy")]
-    table = wide[("training_domain", "toy")]
+    assert list(wide) == [(rule, "toy", "test/acc_avg") for rule in ("training_domain", "last", "oracle")]
+    table = wide[("training_domain", "toy", "test/acc_avg")]
     assert list(table.columns) == ["A", "B", "Avg"]
     assert table.loc["erm", "A"] == "55.0 +- 3.5"
     assert table.loc["erm", "Avg"] == f"{(55.0 + 20.0) / 2:.1f}"
@@ -78,7 +84,7 @@ def test_wide_table_has_avg_and_marks_missing_cells(synthetic):
 def test_renderers(synthetic):
     wide = tables.wide_tables(tables.summarize(tables.collect([synthetic], selections=["training_domain"])))
     text = tables.render(wide, "text")
-    assert "toy, model selection: training-domain" in text and "55.0 +- 3.5" in text
+    assert "toy, test/acc_avg, model selection: training-domain" in text and "55.0 +- 3.5" in text
     markdown = tables.render(wide, "markdown")
     assert "| method | A | B | Avg |" in markdown and "| erm | 55.0 +- 3.5 |" in markdown
     latex = tables.render(wide, "latex")
@@ -88,13 +94,50 @@ def test_renderers(synthetic):
 
 
 def test_group_by_setting_and_duplicate_seeds(tmp_path):
-    write_run(tmp_path / "a", ["dg_quant.qtdog"], "A", 0, [(10, 0.5, 0.1, 0.3)], bits=7)
-    write_run(tmp_path / "b", ["dg_quant.qtdog"], "A", 0, [(10, 0.6, 0.1, 0.4)], bits=8)
-    write_run(tmp_path / "c", ["dg_quant.qtdog"], "A", 0, [(10, 0.9, 0.1, 0.7)], bits=8)
+    # an lr sweep: same method, backbone and bits; its runs differ only in a setting of their own
+    for name, lr, record in (("a", 0.1, (10, 0.5, 0.1, 0.3)), ("b", 0.2, (10, 0.6, 0.1, 0.4)),
+                             ("c", 0.2, (10, 0.9, 0.1, 0.7))):
+        write_run(tmp_path / name, ["dg_quant.qtdog"], "A", 0, [record], bits=8)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "lr": lr}))
     merged = tables.collect([tmp_path], selections=["training_domain"])
     assert len(merged) == 1 and merged["value"].item() == 0.7  # best validation among duplicates
-    split = tables.collect([tmp_path], selections=["training_domain"], group_by=["bits"])
-    assert sorted(split["method"]) == ["qtdog (bits=7)", "qtdog (bits=8)"]
+    split = tables.collect([tmp_path], selections=["training_domain"], group_by=["lr"])
+    assert sorted(split["method"]) == ["qtdog (lr=0.1)", "qtdog (lr=0.2)"]
+
+
+def test_cells_report_each_runs_official_metric(tmp_path):
+    # Amazon-like: the official metric is the 10th-percentile accuracy, not the average
+    tenth = lambda i, v, t: {"test/10th_percentile_acc": t - 0.2, "val/10th_percentile_acc": v - 0.2}  # noqa: E731
+    write_run(tmp_path / "amazon", [], "A", 0, [(10, 0.5, 0.5, 0.41), (20, 0.4, 0.6, 0.45)], dataset="amazon",
+              extra=tenth, test_metric="test/10th_percentile_acc")
+    write_run(tmp_path / "pacs", [], "A", 0, [(10, 0.5, 0.1, 0.7)], dataset="pacs")
+    frame = tables.collect([tmp_path])
+    amazon = frame[frame.dataset == "amazon"].set_index("selection")
+    assert set(amazon["metric"]) == {"test/10th_percentile_acc"}
+    assert amazon.loc["training_domain", "value"] == pytest.approx(0.21)
+    assert amazon.loc["oracle", "step"] == 20  # best val/10th_percentile_acc, the same metric held out
+    assert frame[frame.dataset == "pacs"]["value"].tolist() == [0.7, 0.7, 0.7]  # the run's only record
+    wide = tables.wide_tables(tables.summarize(frame))
+    assert ("training_domain", "amazon", "test/10th_percentile_acc") in wide
+    text = tables.render(wide, "text")
+    assert "amazon, test/10th_percentile_acc, model selection: training-domain" in text and "21.0 +- 0.0" in text
+    # --metric still overrides every run's own
+    assert set(tables.collect([tmp_path], metric="test/acc_avg")["metric"]) == {"test/acc_avg"}
+
+
+def test_runs_with_different_backbones_or_bits_get_their_own_rows(tmp_path):
+    write_run(tmp_path / "r50", [], "A", 0, [(10, 0.5, 0.1, 0.3)], model="resnet50")
+    write_run(tmp_path / "mnv2", [], "A", 0, [(10, 0.9, 0.1, 0.6)], model="mobilenet_v2")
+    write_run(tmp_path / "q7", ["dg_quant.qtdog"], "A", 0, [(10, 0.9, 0.1, 0.5)], model="resnet50", bits=7)
+    write_run(tmp_path / "q5", ["dg_quant.qtdog"], "A", 0, [(10, 0.9, 0.1, 0.4)], model="resnet50", bits=5)
+    frame = tables.collect([tmp_path], selections=["training_domain"])
+    assert len(frame) == 4  # nothing merged away
+    table = tables.wide_tables(tables.summarize(frame))[("training_domain", "toy", "test/acc_avg")]
+    assert sorted(table.index) == ["erm mobilenet_v2 fp32", "erm resnet50 fp32", "qtdog resnet50 w5",
+                                   "qtdog resnet50 w7"]
+    assert table.loc["erm mobilenet_v2 fp32", "A"] == "60.0 +- 0.0"
+    assert table.loc["erm resnet50 fp32", "A"] == "30.0 +- 0.0"
 
 
 def test_real_runs(tiny_runs):
