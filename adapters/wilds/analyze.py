@@ -6,12 +6,15 @@
     dgq_analyze noise runs/qtdog --out figs               # weights vs quantization noise (Fig. 2)
     dgq_analyze stability runs/erm runs/qtdog --out figs  # in-domain vs OOD over steps (Fig. 4)
 
-Every figure is a PNG with its numbers beside it as CSV.
+Every figure is a PNG with its numbers beside it as CSV, written (unless ``--out``) into
+``analysis/`` inside the run folder, or inside the folder that holds all the runs given; every
+file written is listed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +34,26 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_batches", type=int, default=None,
                         help="evaluate on at most this many batches per split (faster, noisier)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    parser.add_argument("--out", default="analysis", help="output folder for the PNG and CSV files")
+    _add_out(parser)
+
+
+def _add_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None,
+                        help="output folder for the PNG and CSV files (default: analysis/ in the run folder, "
+                             "or in the folder that holds all the runs)")
+
+
+def output_folder(out: str | None, runs: Sequence[str]) -> Path:
+    """``--out``, else ``analysis/`` beside the data: in the run folder, or in the runs' common folder."""
+    if out is not None:
+        return Path(out)
+    folders = [os.path.abspath(r) for r in runs]
+    base = folders[0] if len(folders) == 1 else os.path.commonpath(folders)
+    return Path(os.path.relpath(base)) / "analysis"
+
+
+def _report(paths: Sequence[Path]) -> None:
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,17 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="simulate this bit width (default: the run's own quantizers, else 7)")
     noise.add_argument("--bins", type=int, default=100, help="histogram bins")
     noise.add_argument("--layer", default=None, help="layer for the Fig. 2 panels (default: the largest)")
-    noise.add_argument("--which", choices=("best", "last"), default="best")
-    noise.add_argument("--out", default="analysis")
+    noise.add_argument("--which", choices=("best", "last"), default="best",
+                       help="checkpoint: best in-domain validation (best_model.pt) or last step (model.pt)")
+    _add_out(noise)
 
     stab = sub.add_parser("stability", help="in-domain validation vs OOD over steps",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     stab.add_argument("runs", nargs="+", help="run folders")
     stab.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
-    stab.add_argument("--ood_metric", default="test/acc_avg")
-    stab.add_argument("--id_metric", default=None, help="default: each run's val_metric")
+    stab.add_argument("--ood_metric", default="test/acc_avg", help="out-of-domain metric plotted")
+    stab.add_argument("--id_metric", default=None, help="in-domain metric plotted (default: each run's val_metric)")
     stab.add_argument("--after_step", type=int, default=0, help="summarise only steps >= this")
-    stab.add_argument("--out", default="analysis")
+    _add_out(stab)
     return parser
 
 
@@ -139,11 +162,11 @@ def cmd_flatness(args: argparse.Namespace) -> None:
         samples.append(raw.assign(label=Path(run).name))
         summaries.append(flatness_summary(raw).assign(label=Path(run).name))
     summary = pd.concat(summaries, ignore_index=True)
-    out = Path(args.out)
-    save_frame(pd.concat(samples, ignore_index=True), out / "flatness_samples.csv")
+    out = output_folder(args.out, args.runs)
+    samples_csv = save_frame(pd.concat(samples, ignore_index=True), out / "flatness_samples.csv")
     png, csv = plot_flatness(summary, out / "flatness")
     print(summary.to_string(index=False))
-    print(f"wrote {png} and {csv}")
+    _report([png, csv, samples_csv])
 
 
 def cmd_surface(args: argparse.Namespace) -> None:
@@ -154,6 +177,7 @@ def cmd_surface(args: argparse.Namespace) -> None:
     from dg_quant.analysis.surface import grid, loss_surface_1d, loss_surface_2d
 
     coefs = grid(args.span, args.points)
+    out = output_folder(args.out, args.runs)
     frames = []
     for run in args.runs:
         loaded = load_run_model(run, args.which, args.device)
@@ -163,14 +187,15 @@ def cmd_surface(args: argparse.Namespace) -> None:
             frames.append(loss_surface_1d(loaded.model, evaluate, coefs, args.seed, args.steps_only).assign(label=label))
             continue
         frame = loss_surface_2d(loaded.model, evaluate, coefs, coefs, args.seed, args.steps_only).assign(label=label)
-        png, csv = plot_surface_2d(frame, Path(args.out) / f"surface2d_{label}")
+        png, csv = plot_surface_2d(frame, out / f"surface2d_{label}")
         print(f"{label}: loss at the centre {float(frame.loc[(frame.alpha == 0) & (frame.beta == 0), 'loss'].mean()):.4f}, "
-              f"max {frame['loss'].max():.4f}; wrote {png} and {csv}")
+              f"max {frame['loss'].max():.4f}")
+        _report([png, csv])
     if frames:
         frame = pd.concat(frames, ignore_index=True)
-        png, csv = plot_surface_1d(frame, Path(args.out) / "surface1d")
+        png, csv = plot_surface_1d(frame, out / "surface1d")
         print(frame.to_string(index=False))
-        print(f"wrote {png} and {csv}")
+        _report([png, csv])
 
 
 def cmd_noise(args: argparse.Namespace) -> None:
@@ -184,13 +209,13 @@ def cmd_noise(args: argparse.Namespace) -> None:
         raise ConfigError("the model has no quantizable weights")
     if args.layer is not None and args.layer not in set(stats["layer"]):
         raise ConfigError(f"unknown layer {args.layer!r}; choose from {', '.join(stats['layer'])}")
-    out = Path(args.out)
-    save_frame(stats, out / "noise_layers.csv")
+    out = output_folder(args.out, [args.run])
+    layers_csv = save_frame(stats, out / "noise_layers.csv")
     png, csv = plot_noise(stats, hists, out / "noise", args.layer)
-    kl_png, _ = plot_noise_kl(stats, out / "noise_kl")
+    kl_png, kl_csv = plot_noise_kl(stats, out / "noise_kl")
     columns = ["layer", "numel", "bits", "step_mean", "clipped_fraction", "kl_uniform", "kl_uniform_unit"]
     print(stats[columns].to_string(index=False))
-    print(f"wrote {png}, {csv}, {kl_png}")
+    _report([png, csv, kl_png, kl_csv, layers_csv])
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
@@ -199,10 +224,11 @@ def cmd_stability(args: argparse.Namespace) -> None:
 
     frame = stability_frame(args.runs, args.labels, args.id_metric, args.ood_metric)
     summary = stability_summary(frame, args.after_step)
-    png, csv = plot_stability(frame, Path(args.out) / "stability")
-    save_frame(summary, Path(args.out) / "stability_summary.csv")
+    out = output_folder(args.out, args.runs)
+    png, csv = plot_stability(frame, out / "stability")
+    summary_csv = save_frame(summary, out / "stability_summary.csv")
     print(summary.to_string(index=False))
-    print(f"wrote {png} and {csv}")
+    _report([png, csv, summary_csv])
 
 
 COMMANDS = {"table": cmd_table, "flatness": cmd_flatness, "surface": cmd_surface, "noise": cmd_noise,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from dg_quant.adapters.wilds import analyze
@@ -39,3 +41,29 @@ def test_bad_input_is_one_line(tiny_runs, tmp_path, capsys):
     assert analyze.main(["table", str(tmp_path / "missing")]) == 2
     assert analyze.main(["noise", str(tiny_runs["qtdog"]), "--layer", "x", "--out", str(tmp_path)]) == 2
     assert "unknown layer" in capsys.readouterr().err
+
+
+def _listed(out: str) -> set[str]:
+    return {p for line in out.splitlines() if line.startswith("wrote ") for p in line[6:].split(", ")}
+
+
+def test_figures_go_beside_the_runs_and_every_file_is_listed(tiny_runs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    for name in ("erm0", "qtdog"):
+        shutil.copytree(tiny_runs[name], runs / name)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    assert analyze.main(["noise", str(runs / "qtdog")]) == 0
+    noise_files = {p for p in (runs / "qtdog" / "analysis").iterdir()}
+    assert {p.name for p in noise_files} >= {"noise.png", "noise.csv", "noise_kl.png", "noise_kl.csv",
+                                             "noise_layers.csv"}
+    assert {str(p.resolve()) for p in noise_files} == {str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))}
+    assert analyze.main(["stability", str(runs / "erm0"), str(runs / "qtdog")]) == 0
+    stability_files = set((runs / "analysis").iterdir())
+    assert {p.name for p in stability_files} == {"stability.png", "stability.csv", "stability_summary.csv"}
+    assert {str(p.resolve()) for p in stability_files} == {str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))}
+    assert list(cwd.iterdir()) == []  # nothing in the current folder
