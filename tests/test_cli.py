@@ -34,6 +34,9 @@ def test_run_writes_machine_readable_results(runs) -> None:
     # per-domain accuracy: the training domains in id_val, the held-out domain in test
     assert "id_val/acc_domain:rot0" in records[-1] and "test/acc_domain:rot75" in records[-1]
     assert "test/acc_domain:rot0" not in records[-1]
+    # counts are integers and epochs short decimals (18 steps per epoch: 20/18 -> 1.1111)
+    assert records[-1]["test/count_domain:rot75"] == 240 and isinstance(records[-1]["test/count_domain:rot75"], int)
+    assert [r["epoch"] for r in records] == [1.1111, 2.2222]
     final = json.loads((erm / "final.json").read_text())
     assert final["plugins"] == [] and final["last"] == records[-1]
     assert final["best"]["id_val/acc_avg"] == max(r["id_val/acc_avg"] for r in records)
@@ -101,6 +104,16 @@ def test_results_command_reports_each_runs_official_metric(tmp_path, capsys) -> 
     head, row = (line.split() for line in capsys.readouterr().out.splitlines())
     assert head[head.index("test/10th_percentile_acc@best")] and "test/acc_avg@best" not in head
     assert row[head.index("test/10th_percentile_acc@best")] == "0.3000"
+
+
+def test_progress_in_a_redirected_log_is_throttled(tmp_path, capsys) -> None:
+    # stderr is not a terminal here (captured), as in ``wilds_run ... 2> log``
+    assert main(["--n_steps", "60", "--eval_every", "20", "--log_dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    frames = err.count("\r")
+    # the training bar at its start and end (twice: tqdm's close redraws), each evaluation bar at its
+    # start and end: no per-step frames
+    assert "train" in err and "eval" in err and frames <= 3 + 3 * 2, err
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

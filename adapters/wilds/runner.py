@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
@@ -38,6 +36,7 @@ from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
+from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
 from dg_quant.registry import create_adapter
 from dg_quant.results import load_final
@@ -259,7 +258,10 @@ class Run:
         was_training = model.training
         model.eval()
         record: dict[str, Any] = {}
+        bar = progress_bar(sum(len(loader) for loader in self.eval_loaders.values()), "eval", "batch",
+                           disable=self.config.no_progress, leave=False)
         for split, loader in self.eval_loaders.items():
+            bar.set_postfix_str(split, refresh=False)
             preds, ys, metas = [], [], []
             for x, y, meta in loader:
                 with self.trainer.autocast():
@@ -267,10 +269,12 @@ class Run:
                 preds.append(logits.argmax(dim=1).cpu())
                 ys.append(y)
                 metas.append(meta)
+                bar.update(1)
             results, _ = self.dataset.eval(torch.cat(preds), torch.cat(ys), torch.cat(metas))
             results = _drop_empty_groups(results) if self.config.group_logging is not False else {
                 k: v for k, v in results.items() if ":" not in k}
-            record.update({f"{split}/{k}": _to_float(v) for k, v in results.items()})
+            record.update({f"{split}/{k}": _metric_value(k, v) for k, v in results.items()})
+        bar.close()
         record.update({k: _to_float(v) for k, v in self.trainer.evaluation_extras().items()})
         model.train(was_training)
         return record
@@ -321,8 +325,7 @@ class Run:
         if config.resume and trainer.step >= total and (self.log_dir / "final.json").is_file():
             return load_final(self.log_dir)  # finished: the end-of-training hooks ran already
         window: list[dict[str, Any]] = []
-        bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", disable=config.no_progress,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total, "train", "step", initial=trainer.step, disable=config.no_progress)
         batches = self.batches(trainer.step, resume_rng)
         while trainer.step < total:
             metrics = trainer.train_step(next(batches))
@@ -332,14 +335,14 @@ class Run:
                 self._log_eval(window)
                 window = []
                 bar.set_postfix({k: f"{v:.3f}" for k, v in self.records[-1].items()
-                                 if k in ("train/loss", config.val_metric)})
+                                 if k in ("train/loss", config.val_metric)}, refresh=False)
         bar.close()
         return self._finish()
 
     def _log_eval(self, window: list[dict[str, Any]]) -> None:
         config = self.config
         losses = [scalar_metrics(m) for m in window]
-        record: dict[str, Any] = {"step": self.trainer.step, "epoch": self.trainer.step / config.steps_per_epoch}
+        record: dict[str, Any] = {"step": self.trainer.step, "epoch": epoch_of(self.trainer.step, config.steps_per_epoch)}
         for key in losses[0] if losses else []:
             record[f"train/{key}"] = float(np.mean([m[key] for m in losses if key in m]))
         record.update(self.evaluate())
@@ -411,6 +414,19 @@ def _drop_empty_groups(results: dict[str, Any]) -> dict[str, Any]:
     """Remove ``acc_<group>``/``count_<group>`` pairs of groups absent from the split (WILDS reports 0)."""
     empty = {k.split("count_", 1)[1] for k, v in results.items() if k.startswith("count_") and not v}
     return {k: v for k, v in results.items() if not (":" in k and k.split("_", 1)[1] in empty)}
+
+
+def epoch_of(step: int, steps_per_epoch: int) -> float:
+    """Epochs done after ``step``, to four decimals (``0.033``, not ``0.0330033...``)."""
+    return round(step / steps_per_epoch, 4)
+
+
+def _metric_value(key: str, value: Any) -> Any:
+    """A metric as JSON: counts (``count_domain:rot0``) as integers, the rest as floats."""
+    value = _to_float(value)
+    if key.startswith("count") and isinstance(value, float):
+        return int(round(value))
+    return value
 
 
 def _to_float(value: Any) -> Any:
