@@ -23,6 +23,14 @@ class DGModel(nn.Module):
         # Input transform (images) or tokenizer callable (text); not a module, not saved.
         self.transform = transform
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torchvision's v2 transforms are nn.Modules: kept as a child, ``transform`` could not be
+        # replaced by a v1 transform (a plain callable) and would show up in ``modules()``.
+        if name == "transform":
+            self.__dict__[name] = value
+            return
+        super().__setattr__(name, value)
+
     @property
     def num_features(self) -> int:
         return self.d_out

@@ -18,7 +18,6 @@ from torch import nn
 
 from dg_quant.errors import CheckpointError
 from dg_quant.host import PluginHost
-from dg_quant.registry import create_adapter
 
 CHECKPOINT_FILES = {"best": "best_model.pt", "last": "model.pt"}
 
@@ -59,7 +58,10 @@ def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
     checkpoint replaces them). ``model.transform`` becomes the run's *evaluation* input transform
     (``--transform``/``--image_size``), so ``eval_loader`` feeds the model what it was tested on.
     """
-    model = create_adapter(state["backbone"], num_classes=int(state["num_classes"]), **_adapter_kwargs(config))
+    from dg_quant.adapters.wilds.run_model import build_run_model
+
+    config.model = state["backbone"]
+    model = build_run_model(config, int(state["num_classes"]), reload=True)
     host = PluginHost(config.plugins)
     host.configure(config)
     host.hook.dgq_configure_model(model=model, config=config)
@@ -71,26 +73,7 @@ def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
         raise CheckpointError(
             f"the saved weights do not fit the rebuilt model ({first}); were the plugins changed since the run?"
         ) from None
-    model.transform = _eval_transform(model, config)
     return model
-
-
-def _adapter_kwargs(config: argparse.Namespace) -> dict[str, Any]:
-    """What ``wilds_run`` passed to the adapter, minus weights that are not a local file."""
-    kwargs: dict[str, Any] = {}
-    weights = getattr(config, "weights", None)
-    if weights and Path(str(weights)).exists():
-        kwargs["weights"] = weights
-    if getattr(config, "max_token_length", None) and getattr(config, "transform", "model") == "model":
-        kwargs["max_token_length"] = config.max_token_length
-    return kwargs
-
-
-def _eval_transform(model: nn.Module, config: argparse.Namespace) -> Any:
-    from dg_quant.adapters.wilds.transforms import build_transforms
-
-    kind = getattr(config, "transform", None) or "model"
-    return build_transforms(kind, getattr(config, "image_size", None), model)[1]
 
 
 def load_run_model(

@@ -52,6 +52,7 @@ def _resolve(run_dir: str, checkpoint: str) -> Path:
 def export_run(args: argparse.Namespace) -> dict[str, Any]:
     """Export the run's checkpoint; returns the size report (and the verification) as a dict."""
     from dg_quant.adapters.wilds.checkpoints import build_model, read_checkpoint
+    from dg_quant.adapters.wilds.run_model import adapter_kwargs
     from dg_quant.quant.export import export_model, load_export, torch_save_bytes
 
     path = _resolve(args.run_dir, args.checkpoint)
@@ -60,7 +61,7 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     config.plugins = list(getattr(config, "plugins", None) or [])
     model = build_model(state, config).eval()
     meta = {"backbone": state["backbone"], "num_classes": int(state["num_classes"]), "source": str(path),
-            "plugins": config.plugins}
+            "plugins": config.plugins, "backbone_kwargs": adapter_kwargs(config, reload=True)}
     report = export_model(model, args.output, meta)
     out = {**report.to_dict(), "fp32_torch_save_bytes": torch_save_bytes(model), "output": args.output,
            "table": report.table()}

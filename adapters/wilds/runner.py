@@ -30,6 +30,7 @@ from torch import nn
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
+from dg_quant.adapters.wilds.run_model import build_run_model
 from dg_quant.adapters.wilds.transforms import build_transforms
 from dg_quant.errors import CheckpointError, ConfigError
 from dg_quant.hookimpl import hookimpl
@@ -38,7 +39,6 @@ from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
 from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
-from dg_quant.registry import create_adapter
 from dg_quant.results import load_final
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")
@@ -179,22 +179,8 @@ class Run:
         self.best: dict[str, Any] | None = None
 
     def _build_model(self) -> nn.Module:
-        """The backbone, told the input size or tokenizer length when its adapter takes them."""
-        config = self.config
-        kwargs: dict[str, Any] = {"weights": config.weights}
-        if config.image_size and config.transform in ("domainbed", "wilds"):
-            kwargs["img_size"] = config.image_size  # ViT position embeddings depend on it
-        if config.max_token_length and config.transform == "model":
-            kwargs["max_token_length"] = config.max_token_length
-        optional = {"img_size", "max_token_length"}
-        while True:
-            try:
-                return create_adapter(config.model, num_classes=self.dataset.n_classes, **kwargs)
-            except TypeError as exc:  # an adapter without that argument does not need it
-                rejected = [k for k in optional & kwargs.keys() if f"'{k}'" in str(exc)]
-                if not rejected:
-                    raise
-                del kwargs[rejected[0]]
+        """The backbone, built as every later rebuild of this run builds it (``run_model``)."""
+        return build_run_model(self.config, self.dataset.n_classes)
 
     def _train_loader(self):
         """A fresh WILDS training loader (standard or group); its order follows the global RNG."""

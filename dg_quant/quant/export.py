@@ -156,8 +156,8 @@ def _act_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
 def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> SizeReport:
     """Write ``model`` (fake-quantized or not) to ``path``; returns the size report of the file.
 
-    ``meta`` may carry ``backbone`` and ``num_classes`` so that ``load_export`` can rebuild the
-    network from the adapter registry without being handed a model.
+    ``meta`` may carry ``backbone``, ``num_classes`` and ``backbone_kwargs`` so that ``load_export``
+    can rebuild the network from the adapter registry without being handed a model.
     """
     quantized, skip = _quantizer_keys(model)
     inq, inq_skip = _inq_keys(model, quantized)
@@ -328,7 +328,9 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             raise CheckpointError(f"{path} does not name its backbone; pass the model to load_export")
         from dg_quant.registry import create_adapter
 
-        model = create_adapter(header["backbone"], num_classes=int(header["num_classes"]))
+        # backbone_kwargs: the adapter settings that shape the network (e.g. a ViT's img_size)
+        model = create_adapter(header["backbone"], num_classes=int(header["num_classes"]),
+                               **header.get("backbone_kwargs", {}))
     _attach_act_quantizers(model, header.get("act_quantizers", {}))
     state = exported_state_dict(header, payload)
     for name, spec in header.get("act_quantizers", {}).items():
