@@ -2,11 +2,15 @@
 
     dgq_export runs/pacs_qtdog_seed0 -o qtdog.dgq                 # best_model.pt
     dgq_export runs/pacs_erm_seed0 -o obc.dgq --checkpoint runs/pacs_erm_seed0/ptq_obc_w7.pt
+    dgq_export runs/pacs_fqat_seed0 --format onnx -o fqat.onnx --verify   # ONNX QDQ graph
 
 The file holds the b-bit integer weights bit-packed with their per-channel steps (INQ weights as
 b-bit sign + exponent codes) and everything else (BatchNorm, biases, the FP classifier) as is;
 ``dg_quant.quant.export.load_export`` rebuilds a model whose outputs equal the fake-quant model's.
-``--verify`` checks that on a batch of the run's test data.
+``--verify`` checks that on a batch of the run's test data. ``--format onnx`` writes an ONNX QDQ
+graph instead (``dg_quant.deploy.onnx``: int8 weights with their steps, activation
+QuantizeLinear/DequantizeLinear); its ``--verify`` runs it in onnxruntime on test images and
+reports the logit difference and top-1 agreement with the fake-quant model.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="best",
                         help="best (best_model.pt), last (model.pt) or the path of a model file such as ptq_obc_w7.pt")
     parser.add_argument("--verify", action="store_true",
-                        help="reload the file and check its outputs equal the checkpoint's on a test batch")
+                        help="reload the file and check its outputs equal the checkpoint's on a test batch "
+                             "(onnx: run it in onnxruntime and compare logits and top-1)")
+    parser.add_argument("--format", choices=("dgq", "onnx"), default="dgq",
+                        help="dgq: dg-quant's bit-packed file; onnx: an ONNX QDQ graph (needs dg-quant[onnx])")
+    parser.add_argument("--no_fold_batchnorm", action="store_true",
+                        help="onnx: keep BatchNorm as its own op (the fake-quant arithmetic op for op, "
+                             "but no int8 kernels for the convolution before it)")
+    parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
     return parser
 
 
@@ -60,6 +71,8 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     config = argparse.Namespace(**state["config"])
     config.plugins = list(getattr(config, "plugins", None) or [])
     model = build_model(state, config).eval()
+    if getattr(args, "format", "dgq") == "onnx":
+        return _export_onnx(args, model, config)
     meta = {"backbone": state["backbone"], "num_classes": int(state["num_classes"]), "source": str(path),
             "plugins": config.plugins, "backbone_kwargs": adapter_kwargs(config, reload=True)}
     report = export_model(model, args.output, meta)
@@ -75,15 +88,36 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argparse.Namespace) -> dict[str, Any]:
+    from dg_quant.deploy.onnx import export_onnx, verify_onnx
+
+    batches = _test_batches(model, config, max(args.verify_images, 1) if args.verify else 1)
+    report = export_onnx(model, batches[0][:1], args.output, fold_batchnorm=not args.no_fold_batchnorm)
+    out = {**report.to_dict(), "format": "onnx", "output": args.output}
+    if args.verify:
+        out["verification"] = verify_onnx(args.output, model, batches).to_dict()
+    return out
+
+
 def _test_batch(model: torch.nn.Module, config: argparse.Namespace) -> torch.Tensor:
+    return _test_batches(model, config, 16)[0]
+
+
+def _test_batches(model: torch.nn.Module, config: argparse.Namespace, images: int) -> list[torch.Tensor]:
+    """Up to ``images`` test (else first present split) inputs of the run, in batches of 16."""
     from dg_quant.adapters.wilds.checkpoints import _load_dataset, eval_loader, present_splits
     from dg_quant.adapters.wilds.compat import import_wilds
 
     import_wilds()
     dataset = _load_dataset(config)
     split = "test" if "test" in present_splits(dataset) else present_splits(dataset, exclude=())[0]
-    x, _y, _meta = next(iter(eval_loader(dataset, split, model, batch_size=16)))
-    return x
+    batches, seen = [], 0
+    for x, _y, _meta in eval_loader(dataset, split, model, batch_size=16):
+        batches.append(x[:images - seen])
+        seen += len(batches[-1])
+        if seen >= images:
+            break
+    return batches
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_export(out: dict) -> None:
+    if out.get("format") == "onnx":
+        _print_onnx(out)
+        return
     print(out["table"])
     print(f"torch.save of the FP32 model: {out['fp32_torch_save_bytes'] / 2**20:.3f} MiB "
           f"(file is {out['file_bytes'] / max(out['fp32_torch_save_bytes'], 1):.3f} of it)")
@@ -101,6 +138,26 @@ def _print_export(out: dict) -> None:
               "quantized model")
     if "verified_on" in out:
         print(f"verified: outputs equal on a test batch of shape {tuple(out['verified_on'])}")
+    print(f"wrote {out['output']}")
+
+
+def _print_onnx(out: dict) -> None:
+    acts = sum(1 for t in out["layers"] if t["kind"] == "activation")
+    bits = sorted({t["bits"] for t in out["layers"]})
+    print(f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors ({out['int_weight_params']:,} weights, "
+          f"bits {bits or 'none'}), {acts} activation quantize/dequantize pairs, "
+          f"{out['float_params']:,} float parameters, {out['folded_batchnorms']} BatchNorms folded; "
+          f"{out['file_bytes'] / 2**20:.3f} MiB")
+    if not out["layers"]:
+        print("note: this checkpoint has no active quantizers (saved before quantization started?); "
+              "the graph is all float")
+    v = out.get("verification")
+    if v:
+        print(f"verified in onnxruntime on {v['images']} test images (largest logit {v['max_logit']:.3g}):")
+        for key, label in (("optimized", "as deployed (graph optimizations on)"), ("op_for_op", "op for op (optimizations off)")):
+            a = v[key]
+            print(f"  {label}: top-1 agreement {100 * a['top1_agreement']:.2f}%, "
+                  f"max |logit difference| {a['max_abs_diff']:.3g} (mean {a['mean_abs_diff']:.3g})")
     print(f"wrote {out['output']}")
 
 

@@ -1,0 +1,282 @@
+"""Write a fake-quantized model as an ONNX QDQ graph, fold BatchNorm into it, and verify it.
+
+The graph holds each quantized weight as an int8 initializer with its FP32 per-channel scales
+behind ``DequantizeLinear``, each activation quantizer as ``QuantizeLinear``/``DequantizeLinear``
+with the learned step, and everything else (BatchNorm, biases, FP layers) as float; the batch
+dimension is dynamic. Export goes through torch's TorchScript ONNX exporter (``dynamo=False``),
+which works offline and honours the ``symbolic`` methods of ``dg_quant.deploy.qdq``.
+
+``fold_batchnorm`` (on by default) merges a BatchNorm that follows a quantized convolution
+into that convolution's per-channel scales and bias: the integer codes stay the same, but the
+convolution output then goes straight into the next quantizer, the pattern onnxruntime runs
+with int8 kernels (QLinearConv). Folding changes float rounding only (about 1e-7 relative), so
+the unfolded graph (``fold_batchnorm=False``) is the one that computes the fake-quant model's
+arithmetic op for op.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dg_quant.errors import CheckpointError, ConfigError
+from dg_quant.io import atomic_write_bytes
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError:  # pragma: no cover - exercised only without the extra
+    onnx = None
+
+OPSET = 17
+INPUT, OUTPUT = "input", "logits"
+
+
+def _require_onnx() -> None:
+    if onnx is None:
+        raise ConfigError("ONNX export needs the onnx extra: pip install 'dg-quant[onnx]' (onnx, onnxruntime)")
+
+
+@dataclass
+class OnnxExport:
+    """What an exported ONNX file holds (from the file itself)."""
+
+    path: str
+    file_bytes: int
+    int_weights: int  # integer weight initializers (behind DequantizeLinear)
+    int_weight_params: int
+    float_params: int
+    activation_qdq: int  # QuantizeLinear nodes on activations
+    folded_batchnorms: int = 0
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                fold_batchnorm: bool = True, opset: int = OPSET) -> OnnxExport:
+    """Write ``model`` (fake-quantized or FP) to ``path`` as an ONNX QDQ graph with a dynamic batch.
+
+    ``example`` is one input batch (its shape past the batch dimension is fixed in the graph).
+    Layers that cannot be represented raise a one-line ``ConfigError`` naming the layer.
+    """
+    _require_onnx()
+    from dg_quant.deploy.qdq import integer_model
+
+    deployable, plan = integer_model(model)
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(deployable, (example.to(torch.float32),), buffer, dynamo=False,
+                              input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - the exporter's errors are long and varied
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"ONNX export failed ({type(exc).__name__}: {first}); "
+                          "this model has a layer the TorchScript ONNX exporter cannot write") from None
+    graph = onnx.load_from_string(buffer.getvalue())
+    folded = fold_batchnorms(graph) if fold_batchnorm else 0
+    data = graph.SerializeToString()
+    atomic_write_bytes(path, data)
+    report = describe(graph, str(path), len(data))
+    report.folded_batchnorms = folded
+    report.layers = [asdict(t) for t in plan]
+    return report
+
+
+def describe(graph: Any, path: str = "", file_bytes: int = 0) -> OnnxExport:
+    """Count the integer weights, float parameters and activation QDQ pairs of a loaded graph."""
+    inits = {i.name: i for i in graph.graph.initializer}
+    dq_inputs = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    int_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+    ints = [i for name, i in inits.items() if name in dq_inputs and i.data_type in int_types]
+    floats = [i for i in inits.values() if i.data_type == TensorProto.FLOAT]
+    q_on_acts = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    return OnnxExport(path=path, file_bytes=file_bytes, int_weights=len(ints),
+                      int_weight_params=sum(int(np.prod(i.dims)) for i in ints),
+                      float_params=sum(int(np.prod(i.dims)) for i in floats), activation_qdq=len(q_on_acts))
+
+
+def fold_batchnorms(graph: Any) -> int:
+    """Merge each BatchNormalization that alone consumes a Conv with a DequantizeLinear'd integer
+    weight into that Conv: scale *= gamma / sqrt(var + eps), bias = (bias - mean) * that + beta.
+
+    The integer codes are unchanged. A channel whose factor is negative negates its codes; a conv
+    where that would overflow (a code of -128) keeps its BatchNorm. Returns how many were folded.
+    """
+    g = graph.graph
+    _bypass_identities(g)
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    folded = 0
+    for conv in [n for n in g.node if n.op_type == "Conv"]:
+        users = consumers.get(conv.output[0], [])
+        dq = producers.get(conv.input[1])
+        if len(users) != 1 or users[0].op_type != "BatchNormalization" or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        bn = users[0]
+        if any(name not in inits for name in [*bn.input[1:5], *dq.input[:2]]):
+            continue
+        if len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = gamma / np.sqrt(var + eps)
+        codes = numpy_helper.to_array(inits[dq.input[0]])
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        negative = factor < 0
+        if negative.any() and (codes[negative] == np.iinfo(codes.dtype).min).any():
+            continue
+        channels = codes.shape[0]
+        new_scale = np.broadcast_to(scale, (channels,)) * np.abs(factor)
+        new_codes = np.where(negative.reshape((-1,) + (1,) * (codes.ndim - 1)), -codes, codes).astype(codes.dtype)
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        new_bias = (bias - mean) * factor + beta
+        key = conv.name or conv.output[0]
+        dq.input[0] = _add_init(g, inits, f"{key}.weight_codes", new_codes)
+        dq.input[1] = _add_init(g, inits, f"{key}.weight_scale", new_scale.astype(np.float32))
+        if scale.size == 1:  # a per-tensor step becomes per channel
+            dq.attribute.extend([helper.make_attribute("axis", 0)])
+        zero_name = _add_init(g, inits, f"{key}.weight_zero_point", np.zeros(channels, dtype=codes.dtype))
+        if len(dq.input) > 2:
+            dq.input[2] = zero_name
+        else:
+            dq.input.append(zero_name)
+        bias_name = _add_init(g, inits, f"{key}.folded_bias", new_bias.astype(np.float32))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        g.node.remove(bn)
+        folded += 1
+    _drop_unused_initializers(g)
+    return folded
+
+
+def _add_init(g: Any, inits: dict[str, Any], name: str, value: np.ndarray) -> str:
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    inits[name] = g.initializer[-1]
+    return name
+
+
+def _bypass_identities(g: Any) -> None:
+    """Point the users of ``Identity(initializer)`` (the exporter's de-duplication) at the initializer."""
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    alias = {n.output[0]: n.input[0] for n in g.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            if name in alias:
+                n.input[k] = alias[name]
+    for n in [n for n in g.node if n.op_type == "Identity" and n.output[0] in alias]:
+        g.node.remove(n)
+
+
+def _drop_unused_initializers(g: Any) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    for node in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
+        g.node.remove(node)
+
+
+# -- running and verifying ------------------------------------------------------------------------
+
+
+@dataclass
+class Agreement:
+    """How one onnxruntime session's logits compare with the fake-quant model's."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+
+
+@dataclass
+class Verification:
+    """The ONNX model against the fake-quant model on the same inputs, run twice: as deployed
+    (onnxruntime's graph optimizations on: fused kernels, int8 QLinearConv) and op for op
+    (optimizations off), which computes the fake-quant arithmetic."""
+
+    images: int
+    max_logit: float
+    optimized: Agreement
+    op_for_op: Agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> Any:
+    """An onnxruntime CPU session; a missing, corrupt or foreign file is a one-line ``CheckpointError``."""
+    _require_onnx()
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; export it with dgq_export --format onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a loadable ONNX model ({first}); export it again") from None
+
+
+def run_onnx(session: Any, x: torch.Tensor, path: str = "the ONNX model") -> np.ndarray:
+    """Logits of ``session`` on ``x``; an input the graph does not accept is a ``CheckpointError``."""
+    spec = session.get_inputs()[0]
+    expected = spec.shape[1:]
+    if len(spec.shape) != x.dim() or any(isinstance(d, int) and d != n for d, n in zip(expected, x.shape[1:])):
+        raise CheckpointError(f"{path} takes inputs of shape {spec.shape} but the data has "
+                              f"{list(x.shape)}; export it from this run")
+    return session.run(None, {spec.name: x.detach().to(torch.float32).numpy()})[0]
+
+
+def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: list[torch.Tensor]) -> Verification:
+    """Compare the ONNX file's logits with ``model``'s (the fake-quant model) on ``batches``.
+
+    A file that does not load, takes other inputs or gives another number of outputs than the
+    model fails with a one-line ``CheckpointError``.
+    """
+    sessions = {"optimized": onnx_session(path), "op_for_op": onnx_session(path, optimize=False)}
+    model = model.eval()
+    wants = []
+    with torch.no_grad():
+        for x in batches:
+            wants.append(model(x).detach().to(torch.float32).numpy())
+    results = {}
+    for key, session in sessions.items():
+        diffs, agree, total = [], 0, 0.0
+        for x, want in zip(batches, wants):
+            got = run_onnx(session, x, str(path))
+            if got.shape != want.shape:
+                raise CheckpointError(f"{path} gives outputs of shape {list(got.shape)} but the model gives "
+                                      f"{list(want.shape)}; it was exported from another model")
+            d = np.abs(got.astype(np.float64) - want)
+            diffs.append(float(d.max()))
+            total += float(d.mean(-1).sum())
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        count = sum(len(x) for x in batches)
+        results[key] = Agreement(max(diffs, default=0.0), total / max(count, 1), agree / max(count, 1))
+    peak = max((float(np.abs(w).max()) for w in wants), default=0.0)
+    return Verification(images=sum(len(x) for x in batches), max_logit=peak, **results)
