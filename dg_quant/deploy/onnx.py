@@ -75,7 +75,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
-            torch.onnx.export(deployable, (example.to(torch.float32),), buffer, dynamo=False,
+            torch.onnx.export(deployable, (example,), buffer, dynamo=False,
                               input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     except Exception as exc:  # noqa: BLE001 - the exporter's errors are long and varied
@@ -249,7 +249,8 @@ def run_onnx(session: Any, x: torch.Tensor, path: str = "the ONNX model") -> np.
     if len(spec.shape) != x.dim() or any(isinstance(d, int) and d != n for d, n in zip(expected, x.shape[1:])):
         raise CheckpointError(f"{path} takes inputs of shape {spec.shape} but the data has "
                               f"{list(x.shape)}; export it from this run")
-    return session.run(None, {spec.name: x.detach().to(torch.float32).numpy()})[0]
+    x = x.detach().to(torch.float32) if x.is_floating_point() else x.detach()
+    return session.run(None, {spec.name: x.numpy()})[0]
 
 
 def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: list[torch.Tensor]) -> Verification:

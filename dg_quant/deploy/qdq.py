@@ -41,7 +41,7 @@ class _DequantizeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:  # type: ignore[override]
         shape = [1] * codes.dim()
-        if scale.numel() > 1:
+        if scale.dim() == 1:  # per channel (a 0-d scale is per tensor)
             shape[axis] = -1
         return codes.to(torch.float32) * scale.reshape(shape)
 

@@ -1,0 +1,52 @@
+"""``dgq_export --format onnx`` on a real (tiny) FQAT run: 4-bit weights and activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dg_quant.adapters.wilds.cli import main as wilds_main
+from dg_quant.adapters.wilds.export import main as export_main
+
+onnx = pytest.importorskip("onnx")
+from onnx import numpy_helper  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fqat_run(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("fqat") / "run"
+    assert wilds_main(["--plugin", "dg_quant.fqat", "--bits", "4", "--n_steps", "4", "--eval_every", "4",
+                       "--batch_size", "16", "--frac", "0.1", "--log_dir", str(log_dir), "--no_progress"]) == 0
+    return log_dir
+
+
+def test_fqat_run_exports_and_verifies_in_onnxruntime(fqat_run, tmp_path, capsys):
+    out = tmp_path / "fqat.onnx"
+    capsys.readouterr()
+    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(out),
+                        "--verify", "--verify_images", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 int8 weight tensors" in printed and "4 activation quantize/dequantize pairs" in printed
+    assert "on 40 test images" in printed
+    assert "op for op (optimizations off): top-1 agreement 100.00%" in printed
+    graph = onnx.load(str(out)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(codes) == 3
+    assert all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)
+    assert sum(c.size for c in codes) == 92_160  # the three quantized convs; the first conv and head stay FP
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_unrepresentable_layer_is_one_line(fqat_run, tmp_path, capsys):
+    state = torch.load(fqat_run / "model.pt", weights_only=False)
+    state["model"]["featurizer.6.parametrizations.weight.0.step"][5] = float("nan")
+    torch.save(state, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert export_main([str(fqat_run), "--checkpoint", str(tmp_path / "bad.pt"), "--format", "onnx",
+                        "-o", str(tmp_path / "bad.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("dgq_export: error: featurizer.6.weight: its quantization step is not a positive finite")
+    assert not (tmp_path / "bad.onnx").exists()
