@@ -29,7 +29,8 @@ class CheckpointError(DGQuantError, RuntimeError):
 
 
 # optional package -> the dg-quant extra that installs it (pyproject.toml [project.optional-dependencies])
-OPTIONAL_EXTRAS = {"open_clip": "clip", "transformers": "text", "matplotlib": "plots"}
+OPTIONAL_EXTRAS = {"open_clip": "clip", "transformers": "text", "matplotlib": "plots", "onnx": "onnx",
+                   "onnxruntime": "onnx"}
 
 
 def require_optional(module: str) -> ModuleType:

@@ -26,22 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from dg_quant.errors import CheckpointError, ConfigError
+from dg_quant.errors import CheckpointError, ConfigError, require_optional
 from dg_quant.io import atomic_write_bytes
-
-try:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-except ImportError:  # pragma: no cover - exercised only without the extra
-    onnx = None
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
 
 
-def _require_onnx() -> None:
-    if onnx is None:
-        raise ConfigError("ONNX export needs the onnx extra: pip install 'dg-quant[onnx]' (onnx, onnxruntime)")
+def _onnx() -> Any:
+    """The ``onnx`` package, or a one-line error naming the ``onnx`` extra."""
+    return require_optional("onnx")
 
 
 @dataclass
@@ -68,7 +62,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     ``example`` is one input batch (its shape past the batch dimension is fixed in the graph).
     Layers that cannot be represented raise a one-line ``ConfigError`` naming the layer.
     """
-    _require_onnx()
+    onnx = _onnx()
     from dg_quant.deploy.qdq import integer_model
 
     deployable, plan = integer_model(model)
@@ -94,11 +88,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
 def describe(graph: Any, path: str = "", file_bytes: int = 0) -> OnnxExport:
     """Count the integer weights, float parameters and activation QDQ pairs of a loaded graph."""
+    onnx = _onnx()
     inits = {i.name: i for i in graph.graph.initializer}
     dq_inputs = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
-    int_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+    int_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
     ints = [i for name, i in inits.items() if name in dq_inputs and i.data_type in int_types]
-    floats = [i for i in inits.values() if i.data_type == TensorProto.FLOAT]
+    floats = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT]
     q_on_acts = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     return OnnxExport(path=path, file_bytes=file_bytes, int_weights=len(ints),
                       int_weight_params=sum(int(np.prod(i.dims)) for i in ints),
@@ -112,6 +107,7 @@ def fold_batchnorms(graph: Any) -> int:
     The integer codes are unchanged. A channel whose factor is negative negates its codes; a conv
     where that would overflow (a code of -128) keeps its BatchNorm. Returns how many were folded.
     """
+    onnx = _onnx()
     g = graph.graph
     _bypass_identities(g)
     inits = {i.name: i for i in g.initializer}
@@ -131,24 +127,24 @@ def fold_batchnorms(graph: Any) -> int:
             continue
         if len(consumers.get(dq.output[0], [])) != 1:
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
+        gamma, beta, mean, var = (onnx.numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = gamma / np.sqrt(var + eps)
-        codes = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        codes = onnx.numpy_helper.to_array(inits[dq.input[0]])
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
         negative = factor < 0
         if negative.any() and (codes[negative] == np.iinfo(codes.dtype).min).any():
             continue
         channels = codes.shape[0]
         new_scale = np.broadcast_to(scale, (channels,)) * np.abs(factor)
         new_codes = np.where(negative.reshape((-1,) + (1,) * (codes.ndim - 1)), -codes, codes).astype(codes.dtype)
-        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        bias = onnx.numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
         new_bias = (bias - mean) * factor + beta
         key = conv.name or conv.output[0]
         dq.input[0] = _add_init(g, inits, f"{key}.weight_codes", new_codes)
         dq.input[1] = _add_init(g, inits, f"{key}.weight_scale", new_scale.astype(np.float32))
         if scale.size == 1:  # a per-tensor step becomes per channel
-            dq.attribute.extend([helper.make_attribute("axis", 0)])
+            dq.attribute.extend([onnx.helper.make_attribute("axis", 0)])
         zero_name = _add_init(g, inits, f"{key}.weight_zero_point", np.zeros(channels, dtype=codes.dtype))
         if len(dq.input) > 2:
             dq.input[2] = zero_name
@@ -167,7 +163,8 @@ def fold_batchnorms(graph: Any) -> int:
 
 
 def _add_init(g: Any, inits: dict[str, Any], name: str, value: np.ndarray) -> str:
-    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    onnx = _onnx()
+    g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
     inits[name] = g.initializer[-1]
     return name
 
@@ -223,8 +220,7 @@ class Verification:
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> Any:
     """An onnxruntime CPU session; a missing, corrupt or foreign file is a one-line ``CheckpointError``."""
-    _require_onnx()
-    import onnxruntime as ort
+    ort = require_optional("onnxruntime")
 
     path = Path(path)
     if not path.is_file():

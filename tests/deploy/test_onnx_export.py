@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,11 @@ def test_real_mobilenet_v2_on_pacs_images(tmp_path, pacs_root):
     # ImageNet predictions on sketches have small margins; the untrained W8A8 steps amplify float noise
     assert check.op_for_op.top1_agreement >= 0.9 and check.optimized.top1_agreement >= 0.75
     assert check.op_for_op.max_abs_diff < 5 * torch_noise + 1e-3
+
+
+def test_without_the_onnx_extra_export_fails_in_one_line(tmp_path, monkeypatch):
+    for name in [n for n in list(sys.modules) if n == "onnx" or n.startswith("onnx.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError, match=r"pip install 'dg-quant\[onnx\]'"):
+        export_onnx(_cnn(8, None), torch.randn(1, 3, 12, 12), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
