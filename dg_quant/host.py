@@ -2,7 +2,8 @@
 
 Name resolution follows pytest's ``-p``: a bundled name, then an entry point in the group
 ``dg_quant``, then an importable module path. Method plugins are never auto-loaded: a run is
-ERM unless it names a plugin.
+ERM unless it names a plugin. Two plugins that own the same part of a run (``DGQ_OWNS``, see
+``dg_quant.ownership``) are refused when the second is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pluggy
 
 from dg_quant import defaults, hookspecs
 from dg_quant.errors import PluginError
+from dg_quant.ownership import check_owners
 
 PROJECT = "dg_quant"
 ENTRY_POINT_GROUP = "dg_quant"
@@ -109,6 +111,7 @@ class PluginHost:
         if name in self.names or self.pm.is_blocked(name):
             return
         plugin = resolve_plugin(name)
+        check_owners({n: self.pm.get_plugin(n) for n in self.names}, name, plugin)  # e.g. two quantizers
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
         self.names.append(name)

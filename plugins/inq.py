@@ -23,6 +23,7 @@ from torch import nn
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.options import add_options, option, read_options
+from dg_quant.ownership import WEIGHT_QUANTIZATION
 from dg_quant.quant.api import plan
 from dg_quant.quant.config import MAX_BITS, MIN_BITS, LSQConfig, QuantConfig
 from dg_quant.quant.inq import (
@@ -38,6 +39,9 @@ from dg_quant.quant.inq import (
     next_frozen_mask,
     parse_partitions,
 )
+
+# INQ's power-of-two levels replace the weights: no second quantizer on top.
+DGQ_OWNS = (WEIGHT_QUANTIZATION,)
 
 
 @dataclass

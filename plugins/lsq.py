@@ -3,7 +3,10 @@
 Same options as ``dg_quant.qtdog``; only the switch-on step defaults to 0.
 """
 
+from dg_quant.ownership import WEIGHT_QUANTIZATION
 from dg_quant.qat import QATHooks
+
+DGQ_OWNS = (WEIGHT_QUANTIZATION,)  # LSQ quantizers on the weights; one quantizer per run
 
 _hooks = QATHooks(default_start=0)
 

@@ -23,9 +23,12 @@ from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.io import atomic_write_json
 from dg_quant.options import add_options, option, read_options
+from dg_quant.ownership import WEIGHT_QUANTIZATION
 from dg_quant.quant.obc import METHODS, PTQConfig, attach_disabled_quantizers, ptq_, summarize
 
 RESULT_FILE = "ptq.json"
+# OBC/GPTQ quantize the trained weights: a QAT plugin's quantizers would be quantized again.
+DGQ_OWNS = (WEIGHT_QUANTIZATION,)
 
 
 @dataclass

@@ -6,7 +6,10 @@ the step sizes and the quantized weights keep training after the switch; ``--qtd
 reproduces the released behaviour (METHODS.md 11.3).
 """
 
+from dg_quant.ownership import WEIGHT_QUANTIZATION
 from dg_quant.qat import QATHooks
+
+DGQ_OWNS = (WEIGHT_QUANTIZATION,)  # LSQ quantizers on the weights; one quantizer per run
 
 _hooks = QATHooks(default_start=None)
 

@@ -15,9 +15,11 @@ from torch import nn
 
 from dg_quant.hookimpl import hookimpl
 from dg_quant.options import add_options, read_options
+from dg_quant.ownership import GRADIENT_COMPUTATION
 from dg_quant.sharpness import SAGMOptions, apply_sagm_, sagm_gradients
 
 OPTIONS = SAGMOptions
+DGQ_OWNS = (GRADIENT_COMPUTATION,)  # the two-pass step replaces the plain backward
 
 
 @hookimpl

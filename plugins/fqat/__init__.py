@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 
-from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.options import add_options, read_options
+from dg_quant.ownership import GRADIENT_COMPUTATION, WEIGHT_QUANTIZATION
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.run import FQATRun
 
 OPTIONS = FQATOptions
-# Plugins that also quantize the model or replace the step: FQAT already does both.
-CONFLICTS = ("dg_quant.sagm", "dg_quant.lsq", "dg_quant.qtdog")
+# FQAT quantizes and replaces the step (SAGM): the host refuses other plugins owning either.
+DGQ_OWNS = (WEIGHT_QUANTIZATION, GRADIENT_COMPUTATION)
 # The per-run object's name: it keys FQAT's state in checkpoints (its state_dict).
 RUN_NAME = "dg_quant.fqat.run"
 
@@ -32,7 +32,4 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
-    clash = [name for name in getattr(config, "plugins", []) if name in CONFLICTS]
-    if clash:
-        raise ConfigError(f"dg_quant.fqat already quantizes and runs SAGM; drop --plugin {' '.join(clash)}")
     host.register(FQATRun(read_options(FQATOptions, config), config), name=RUN_NAME)
