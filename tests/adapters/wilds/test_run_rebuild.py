@@ -132,3 +132,71 @@ def test_an_adapter_that_raises_typeerror_is_not_retried_silently() -> None:
 def test_weights_for_an_adapter_without_weights_is_one_line() -> None:
     with pytest.raises(ConfigError, match="takes no weights"):
         build_run_model(_config(weights="default"), 3)
+
+
+# -- a user's own backbone -------------------------------------------------------------------
+
+USER_FACTORY = "tests.user_backbone:small_cnn"
+
+
+@pytest.fixture(scope="module")
+def user_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A featurizer state dict the project does not ship (a seeded model, saved as a user would)."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("user_weights") / "small_cnn.pt"
+    torch.save(create_adapter(USER_FACTORY, num_classes=7).featurizer.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def user_runs(pacs_subset: Path, user_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("user_runs")
+    return [_train(pacs_subset, root / f"seed{seed}", "--model", USER_FACTORY, "--weights", str(user_weights),
+                   "--image_size", "24", "-p", "dg_quant.qtdog", "--quant-start-step", "1", "--seed", str(seed),
+                   "--lr", "1e-9") for seed in (0, 1)]
+
+
+@needs_pacs
+def test_user_backbone_trains_from_its_weights_and_every_command_rebuilds_it(
+    user_runs: Path, user_weights: Path, tmp_path: Path
+) -> None:
+    saved = torch.load(user_weights, weights_only=True)
+    model, config, _ = load_run_model(user_runs[0], "last")
+    assert config.model == USER_FACTORY and model.transform.transforms[0].size == (24, 24)
+    # --lr 1e-9: the trained featurizer is still the user's file (BN statistics aside), not a fresh init
+    state, fresh = model.featurizer.state_dict(), create_adapter(USER_FACTORY, num_classes=7).featurizer.state_dict()
+    learned = [k for k in saved if k.endswith("weight")]
+    original = {k: state.get(k.replace(".weight", ".parametrizations.weight.original"), state.get(k)) for k in learned}
+    assert all(torch.allclose(original[k], saved[k], atol=1e-6) for k in learned)
+    assert not any(torch.allclose(fresh[k], saved[k], atol=1e-3) for k in learned if fresh[k].dim() > 1)
+    out = tmp_path / "user.dgq"
+    assert export.main([str(user_runs[0]), "-o", str(out), "--verify"]) == 0
+    assert eoq.main(["--from_runs", *map(str, user_runs), "--log_dir", str(tmp_path / "eoq"), "--splits", "test"]) == 0
+    assert analyze.main(["noise", str(user_runs[0]), "--out", str(tmp_path / "noise")]) == 0
+
+
+def test_user_backbone_from_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from dg_quant import registry
+
+    ep = importlib.metadata.EntryPoint("my_small_cnn", USER_FACTORY, registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "_entry_points", lambda: {"my_small_cnn": ep})
+    assert "my_small_cnn" in registry.list_adapters()
+    model = create_adapter("my_small_cnn", num_classes=3, img_size=20)
+    assert model(torch.zeros(2, 3, 20, 20)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.no_such_module:factory", "cannot import 'tests.no_such_module'"),
+        ("tests.user_backbone:nope", "has no 'nope'"),
+        ("tests.user_backbone:not_a_model", "returned a Linear, not a dg_quant.DGModel"),
+        ("no_such_name", "unknown backbone 'no_such_name'"),
+    ],
+)
+def test_a_wrong_backbone_is_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        create_adapter(spec, num_classes=3)
+    assert "\n" not in str(info.value)
