@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dg_quant.errors import ConfigError
-from dg_quant.registry import create_adapter, list_adapters
+from dg_quant.registry import adapter_accepts, create_adapter, list_adapters, resolve_adapter
 
 NUM_CLASSES = 7
 
@@ -48,10 +48,8 @@ MODELS = {
 
 def _from_registry(name: str, size: int) -> nn.Module:
     """Any other backbone of the project's adapter registry, with random weights (3-channel images)."""
-    try:
-        return create_adapter(name, NUM_CLASSES, img_size=size)
-    except TypeError:  # adapters without an image-size argument
-        return create_adapter(name, NUM_CLASSES)
+    takes_size = adapter_accepts(resolve_adapter(name), "img_size")  # not all adapters have one
+    return create_adapter(name, NUM_CLASSES, img_size=size if takes_size else None)
 
 
 def build(name: str, image_size: int, batch_size: int | None, device: torch.device) -> Workload:
