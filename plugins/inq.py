@@ -2,9 +2,11 @@
 
 ``--plugin dg_quant.inq --bits 7`` spreads the partitions (default 0.5, 0.75, 0.875, 1.0 of each
 weight tensor, largest magnitudes first) evenly over the run from ``--inq-start-step``. A frozen
-weight never changes again: its gradient is masked before the optimizer step, and after the
-step its value is put back on its level and its optimizer state (momentum, Adam moments) is
-zeroed, so weight decay and momentum cannot move it either. BatchNorm, biases and the classifier
+weight never changes again: its gradient is masked before the optimizer step, its exact value
+is kept aside, and after the step that value is written back and its optimizer state (momentum,
+Adam moments) is zeroed. Writing the kept value back, rather than re-rounding the moved one,
+matters for optimizers that move weights without a gradient (Adam's L2 weight decay, momentum):
+a weight pushed past the midpoint between two levels would otherwise land on the other level. BatchNorm, biases and the classifier
 stay in full precision.
 
 The per-tensor state (frozen mask, exponents, partitions applied) lives in module buffers, so
@@ -161,12 +163,20 @@ def dgq_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, step: int
         apply_partitions(model, optimizer, options, due)
 
 
+# Attribute holding a module's frozen weight values during one optimizer step (not saved).
+_KEPT_ATTR = "_dgq_inq_kept"
+
+
 @hookimpl
+@torch.no_grad()
 def dgq_after_backward(model: nn.Module) -> None:
     for _, module in inq_modules(model):
+        frozen = getattr(module, FROZEN_BUFFER)
         grad = module.weight.grad
         if grad is not None:
-            grad.masked_fill_(getattr(module, FROZEN_BUFFER), 0)
+            grad.masked_fill_(frozen, 0)
+        # The last thing before optimizer.step(): keep the frozen values to put back afterwards.
+        setattr(module, _KEPT_ATTR, module.weight.detach()[frozen] if frozen.any() else None)
 
 
 @hookimpl
@@ -174,9 +184,14 @@ def dgq_after_backward(model: nn.Module) -> None:
 def dgq_after_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for _, module in inq_modules(model):
         frozen = getattr(module, FROZEN_BUFFER)
-        if int(getattr(module, APPLIED_BUFFER)) and frozen.any():
+        kept = module.__dict__.pop(_KEPT_ATTR, None)
+        if not (int(getattr(module, APPLIED_BUFFER)) and frozen.any()):
+            continue
+        if kept is not None and kept.numel() == int(frozen.sum()):
+            module.weight.masked_scatter_(frozen, kept)  # exactly the values before the step
+        else:  # no value kept (a step run without dgq_after_backward): back onto the nearest level
             _restore_frozen(module)
-            _mask_optimizer_state(optimizer, module.weight, frozen)
+        _mask_optimizer_state(optimizer, module.weight, frozen)
 
 
 @hookimpl

@@ -27,17 +27,22 @@ def _config(**kw) -> argparse.Namespace:
     return config, host
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+OPTIMIZERS = {  # every optimizer must leave a frozen weight exactly where it was
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    # DomainBed's optimizer: L2 weight decay inside Adam moves weights whose gradient is zero
+    "adam_wd": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=5e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=5e-2),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_inq_frozen_weights_never_change_and_end_on_levels(opt):
     config, host = _config(total_steps=12, bits=5)
     model = create_adapter("test_cnn", num_classes=3)
 
-    def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
-        if opt == "sgd":
-            return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-2)
-        return torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=5e-2)
-
-    trainer = Trainer.build(host, model, config, make_optimizer, nn.CrossEntropyLoss())
+    trainer = Trainer.build(host, model, config, lambda m: OPTIMIZERS[opt](m.parameters()), nn.CrossEntropyLoss())
     prepared = dict(inq.inq_modules(model))
     assert set(prepared) == {"featurizer.0", "featurizer.3"}  # classifier stays FP
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
