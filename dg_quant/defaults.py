@@ -9,7 +9,7 @@ from torch import nn
 
 from dg_quant.hookimpl import hookimpl
 from dg_quant.options import add_options, read_options
-from dg_quant.quant import compression_report, is_quantization_enabled
+from dg_quant.quant import compression_report, is_quantized
 from dg_quant.speed import SpeedOptions, prepare_model
 
 
@@ -43,7 +43,7 @@ def dgq_evaluate(model: nn.Module) -> dict[str, Any]:
     """Every evaluation records the size of the model as it would be stored."""
     summary = compression_report(model).summary()
     return {
-        "quantized": is_quantization_enabled(model),
+        "quantized": is_quantized(model),
         "compression_ratio": summary["compression_ratio"],
         "packed_mb": summary["packed_mb"],
     }

@@ -16,6 +16,7 @@ it is saved in checkpoints and ``--resume`` continues the schedule.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -146,7 +147,11 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def dgq_configure(config: argparse.Namespace) -> None:
-    read_options(InqOptions, config)
+    options = read_options(InqOptions, config)
+    if not getattr(config, "total_steps", None):
+        warnings.warn(f"dg_quant.inq: the run length is unknown, so the partitions are applied at steps "
+                      f"{options.schedule(config).steps()}; give the host the number of steps "
+                      "(DomainBed: --steps, or register(total_steps=N) from your own script)", stacklevel=2)
 
 
 @hookimpl

@@ -121,6 +121,16 @@ def test_start_step_defaults_follow_the_paper_scaled_to_short_runs(option, total
     assert resolve_start_step(QATOptions(quant_start_step=option), None, total) == expected
 
 
+@pytest.mark.parametrize(
+    ("dataset", "total", "expected"),
+    [("domainnet", None, 8000), ("DomainNet", 15000, 8000), ("domainnet", 7500, 4000), ("pacs", 15000, 2000),
+     ("DomainNet", 5001, 2667)],
+)
+def test_start_step_defaults_per_dataset(dataset, total, expected) -> None:
+    """The paper switches on at step 8,000 of 15,000 on DomainNet and 2,000 of 5,000 elsewhere."""
+    assert resolve_start_step(QATOptions(), None, total, dataset) == expected
+
+
 def test_bits_out_of_range_fail_at_configure() -> None:
     host = PluginHost(["dg_quant.qtdog"])
     with pytest.raises(ConfigError, match="bits"):

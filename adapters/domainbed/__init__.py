@@ -9,23 +9,32 @@ jobs started through the same entry point so that they see the algorithms too.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
 import warnings
 
 from dg_quant.adapters.domainbed.algorithms import algorithm_classes, available_specs, hparam_table
 from dg_quant.adapters.domainbed.hparams import extend_registry
+from dg_quant.adapters.domainbed.runlength import run_length
 
 __all__ = ["register"]
+
+
+def _run_length(total_steps: int | None, package: str, dataset: str) -> int | None:
+    return total_steps or run_length(sys.argv[1:], dataset, package)
 
 # Attribute marking a class as registered by dg-quant (a re-registration may replace it).
 _MARK = "_dgq_registered"
 
 
-def register(package: str = "domainbed") -> list[str]:
+def register(package: str = "domainbed", total_steps: int | None = None) -> list[str]:
     """Register the available dg-quant algorithms into DomainBed (importable as ``package``).
 
     Idempotent. An algorithm name that DomainBed already defines (a fork's own class) is left
-    alone with a warning. Returns the names registered.
+    alone with a warning. Returns the names registered. ``total_steps`` is the run length;
+    by default it is read from the command line as ``train.py`` reads it (``--steps``, else the
+    ``--dataset``'s ``N_STEPS``), which a script with other flags must replace.
     """
     algorithms = importlib.import_module(f"{package}.algorithms")
     networks = importlib.import_module(f"{package}.networks")
@@ -40,11 +49,12 @@ def register(package: str = "domainbed") -> list[str]:
                           stacklevel=2)
             continue
         specs.append(spec)
-    classes = algorithm_classes(specs, algorithms.Algorithm, networks, algorithms.__name__)
+    classes = algorithm_classes(specs, algorithms.Algorithm, networks, algorithms.__name__, total_steps)
     for name, cls in classes.items():
         setattr(cls, _MARK, True)
         setattr(algorithms, name, cls)
         if name not in algorithms.ALGORITHMS:
             algorithms.ALGORITHMS.append(name)
-    extend_registry(registry, hparam_table(specs), misc.seed_hash)
+    extend_registry(registry, hparam_table(specs), misc.seed_hash,
+                    functools.partial(_run_length, total_steps, package))
     return list(classes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,12 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dg_quant.adapters.domainbed.hparams import HParam, options_parser, plugin_hparams
+from dg_quant.adapters.domainbed.hparams import (
+    DatasetHParam,
+    HParam,
+    options_parser,
+    plugin_hparams,
+)
+from dg_quant.adapters.domainbed.runlength import run_length, train_flags
 from dg_quant.errors import ConfigError, PluginError
 from dg_quant.host import PluginHost, resolve_plugin
 from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.model import DGModel
-from dg_quant.quant import iter_quantizers
+from dg_quant.qat import paper_start_step
+from dg_quant.quant import is_quantized
 
 # Keys that DomainBed's train.py writes itself; an update() metric of that name is renamed.
 RESERVED_KEYS = ("step", "epoch", "step_time", "mem_gb", "hparams", "args")
@@ -38,16 +46,22 @@ class AlgorithmSpec:
     name: str
     plugins: tuple[str, ...]
     doc: str
-    hparams: Mapping[str, HParam] = field(default_factory=dict)
+    hparams: Mapping[str, HParam | DatasetHParam] = field(default_factory=dict)
 
 
-_QTDOG_START = HParam(2000, lambda r: int(r.choice([1000, 2000, 3000])))  # paper: 2000 of 5000 steps
+def qtdog_start(dataset: str, total_steps: int | None) -> HParam:
+    """QT-DoG's switch step for the dataset and run length (2000 of 5000 steps, 8000 of 15000 on
+    DomainNet, scaled down for shorter runs), searched over half, once and 1.5 times that."""
+    start = paper_start_step(dataset, total_steps)
+    return HParam(start, lambda r: int(r.choice([start // 2, start, start * 3 // 2])))
+
+
 _FROM_START = HParam(0)
 
 SPECS: tuple[AlgorithmSpec, ...] = (
     AlgorithmSpec("QTDoG", ("dg_quant.qtdog",),
                   "QT-DoG: ERM, then LSQ weight quantization from step quant_start_step (ICML 2025)",
-                  {"quant_start_step": _QTDOG_START}),
+                  {"quant_start_step": qtdog_start}),
     AlgorithmSpec("LSQ", ("dg_quant.lsq",), "Plain LSQ quantization-aware training from the first step",
                   {"quant_start_step": _FROM_START}),
     AlgorithmSpec("FQAT", ("dg_quant.fqat",), "FQAT: flatness-oriented QAT with disorder-guided freezing"),
@@ -79,7 +93,8 @@ def available_specs() -> list[AlgorithmSpec]:
     return [spec for spec in SPECS if all(plugin_available(p) for p in spec.plugins)]
 
 
-def run_config(host: PluginHost, hparams: Mapping[str, Any], num_domains: int) -> argparse.Namespace:
+def run_config(host: PluginHost, hparams: Mapping[str, Any], num_domains: int, total_steps: int | None = None,
+               dataset: str | None = None) -> argparse.Namespace:
     """The run's ``config``: the plugins' option defaults, overridden by DomainBed's ``hparams``."""
     parser = options_parser(host)
     for action in parser._actions:
@@ -91,8 +106,9 @@ def run_config(host: PluginHost, hparams: Mapping[str, Any], num_domains: int) -
             )
     config = parser.parse_args([])
     vars(config).update(hparams)
-    # DomainBed tells an algorithm neither the number of steps nor an output folder.
-    config.total_steps, config.log_dir = None, None
+    # DomainBed tells an algorithm neither the number of steps nor an output folder: the run
+    # length comes from train.py's flags (runlength), the folder only at the end (finish).
+    config.total_steps, config.log_dir, config.dataset = total_steps, None, dataset
     config.num_domains, config.host = num_domains, "domainbed"
     host.configure(config)
     return config
@@ -107,6 +123,8 @@ class DGQuantAlgorithm:
 
     PLUGINS: tuple[str, ...] = ()
     networks: ModuleType
+    PACKAGE = "domainbed"  # the module DomainBed imports as (where its datasets live)
+    TOTAL_STEPS: int | None = None  # register(total_steps=...); else train.py's flags say
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
                  hparams: dict[str, Any]) -> None:
@@ -117,7 +135,9 @@ class DGQuantAlgorithm:
                                               hparams.get("nonlinear_classifier", False))
         self.network = DGModel(featurizer, classifier, featurizer.n_outputs)
         host = PluginHost(self.PLUGINS)
-        config = run_config(host, hparams, num_domains)
+        flags = train_flags(sys.argv[1:])
+        total = self.TOTAL_STEPS or run_length(sys.argv[1:], package=self.PACKAGE)
+        config = run_config(host, hparams, num_domains, total, flags.dataset)
         self.trainer = Trainer.build(host, self.network, config, self._make_optimizer, F.cross_entropy)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -138,9 +158,9 @@ class DGQuantAlgorithm:
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
         metrics = scalar_metrics(self.trainer.train_step((x, y)))
-        quantizers = [q for _, q in iter_quantizers(self.network)]
-        if quantizers:  # LSQ-style fake quantizers attached: are they on yet?
-            metrics["quantized"] = float(any(q.enabled for q in quantizers))
+        # 1.0 once the model computes with quantized weights (LSQ on, every INQ weight frozen);
+        # it never goes back, so a checkpoint whose window mean is > 0 was evaluated quantized.
+        metrics["quantized"] = float(is_quantized(self.network))
         return {(f"train_{k}" if k in RESERVED_KEYS else k): v for k, v in metrics.items()}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,16 +190,18 @@ class DGQuantAlgorithm:
 
 
 def algorithm_classes(specs: list[AlgorithmSpec], algorithm_base: type, networks: ModuleType,
-                      module: str) -> dict[str, type]:
+                      module: str, total_steps: int | None = None) -> dict[str, type]:
     """One class per spec deriving from DomainBed's ``algorithm_base``, named as in ``module``."""
     classes = {}
+    package = module.rsplit(".", 1)[0]
     for spec in specs:
         namespace = {"__doc__": spec.doc, "__module__": module, "__qualname__": spec.name,
-                     "PLUGINS": spec.plugins, "networks": networks}
+                     "PLUGINS": spec.plugins, "networks": networks, "PACKAGE": package,
+                     "TOTAL_STEPS": total_steps}
         classes[spec.name] = type(spec.name, (DGQuantAlgorithm, algorithm_base), namespace)
     return classes
 
 
-def hparam_table(specs: list[AlgorithmSpec]) -> dict[str, dict[str, HParam]]:
+def hparam_table(specs: list[AlgorithmSpec]) -> dict[str, dict[str, HParam | DatasetHParam]]:
     """``{algorithm: {hparam: HParam}}`` for ``extend_registry``."""
     return {spec.name: plugin_hparams(spec.plugins, spec.hparams) for spec in specs}

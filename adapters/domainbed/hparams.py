@@ -24,6 +24,7 @@ from dg_quant.options import declared_options
 
 Sampler = Callable[[np.random.RandomState], Any]
 SeedHash = Callable[..., int]
+RunLength = Callable[[str], "int | None"]  # dataset name -> the run's number of steps
 
 # Options that set the size of the model: a random search keeps them at their default, so that
 # model selection compares runs at one bit width (pin another with --hparams '{"bits": 4}').
@@ -74,7 +75,12 @@ def _samplers(parser: argparse.ArgumentParser) -> dict[str, Sampler | None]:
     return samplers
 
 
-def plugin_hparams(plugins: Iterable[str], overrides: Mapping[str, HParam] | None = None) -> dict[str, HParam]:
+# An hparam whose default depends on the dataset and the run length (QT-DoG's switch step).
+DatasetHParam = Callable[[str, "int | None"], HParam]
+
+
+def plugin_hparams(plugins: Iterable[str], overrides: Mapping[str, HParam | DatasetHParam] | None = None
+                   ) -> dict[str, HParam | DatasetHParam]:
     """The hparams of an algorithm made of ``plugins``: every plugin option, then ``overrides``."""
     parser = options_parser(PluginHost(plugins))
     defaults = vars(parser.parse_args([]))
@@ -84,8 +90,21 @@ def plugin_hparams(plugins: Iterable[str], overrides: Mapping[str, HParam] | Non
         search = None if name in MODEL_SIZE_OPTIONS else samplers.get(name)
         specs[name] = HParam(plain(name, default), search)
     for name, spec in (overrides or {}).items():
-        specs[name] = HParam(plain(name, spec.default), spec.search)
+        specs[name] = HParam(plain(name, spec.default), spec.search) if isinstance(spec, HParam) else spec
     return specs
+
+
+def resolve_hparams(specs: Mapping[str, HParam | DatasetHParam], dataset: str,
+                    run_length: RunLength | None) -> dict[str, HParam]:
+    """``specs`` for one dataset: each per-dataset entry called with the dataset and run length."""
+    if all(isinstance(spec, HParam) for spec in specs.values()):
+        return dict(specs)  # type: ignore[arg-type]
+    steps = run_length(dataset) if run_length is not None else None
+    resolved = {}
+    for name, spec in specs.items():
+        spec = spec if isinstance(spec, HParam) else spec(dataset, steps)
+        resolved[name] = HParam(plain(name, spec.default), spec.search)
+    return resolved
 
 
 def draw_hparams(specs: Mapping[str, HParam], random_seed: int, seed_hash: SeedHash) -> dict[str, tuple[Any, Any]]:
@@ -94,13 +113,15 @@ def draw_hparams(specs: Mapping[str, HParam], random_seed: int, seed_hash: SeedH
 
 
 def extend_registry(
-    registry: ModuleType, specs: Mapping[str, Mapping[str, HParam]], seed_hash: SeedHash
+    registry: ModuleType, specs: Mapping[str, Mapping[str, HParam | DatasetHParam]], seed_hash: SeedHash,
+    run_length: RunLength | None = None,
 ) -> None:
     """Make ``registry._hparams`` (hence ``default_hparams``/``random_hparams``) know ``specs``.
 
     ``specs`` maps an algorithm name to its hparams. DomainBed's own entries for the algorithm
     (``lr``, ``batch_size``, ``freeze_bn``, ...) come first and win over a same-named option.
     Calling it again replaces the previous extension instead of stacking a second one.
+    A per-dataset entry gets the dataset and ``run_length(dataset)`` (the run's steps).
     """
     original = getattr(registry._hparams, _ORIGINAL_ATTR, registry._hparams)
     table = {algorithm: dict(entries) for algorithm, entries in specs.items()}
@@ -108,7 +129,7 @@ def extend_registry(
     def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple[Any, Any]]:
         hparams = original(algorithm, dataset, random_seed)
         extra = {k: v for k, v in table.get(algorithm, {}).items() if k not in hparams}
-        hparams.update(draw_hparams(extra, random_seed, seed_hash))
+        hparams.update(draw_hparams(resolve_hparams(extra, dataset, run_length), random_seed, seed_hash))
         return hparams
 
     _hparams.__doc__ = original.__doc__

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from dg_quant.errors import ConfigError
 from dg_quant.quant.config import LSQConfig, QuantConfig
+from dg_quant.quant.inq import iter_inq_layers
 from dg_quant.quant.lsq import LSQQuantizer
 from dg_quant.quant.mha import QuantizableMHA
 
@@ -235,6 +236,16 @@ def clamp_steps_(model: nn.Module, minimum: float = 1e-8) -> None:
 def is_quantization_enabled(model: nn.Module) -> bool:
     """True if any quantizer of the model is on."""
     return any(q.enabled for _, q in iter_quantizers(model))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True if the model computes with quantized weights: a quantizer is on, or the model holds
+    INQ weights and every one of them is frozen on its power-of-two levels (INQ has no quantizer
+    modules, so ``is_quantization_enabled`` cannot see it)."""
+    if is_quantization_enabled(model):
+        return True
+    layers = list(iter_inq_layers(model))
+    return bool(layers) and all(bool(layer.frozen.all()) for layer in layers)
 
 
 @torch.no_grad()

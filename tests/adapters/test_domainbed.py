@@ -85,6 +85,12 @@ FAKE_TREE = {
 
             def __len__(self):
                 return len(self.datasets)
+
+        class LongToy(Toy):
+            N_STEPS = 12  # train.py runs this many steps without --steps
+
+        class DomainNet(Toy):
+            N_STEPS = 5001  # DomainBed's default for every dataset, DomainNet included
     """,
     "domainbed/algorithms.py": """
         import torch
@@ -528,7 +534,7 @@ def test_quantization_respects_frozen_batchnorm(domainbed, name, freeze_bn):
     stats, affine = bn.running_mean.clone(), bn.weight.detach().clone()
     for i in range(3):
         log = algorithm.update(_minibatches(seed=i))
-    assert log.get("quantized") == (1.0 if name in QAT_NAMES else None)
+    assert log["quantized"] == (1.0 if name in QAT_NAMES else 0.0)  # INQ: 3 of 4 partitions
     assert torch.equal(bn.running_mean, stats) == freeze_bn
     assert not torch.equal(bn.weight, affine)  # frozen BN keeps a trainable affine (as DomainBed)
     assert bn.training is not freeze_bn
@@ -554,6 +560,64 @@ def test_speed_hparams_reach_training_and_prediction(domainbed):
     algorithm.eval()
     assert algorithm.predict(torch.randn(5, 3, 8, 8)).dtype == torch.float32
     assert seen[-1] == torch.bfloat16
+
+
+# -- the run length (DomainBed never tells its algorithms) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["--steps", "300", "--dataset", "LongToy"], 300), (["--dataset", "LongToy"], 12),
+     (["--dataset=LongToy", "--algorithm", "INQ"], 12), (["--dataset", "Toy"], None), ([], None),
+     (["--steps", "x"], None)],
+)
+def test_run_length_is_read_as_train_py_reads_it(fake_root, argv, expected):
+    from dg_quant.adapters.domainbed.runlength import run_length
+
+    assert run_length(argv) == expected  # --steps, else the dataset's N_STEPS (Toy has none)
+
+
+def test_inq_partitions_are_spread_over_the_launcher_run(fake_root, tmp_path):
+    out = tmp_path / "inq"
+    assert _train(fake_root, out, "INQ", "--steps", "8") == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # partitions at steps 0, 2, 4, 6 of 8 (not 0-3): the model is all powers of two from step 6
+    assert [r["quantized"] for r in records] == [0.0] * 6 + [1.0] * 2
+    final = json.loads((out / "dgq_final.json").read_text())
+    assert final["inq/frozen_fraction"] == 1.0 and final["quantized"] is True and final["steps"] == 8
+
+
+def test_run_length_reaches_algorithms_from_register_and_dataset_defaults(fake_root, monkeypatch):
+    import domainbed.algorithms as algorithms
+    import domainbed.hparams_registry as registry
+
+    from dg_quant.adapters.domainbed import register
+
+    monkeypatch.setattr(sys, "argv", ["my_train.py", "--dataset", "LongToy"])
+    register()
+    hparams = registry.default_hparams("INQ", "LongToy")
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 12  # N_STEPS
+    monkeypatch.setattr(sys, "argv", ["my_train.py", "--steps", "30"])
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 30
+    register(total_steps=40)  # a script with other flags says it itself
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 40
+    assert registry.default_hparams("QTDoG", "LongToy")["quant_start_step"] == 16  # 40% of 40
+
+
+def test_qtdog_switch_step_follows_the_paper_per_dataset(fake_root, monkeypatch):
+    import domainbed.hparams_registry as registry
+
+    from dg_quant.adapters.domainbed import register
+
+    register()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "DomainNet", "--steps", "15001"])
+    assert registry.default_hparams("QTDoG", "DomainNet")["quant_start_step"] == 8000  # of 15,000
+    assert {registry.random_hparams("QTDoG", "DomainNet", s)["quant_start_step"] for s in range(1, 30)} == {
+        4000, 8000, 12000}
+    assert registry.default_hparams("QTDoG", "Toy")["quant_start_step"] == 2000  # of 5,000
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "DomainNet"])  # N_STEPS: 5001
+    assert registry.default_hparams("QTDoG", "DomainNet")["quant_start_step"] == round(5001 * 8000 / 15000)
+    assert registry.default_hparams("LSQ", "DomainNet")["quant_start_step"] == 0
 
 
 # -- the launcher ---------------------------------------------------------------------------
