@@ -40,6 +40,7 @@ from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
 from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
 from dg_quant.results import load_final
+from dg_quant.selection import SELECTION_RULE, replaces_selected
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")
 # Settings a resumed run must share with the run that wrote last.pt.
@@ -346,7 +347,7 @@ class Run:
             )
         if record[config.val_metric] is None:
             raise ConfigError(f"--val_metric {config.val_metric!r} is undefined (empty split?); choose another")
-        if self.best is None or record[config.val_metric] > self.best[config.val_metric]:
+        if replaces_selected(record, self.best, config.val_metric):  # quantized ones first (selection.py)
             self.best = record
             atomic_torch_save(self.log_dir / "best_model.pt", self._model_file())
         self.save_checkpoint()
@@ -373,6 +374,9 @@ class Run:
             record.update(self.evaluate())
             self.records.append(record)
             atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
+            if replaces_selected(record, self.best, self.config.val_metric):  # e.g. the PTQ model
+                self.best = record
+                atomic_torch_save(self.log_dir / "best_model.pt", self._model_file())
         report = compression_report(self.model)
         atomic_torch_save(self.log_dir / "model.pt", self._model_file())
         final = {
@@ -387,6 +391,7 @@ class Run:
             "test_at_best": self.best.get(self.config.test_metric),
             "test_at_last": self.records[-1].get(self.config.test_metric),
             "best_step": self.best["step"],
+            "selection": SELECTION_RULE,
             "last": self.records[-1],
             "best": self.best,
             "compression": report.to_dict(),

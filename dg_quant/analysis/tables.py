@@ -13,11 +13,12 @@ The metric is named in each table's title, and runs reporting different metrics 
 Selection rules (each picks one evaluation record per run; the table reports its test metric):
 
 - ``training_domain``: the record with the best ``val_metric`` (training-domain validation,
-  QT-DoG's rule; ``id_val/acc_avg`` by default);
+  QT-DoG's rule; ``id_val/acc_avg`` by default) among the quantized records when the run has
+  any (``dg_quant.selection``: a quantization method's selected model is a quantized one);
 - ``last``: the last evaluation;
 - ``oracle``: the record with the best held-out-domain validation of the reported metric
-  (``val/acc_avg`` for ``test/acc_avg``), as the SWAD/QT-DoG code reports it; skipped for runs
-  that never evaluated ``val``.
+  (``val/acc_avg`` for ``test/acc_avg``), as the SWAD/QT-DoG code reports it, quantized records
+  first as above; skipped for runs that never evaluated ``val``.
 
 A row is one (method, backbone, bit widths, ``--by`` settings): runs that differ in any of these
 are never merged. Several runs that agree on all of them and on the test domain and seed, e.g.
@@ -42,6 +43,7 @@ import pandas as pd
 from dg_quant.errors import DataError
 from dg_quant.io import read_jsonl
 from dg_quant.results import bits_label
+from dg_quant.selection import selection_key
 
 SELECTIONS = ("training_domain", "last", "oracle")
 TEST_METRIC = "test/acc_avg"
@@ -158,7 +160,7 @@ def select_record(
     scored = [r for r in records if r.get(key) is not None]
     if not scored:
         return None
-    return max(scored, key=lambda r: (r[key], -r["step"]))
+    return max(scored, key=lambda r: selection_key(r, key))  # quantized evaluations first
 
 
 def _selection_key(rule: str, val_metric: str, metric: str) -> str | None:

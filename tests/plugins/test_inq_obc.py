@@ -125,11 +125,13 @@ def test_obc_plugin_quantizes_at_train_end_and_beats_rtn(tmp_path):
     assert [r.get("phase") for r in records] == [None, "train_end"]
     assert final["last"] == records[-1] and final["last"]["compression_ratio"] > 4
     assert records[0]["compression_ratio"] == 1.0
-    # model.pt holds the PTQ model and reloads through the plugin; best_model.pt is still FP
+    # model.pt holds the PTQ model and reloads through the plugin; the selected model is the PTQ one
+    # too (a quantization method's selection picks among its quantized evaluations)
     last, _config, _ = load_run_model(log_dir, "last")
     assert all(q.enabled and q.bits == 4 for *_, q in iter_quantized_weights(last))
+    assert final["best"] == records[-1] and final["best"]["quantized"] is True
     best, _config, _ = load_run_model(log_dir, "best")
-    assert not compression_report(best).layers
+    assert compression_report(best).layers
 
 
 def test_calibration_uses_only_training_split_images(tmp_path):
