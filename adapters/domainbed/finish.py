@@ -8,7 +8,9 @@ no algorithm behind, on one rebuilt from ``model.pkl``), then:
 - if a hook changed the model (post-training quantization), ``model.pkl`` becomes the changed
   model and ``model_fp.pkl`` keeps the one ``train.py`` saved;
 - ``dgq_final.json`` gets the hooks' numbers, ``evaluation_extras()`` (compression ratio, packed
-  MB) and, for a changed model, every split's accuracy re-measured as ``train.py`` measures it.
+  MB) and, for a changed model, every split's accuracy re-measured as ``train.py`` measures it;
+  that evaluation is also appended to ``results.jsonl`` as a DomainBed record (``dgq_phase``:
+  ``train_end``), which is what ``collect_results`` reports for ``OBC``.
 
 A ``model.pkl`` already finished (rewritten by it, or ``dgq_final.json`` at least as new) is left
 alone, so a model is never post-training quantized twice. PTQ plugins
@@ -18,7 +20,10 @@ built when a plugin first asks for images.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -39,6 +44,9 @@ FINAL_FILE = "dgq_final.json"
 MODEL_FILE = "model.pkl"
 FP_MODEL_FILE = "model_fp.pkl"
 
+
+RESULTS_FILE = "results.jsonl"
+TRAIN_END_PHASE = "train_end"  # dgq_phase of the record the end of training appends
 
 FINISHED_KEY = "dgq_finished"  # in a model.pkl that end-of-training hooks rewrote
 
@@ -135,6 +143,43 @@ def _write_back(output_dir: Path, algorithm: nn.Module) -> None:
     atomic_torch_save(model_path, {**saved, "model_dict": algorithm.state_dict(), FINISHED_KEY: True})
 
 
+@contextlib.contextmanager
+def _progress_lines() -> Iterator[None]:
+    """Show the post-training quantization's per-layer progress on stdout (train.py's out.txt)."""
+    logger = logging.getLogger("dg_quant.quant.obc")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("dg-quant: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _append_record(path: Path, accuracies: Mapping[str, float], quantized: bool) -> bool:
+    """Append the changed model's evaluation to ``results.jsonl`` in DomainBed's record format.
+
+    A copy of the last record (same args, hparams and step, so ``collect_results`` groups it
+    with the run) with every split's accuracy of the changed model, ``quantized`` and
+    ``dgq_phase``. The launcher's ``collect_results`` selects a quantized run's quantized
+    records only, so for ``OBC`` this record is the one its tables report.
+    """
+    if not path.is_file():
+        return False
+    text = path.read_bytes()
+    lines = text.splitlines()
+    if not lines:
+        return False
+    record = {**json.loads(lines[-1]), **accuracies, "quantized": float(quantized), "dgq_phase": TRAIN_END_PHASE}
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    atomic_write_bytes(path, text + (json.dumps(record, sort_keys=True) + "\n").encode())
+    return True
+
+
 def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") -> dict[str, Any] | None:
     """Run the end of training for the run whose ``train.py`` globals are ``namespace``.
 
@@ -166,8 +211,10 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
     config = algorithm.trainer.config
     config.calibration_batches = DomainBedCalibration(args, algorithm.hparams, device, package)
     before = state_snapshot(algorithm.network)
+    print(f"dg-quant: end of training of {args['algorithm']} ({', '.join(algorithm.PLUGINS)})", flush=True)
     try:
-        numbers = algorithm.trainer.finish(str(output_dir))
+        with _progress_lines():
+            numbers = algorithm.trainer.finish(str(output_dir))
     finally:
         del config.calibration_batches
     changed = not same_state(before, state_snapshot(algorithm.network))
@@ -178,10 +225,14 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
     }
     if changed:
         misc = importlib.import_module(f"{package}.lib.misc")
-        final.update(_accuracies(algorithm, namespace, misc, device))
+        print("dg-quant: the model changed; scoring it on every split as train.py does", flush=True)
+        accuracies = _accuracies(algorithm, namespace, misc, device)
+        final.update(accuracies)
         if (output_dir / MODEL_FILE).exists():  # absent with --skip_model_save
             _write_back(output_dir, algorithm)
             final["fp_model"] = FP_MODEL_FILE
+        if accuracies and _append_record(output_dir / RESULTS_FILE, accuracies, final["quantized"]):
+            final["results_record"] = TRAIN_END_PHASE
     atomic_write_json(output_dir / FINAL_FILE, final)
     print(f"dg-quant: end of training done; wrote {output_dir / FINAL_FILE}"
           + (f" (model changed: {MODEL_FILE} updated, {FP_MODEL_FILE} keeps the trained one)"

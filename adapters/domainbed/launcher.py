@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dg_quant.adapters.domainbed.records import filter_collected_records
 from dg_quant.errors import ConfigError, run_command
 
 PROG = "python -m dg_quant.adapters.domainbed"
@@ -128,6 +129,8 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     if command == "sweep":
         launchers = importlib.import_module("domainbed.command_launchers")
         route_sweep_jobs(launchers.REGISTRY, job_prefix(root, no_pretrained))
+    if command == "collect_results":
+        filter_collected_records(importlib.import_module("domainbed.lib.reporting"))
     module = SCRIPTS[command]
     saved_argv = sys.argv
     sys.argv = [module, *script_args]

@@ -15,6 +15,7 @@ a QAT model.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -216,23 +217,28 @@ def ptq_(model: nn.Module, calibration: Calibration, config: PTQConfig | None = 
     layers = ptq_layers(model, config)
     results: list[LayerResult] = []
     steps: dict[str, torch.Tensor] = {}
+    start = time.monotonic()
+
+    def done(solver: LayerSolver) -> None:  # one progress line per layer (minutes on a ResNet-50)
+        r = solver.quantize()
+        results.append(r)
+        steps[r.name] = solver.step
+        solver.free()
+        log.info("ptq %d/%d %s %s: error %.4g (RTN %.4g), %.0f s", len(results), len(layers), r.name, r.method,
+                 r.error, r.rtn_error, time.monotonic() - start)
+
     try:
         if config.is_sequential:
             for name, layer in layers.items():
                 solver = make_solver(name, layer, config)
                 _collect(model, {name: solver}, calibration, stop=True)
-                results.append(solver.quantize())
-                steps[name] = solver.step
-                solver.free()
+                done(solver)
         else:
             solvers = {name: make_solver(name, layer, config) for name, layer in layers.items()}
+            log.info("ptq: collecting the inputs of %d layers", len(solvers))
             _collect(model, solvers, calibration, stop=False)
-            for name, solver in solvers.items():
-                results.append(solver.quantize())
-                steps[name] = solver.step
-                solver.free()
-        for r in results:
-            log.info("%s %s: error %.4g (RTN %.4g)", r.name, r.method, r.error, r.rtn_error)
+            for solver in solvers.values():
+                done(solver)
         if config.bn_reestimate:
             reestimate_bn(model, calibration)
     finally:

@@ -228,7 +228,7 @@ FAKE_TREE = {
                 dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
             for step in range(args.steps):
                 batches = [next(iter(loader)) for loader in train_loaders]
-                record = {"step": step, **algorithm.update(batches), "hparams": hparams}
+                record = {"step": step, **algorithm.update(batches), "hparams": hparams, "args": vars(args)}
                 for name, loader, weights in zip(eval_loader_names, eval_loaders, eval_weights):
                     record[name + "_acc"] = misc.accuracy(algorithm, loader, weights, "cpu")
                 with open(os.path.join(args.output_dir, "results.jsonl"), "a") as f:
@@ -241,6 +241,37 @@ FAKE_TREE = {
                            os.path.join(args.output_dir, "model.pkl"))
             with open(os.path.join(args.output_dir, "done"), "w") as f:
                 f.write("done")
+    """,
+    "domainbed/lib/reporting.py": """
+        import json, os
+
+        class Q(list):
+            pass
+
+        def load_records(path):
+            records = []
+            for sub in sorted(os.listdir(path)):
+                results = os.path.join(path, sub, "results.jsonl")
+                if os.path.exists(results):
+                    with open(results) as f:
+                        records += [json.loads(line) for line in f]
+            return Q(records)
+    """,
+    "domainbed/scripts/collect_results.py": """
+        import argparse
+        from domainbed.lib import reporting
+
+        if __name__ == "__main__":  # training-domain validation selection, one line per algorithm
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--input_dir", required=True)
+            records = reporting.load_records(parser.parse_args().input_dir)
+            best = {}
+            for r in records:
+                algorithm, val = r["args"]["algorithm"], r["env1_out_acc"] + r["env2_out_acc"]
+                if algorithm not in best or val > best[algorithm][0]:
+                    best[algorithm] = (val, r)
+            for algorithm, (val, r) in sorted(best.items()):
+                print(f"{algorithm}|{r['step']}|{r.get('quantized')}|{r.get('dgq_phase')}|{r['env0_in_acc']}")
     """,
     "domainbed/scripts/sweep.py": """
         import sys
@@ -714,6 +745,28 @@ def test_obc_algorithm_ends_with_ptq_weights_and_a_final_record(fake_root, tmp_p
     assert json.loads((out / "ptq.json").read_text())["calibration_split"] == "train"
     # Calibration built the dataset once more, without augmentation; train.py's was the first.
     assert [b["data_augmentation"] for b in datasets.BUILT] == [True, False]
+
+
+def test_collect_results_reports_the_quantized_models(fake_root, tmp_path, capsys):
+    """OBC's row is its post-training-quantized model; QT-DoG's a step after its switch."""
+    sweep = tmp_path / "sweep"
+    assert _train(fake_root, sweep / "obc", "OBC", "--steps", "3", **PTQ_HPARAMS) == 0
+    assert _train(fake_root, sweep / "qtdog", "QTDoG", "--steps", "4", quant_start_step=2) == 0
+    assert _train(fake_root, sweep / "erm", "ERM", "--steps", "3") == 0
+    obc = [json.loads(line) for line in (sweep / "obc" / "results.jsonl").read_text().splitlines()]
+    final = json.loads((sweep / "obc" / "dgq_final.json").read_text())
+    assert [r.get("dgq_phase") for r in obc] == [None, None, None, "train_end"] and final["results_record"]
+    assert obc[-1]["quantized"] == 1.0 and obc[-1]["step"] == obc[-2]["step"] and obc[-1]["args"] == obc[-2]["args"]
+    assert all(obc[-1][k] == final[k] for k in final if k.endswith("_acc"))
+    assert [r["quantized"] for r in obc[:3]] == [0.0, 0.0, 0.0]
+    capsys.readouterr()
+    assert launcher.main(["collect_results", "--domainbed", str(fake_root), "--input_dir", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines() if "|" in line}
+    assert rows["OBC"][2] == "train_end" and float(rows["OBC"][3]) == final["env0_in_acc"]
+    assert int(rows["QTDoG"][0]) >= 2 and float(rows["QTDoG"][1]) > 0  # after the switch at step 2
+    assert set(rows) == {"OBC", "QTDoG", "ERM"}
+    assert "5 full-precision evaluations" in out  # OBC's 3, QT-DoG's steps 0 and 1
 
 
 def test_calibration_draws_training_in_splits_only_seeded(fake_root):
