@@ -175,16 +175,27 @@ def test_user_backbone_trains_from_its_weights_and_every_command_rebuilds_it(
     assert analyze.main(["noise", str(user_runs[0]), "--out", str(tmp_path / "noise")]) == 0
 
 
-def test_user_backbone_from_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.metadata
+def _install_entry_point(site: Path, name: str, target: str) -> None:
+    """What ``pip install`` of a package declaring ``[project.entry-points."dg_quant.backbones"]`` leaves."""
+    dist = site / "my_backbones-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-backbones\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[dg_quant.backbones]\n{name} = {target}\n")
 
-    from dg_quant import registry
 
-    ep = importlib.metadata.EntryPoint("my_small_cnn", USER_FACTORY, registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: {"my_small_cnn": ep})
-    assert "my_small_cnn" in registry.list_adapters()
-    model = create_adapter("my_small_cnn", num_classes=3, img_size=20)
-    assert model(torch.zeros(2, 3, 20, 20)).shape == (2, 3)
+@needs_pacs
+def test_user_backbone_from_an_installed_entry_point(
+    pacs_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dg_quant.registry import list_adapters
+
+    _install_entry_point(tmp_path / "site", "my_small_cnn", USER_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert "my_small_cnn" in list_adapters("my_*")
+    run = _train(pacs_subset, tmp_path / "run", "--model", "my_small_cnn", "--image_size", "20")
+    model = load_run_model(run).model
+    assert model(torch.zeros(2, 3, 20, 20)).shape == (2, 7)
+    assert export.main([str(run), "-o", str(tmp_path / "ep.dgq"), "--verify"]) == 0
 
 
 @pytest.mark.parametrize(
