@@ -21,6 +21,7 @@ from torch import nn
 
 from dg_quant.adapters.backbones.policy import TEXT, attach
 from dg_quant.adapters.backbones.weights import (
+    DEFAULT,
     WeightsError,
     hub_cached,
     hub_call,
@@ -242,10 +243,10 @@ def hf_encoder(
     pooling: str = "mean",
 ) -> DGModel:
     """Any Hugging Face encoder (BERT, RoBERTa, MiniLM, ...): ``weights=DIR`` or ``model_name``."""
-    if model_name is None and weights is None:
+    if model_name is None and weights in (None, DEFAULT):
         raise ConfigError(
             "hf_encoder needs a model: pass --weights DIR (a Hugging Face model folder) "
-            "or model_name='org/name'"
+            "or model_name='org/name' (MiniLM with installed weights: --model minilm_l6 --weights default)"
         )
     return text_adapter(
         model_name or str(weights),

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dg_quant.adapters.backbones.weights import WeightsError
 from dg_quant.adapters.wilds.cli import main as wilds_run
+from dg_quant.errors import ConfigError
 from dg_quant.registry import create_adapter, list_adapters
 
 PACS_ARCHIVE = Path("/work/shared/data/PACS_128.tar.gz")
@@ -327,3 +328,9 @@ def test_local_clip_file_goes_through_open_clip_loader(tmp_path):
         reference.visual.transformer.resblocks[5].attn.in_proj_weight,
     )
     assert torch.equal(model.featurizer.proj.weight, reference.visual.proj.T)
+
+
+def test_hf_encoder_with_default_weights_names_the_model_to_give():
+    with pytest.raises(ConfigError, match="minilm_l6 --weights default") as info:
+        create_adapter("hf_encoder", num_classes=2, weights="default")
+    assert "\n" not in str(info.value)
