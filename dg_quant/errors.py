@@ -50,6 +50,14 @@ def require_optional(module: str) -> ModuleType:
         ) from None
 
 
+class OutputError(DGQuantError, OSError):
+    """A result or checkpoint cannot be written (read-only folder, disk full, a folder in its place)."""
+
+
+class TrainingError(DGQuantError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
 def run_command(prog: str, body: Callable[[], object]) -> int:
     """Run a command-line tool's ``body``; a ``DGQuantError`` becomes one line on stderr.
 

@@ -108,6 +108,17 @@ def resolve_start_step(options: QATOptions, default: int | None, total_steps: in
     return paper_start_step(dataset, total_steps)
 
 
+def check_start_in_run(options: QATOptions, config: argparse.Namespace) -> None:
+    """ConfigError if ``--quant-start-step`` is at or past the run's last step (nothing would be quantized)."""
+    total = getattr(config, "total_steps", None)
+    start = options.quant_start_step
+    if start is not None and isinstance(total, int) and total > 0 and start >= total:
+        raise ConfigError(
+            f"--quant-start-step {start} is not before the end of the run ({total} steps), so nothing would be "
+            "quantized; lower it or train longer"
+        )
+
+
 def start_step_for(config: argparse.Namespace, options: QATOptions, default: int | None) -> int:
     return resolve_start_step(options, default, getattr(config, "total_steps", None),
                               getattr(config, "dataset", None))
@@ -154,7 +165,7 @@ class QATHooks:
 
     @hookimpl
     def dgq_configure(self, config: argparse.Namespace) -> None:
-        read_options(QATOptions, config)
+        check_start_in_run(read_options(QATOptions, config), config)
 
     @hookimpl
     def dgq_configure_model(self, model: nn.Module, config: argparse.Namespace) -> None:

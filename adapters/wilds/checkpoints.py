@@ -18,6 +18,7 @@ from torch import nn
 
 from dg_quant.errors import CheckpointError
 from dg_quant.host import PluginHost
+from dg_quant.io import load_torch_file
 
 CHECKPOINT_FILES = {"best": "best_model.pt", "last": "model.pt"}
 
@@ -41,11 +42,9 @@ def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """A model file written by ``wilds_run``, with a one-line error if it is truncated or foreign."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # truncated zip, foreign pickle, ...
-        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}; the file is damaged or foreign") from None
+    """A model file written by ``wilds_run``, checksums verified (``dg_quant.io.load_torch_file``),
+    with a one-line error if it is damaged, truncated or foreign."""
+    state = load_torch_file(path, map_location=device)
     if not isinstance(state, dict) or not {"model", "backbone", "num_classes", "config"} <= set(state):
         raise CheckpointError(f"{path} is not a wilds_run model file (needs model, backbone, num_classes, config)")
     return state

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
 from dg_quant.adapters.wilds.config_file import config_argv, file_plugins, read_config_file
 from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
 from dg_quant.adapters.wilds.presets import apply_preset
+from dg_quant.adapters.wilds.run_folder import default_log_dir
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
 from dg_quant.errors import run_command
 from dg_quant.host import PluginHost, known_plugins
@@ -98,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--group_logging", action=argparse.BooleanOptionalAction, default=None,
                      help="keep per-group accuracies in results.jsonl")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--log_dir", default=None, help="output folder (default: runs/<dataset>_<method>_seed<seed>)")
+    run.add_argument("--log_dir", default=None, help="output folder, locked while the run lives (default: "
+                          "runs/<dataset>[_<test_domain>]_<model>_<method>[_w<bits>]_seed<seed>)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    run.add_argument("--resume", action="store_true", help="continue from log_dir/last.pt")
+    run.add_argument("--save_every", type=int, default=None,
+                     help="also write last.pt every N training steps (0: only at evaluations; dataset preset if unset)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from log_dir/last.pt; every setting that changes results must be the same")
     run.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -117,8 +125,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plugin
     apply_preset(config, config.dataset)
     _check(config, parser)
     if config.log_dir is None:
-        method = "+".join(n.rsplit(".", 1)[-1] for n in host.names) or "erm"
-        config.log_dir = f"runs/{config.dataset}_{method}_seed{config.seed}"
+        config.log_dir = default_log_dir(config, host.names)
     return config, host
 
 
@@ -132,6 +139,11 @@ def _check(config: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name} must be positive; got {value}")
     if not 0 < config.frac <= 1:
         parser.error(f"--frac must be in (0, 1]; got {config.frac}")
+    for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number; got {value}")
+    if config.save_every is not None and config.save_every < 0:
+        parser.error(f"--save_every must be 0 (only at evaluations) or positive; got {config.save_every}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        if type(exc).__name__ != "Terminated":  # adapters.wilds.stopping, not imported before a run
+            raise
+        print(f"{PROG}: {exc}; last.pt is saved; continue with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def resume_command(argv: Sequence[str] | None) -> str:
+    """The command line that continues this run (``--resume`` added once)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([PROG, *args])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dg_quant.adapters.wilds.compat import import_wilds
-from dg_quant.errors import DataError
+from dg_quant.errors import ConfigError, DataError
 
 DEFAULT_DATASET = "rotated_digits"
 
@@ -86,6 +86,11 @@ def load_dataset(config: argparse.Namespace):
             f"--root_dir {config.root_dir!r} does not exist; point it at the folder holding {name}'s data "
             "(or pass --download to fetch it)"
         )
+    if getattr(config, "test_domain", None):
+        raise ConfigError(
+            f"--test_domain {config.test_domain}: {name} has WILDS' fixed split (--split_scheme "
+            f"{config.split_scheme or 'official'}), whose test domains are not chosen by a flag; drop --test_domain"
+        )
     kwargs = {"split_scheme": config.split_scheme} if config.split_scheme else {}
     try:
         return wilds.get_dataset(dataset=name, root_dir=config.root_dir, download=config.download, **kwargs)
@@ -96,4 +101,9 @@ def load_dataset(config: argparse.Namespace):
     except (ValueError, KeyError) as exc:
         if "not recognized" in str(exc):
             raise DataError(f"--split_scheme {config.split_scheme!r} is not one of {name}'s: {exc}") from None
-        raise
+        # e.g. pandas' ParserError on a truncated reviews.csv
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            f"{name} under {config.root_dir!r} cannot be read ({type(exc).__name__}: {first}); a file is damaged "
+            "or incomplete: download the dataset again"
+        ) from None

@@ -37,7 +37,7 @@ from dg_quant.adapters.wilds.checkpoints import (
 )
 from dg_quant.ensemble import LogitEnsemble, ensemble_size
 from dg_quant.errors import ConfigError, run_command
-from dg_quant.io import atomic_torch_save, atomic_write_json
+from dg_quant.io import atomic_torch_save, atomic_write_json, load_torch_file
 
 PROG = "dgq_eoq"
 DATA_KEYS = ("dataset", "test_domain", "split_seed", "holdout_fraction", "split_scheme", "frac")
@@ -144,7 +144,7 @@ def export(path: Path, runs: Sequence[Path], which: str) -> None:
 
 def load_eoq_model(path: str | Path, device: str | torch.device = "cpu") -> LogitEnsemble:
     """Rebuild the ensemble written to ``eoq_model.pt``."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_torch_file(path, map_location=device)
     if not isinstance(state, dict) or state.get("kind") != "eoq":
         raise ConfigError(f"{path} is not an EoQ export (written by dgq_eoq)")
     members = [build_model(m, argparse.Namespace(**m["config"])) for m in state["members"]]

@@ -40,6 +40,8 @@ class Preset:
     n_groups_per_batch: int = 2
     # per-group accuracies in results.jsonl (off for Amazon's thousands of users)
     group_logging: bool = True
+    # last.pt every N steps besides the evaluations (0: only at evaluations)
+    save_every: int = 0
 
 
 DOMAINBED_IMAGES = Preset(
@@ -52,13 +54,13 @@ PRESETS: dict[str, Preset] = {
     "camelyon17": Preset(
         model="densenet121", optimizer="sgd", lr=1e-3, weight_decay=1e-2, momentum=0.9, batch_size=32,
         n_epochs=10, val_metric="val/acc_avg", test_metric="test/acc_avg", groupby_fields=("hospital",),
-        split_scheme="official", transform="wilds", image_size=96,
+        split_scheme="official", transform="wilds", image_size=96, save_every=1000,
     ),
     "amazon": Preset(
         model="distilbert", optimizer="adamw", lr=1e-5, weight_decay=1e-2, batch_size=8, n_epochs=3,
         val_metric="val/10th_percentile_acc", test_metric="test/10th_percentile_acc",
         groupby_fields=("user",), split_scheme="official", max_grad_norm=1.0, scheduler="linear",
-        transform="model", max_token_length=512, group_logging=False,
+        transform="model", max_token_length=512, group_logging=False, save_every=1000,
     ),
     "pacs": DOMAINBED_IMAGES,
     "vlcs": DOMAINBED_IMAGES,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +29,15 @@ from torch import nn
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
+from dg_quant.adapters.wilds.input_checks import guard_inputs
+from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
+from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
 from dg_quant.adapters.wilds.transforms import build_transforms
-from dg_quant.errors import CheckpointError, ConfigError
+from dg_quant.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
-from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
+from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl, load_torch_file
 from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
 from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
@@ -43,9 +45,6 @@ from dg_quant.results import load_final
 from dg_quant.selection import SELECTION_RULE, replaces_selected
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")
-# Settings a resumed run must share with the run that wrote last.pt.
-RESUME_KEYS = ("dataset", "model", "seed", "batch_size", "split_seed", "test_domain", "holdout_fraction", "frac",
-               "split_scheme", "train_loader", "optimizer", "plugins")
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +138,7 @@ class Run:
         self.log_dir = Path(config.log_dir)
         seed_everything(config.seed)
         self.dataset = load_dataset(config)
+        guard_inputs(self.dataset, config.dataset)  # missing files: one line now, not at the first evaluation
         unknown = [f for f in config.groupby_fields if f not in self.dataset.metadata_fields]
         if unknown:
             raise ConfigError(f"--groupby_fields {' '.join(unknown)}: not metadata of {config.dataset}; "
@@ -155,6 +155,8 @@ class Run:
         check_batch_size = getattr(self.dataset, "check_batch_size", None)
         if check_batch_size is not None:
             check_batch_size(config.batch_size)
+        if config.train_loader == "group":
+            self._check_group_count()
         self._get_train_loader = get_train_loader
         steps_per_epoch = len(self._train_loader())
         self.eval_loaders = {
@@ -178,6 +180,10 @@ class Run:
                                      make_scheduler(config))
         self.records: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.saved_step = 0
+        self.resumed_window: list[dict[str, Any]] = []
+        self.resumed_pending_eval = False
+        self.stop = StopRequest()
 
     def _build_model(self) -> nn.Module:
         """The backbone, built as every later rebuild of this run builds it (``run_model``)."""
@@ -195,6 +201,15 @@ class Run:
             return self._get_train_loader("standard", self.train_data, drop_last=True, **common)
         except ValueError as exc:  # batch not divisible by groups, too few groups
             raise ConfigError(f"--train_loader {config.train_loader}: {exc}") from None
+
+    def _check_group_count(self) -> None:
+        """WILDS' group loader draws ``n_groups_per_batch`` distinct groups of the train split."""
+        groups = self.grouper.metadata_to_group(self.train_data.metadata_array).unique()
+        if self.config.n_groups_per_batch > len(groups):
+            raise ConfigError(
+                f"--n_groups_per_batch {self.config.n_groups_per_batch}: the train split has only {len(groups)} "
+                f"groups of {'+'.join(self.config.groupby_fields)}; lower it"
+            )
 
     def _eval_splits(self) -> list[str]:
         requested = self.config.eval_splits
@@ -268,50 +283,71 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint(self) -> dict[str, Any]:
-        return {"trainer": self.trainer.state_dict(), "rng": rng_state(), "records": self.records,
-                "best": self.best, "config": _jsonable(vars(self.config))}
+    def _checkpoint(self, window: list[dict[str, Any]], rng: dict[str, Any] | None,
+                    pending_eval: bool) -> dict[str, Any]:
+        # window: the step metrics since the last evaluation (a --save_every checkpoint falls
+        # between evaluations); pending_eval: the evaluation at this step has yet to run
+        return {"trainer": self.trainer.state_dict(), "rng": rng or rng_state(), "records": self.records,
+                "best": self.best, "config": _jsonable(vars(self.config)),
+                "window": [scalar_metrics(m) for m in window], "pending_eval": pending_eval}
 
-    def save_checkpoint(self) -> None:
-        atomic_torch_save(self.log_dir / "last.pt", self._checkpoint())
+    def save_checkpoint(self, window: list[dict[str, Any]] = (), rng: dict[str, Any] | None = None,
+                        pending_eval: bool = False) -> None:
+        """``last.pt`` (and ``results.jsonl``) at the current step, refused if training went non-finite."""
+        self._check_finite(window)
+        atomic_torch_save(self.log_dir / "last.pt", self._checkpoint(list(window), rng, pending_eval))
         atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
+        self.saved_step = self.trainer.step
+
+    def _check_finite(self, window: list[dict[str, Any]]) -> None:
+        """Stop a run whose loss or weights went NaN/inf, naming the checkpoint that is kept."""
+        try:
+            check_finite(window, self.model, self.trainer.step - len(window))
+        except TrainingError as exc:
+            kept = self.log_dir / "last.pt"
+            where = (f"the last good checkpoint {kept} (step {self.saved_step}) is kept"
+                     if kept.is_file() else "no checkpoint was written")
+            raise TrainingError(f"{exc}; {where}; lower --lr or set --max_grad_norm and start again in "
+                                "another --log_dir") from None
 
     def load_checkpoint(self) -> dict | None:
+        """Restore ``last.pt`` (checksums verified, settings compared first); its RNG state, or None."""
         path = self.log_dir / "last.pt"
         if not path.exists():
             return None
+        state = load_torch_file(path, map_location=self.device)
+        if not isinstance(state, dict) or not {"trainer", "rng", "records", "best"} <= state.keys():
+            raise CheckpointError(f"{path} is not a wilds_run checkpoint; choose another --log_dir")
+        check_resume_settings(state.get("config", {}), _jsonable(vars(self.config)), path)
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
             self.trainer.load_state_dict(state["trainer"])
-        except Exception as exc:  # a truncated or foreign file
+        except Exception as exc:  # settings equal, yet the state does not fit: another dg-quant version?
             raise CheckpointError(
-                f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                "delete it to start over"
+                f"{path} does not fit this run's model ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); was it written by another dg-quant version?"
             ) from None
-        self._check_same_run(state.get("config", {}), path)
         self.records, self.best = state["records"], state["best"]
+        self.saved_step = self.trainer.step
+        self.resumed_window = state.get("window") or []
+        self.resumed_pending_eval = bool(state.get("pending_eval"))
         return state["rng"]
-
-    def _check_same_run(self, saved: dict[str, Any], path: Path) -> None:
-        current = _jsonable(vars(self.config))
-        for key in RESUME_KEYS:
-            if key in saved and key in current and saved[key] != current[key]:
-                raise CheckpointError(
-                    f"{path} was written with {key}={saved[key]!r}, this run has {current[key]!r}; "
-                    "resume with the same settings or choose another --log_dir"
-                )
 
     # -- the run ----------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.log_dir / "config.json", _jsonable(vars(config)))
         resume_rng = self.load_checkpoint() if config.resume else None
+        if not (config.resume and (self.log_dir / "config.json").is_file()):
+            atomic_write_json(self.log_dir / "config.json", _jsonable(vars(config)))
         total = config.total_steps
         if config.resume and trainer.step >= total and (self.log_dir / "final.json").is_file():
             return load_final(self.log_dir)  # finished: the end-of-training hooks ran already
-        window: list[dict[str, Any]] = []
+        window: list[dict[str, Any]] = list(self.resumed_window)
+        if self.resumed_pending_eval:  # stopped during this step's evaluation: run it first
+            set_rng_state(resume_rng)
+            self._log_eval(window)
+            window, resume_rng = [], rng_state()
+        save_every = getattr(config, "save_every", None) or 0
         bar = progress_bar(total, "train", "step", initial=trainer.step, disable=config.no_progress)
         batches = self.batches(trainer.step, resume_rng)
         while trainer.step < total:
@@ -323,6 +359,10 @@ class Run:
                 window = []
                 bar.set_postfix({k: f"{v:.3f}" for k, v in self.records[-1].items()
                                  if k in ("train/loss", config.val_metric)}, refresh=False)
+            elif (save_every and trainer.step % save_every == 0) or self.stop.requested:
+                self.save_checkpoint(window)
+            if self.stop.requested:
+                raise Terminated(trainer.step)
         bar.close()
         return self._finish()
 
@@ -332,7 +372,15 @@ class Run:
         record: dict[str, Any] = {"step": self.trainer.step, "epoch": epoch_of(self.trainer.step, config.steps_per_epoch)}
         for key in losses[0] if losses else []:
             record[f"train/{key}"] = float(np.mean([m[key] for m in losses if key in m]))
-        record.update(self.evaluate())
+        self._check_finite(window)  # before the model is evaluated or saved as the best
+        before = rng_state()
+        try:
+            with self.stop.interrupting(self.trainer.step):
+                record.update(self.evaluate())
+        except (DataError, Terminated):
+            # keep the training done so far: a resumed run redoes this evaluation first
+            self.save_checkpoint(window, rng=before, pending_eval=True)
+            raise
         self.records.append(record)
         if config.val_metric not in record:
             raise ConfigError(
@@ -452,7 +500,15 @@ def check_log_dir(config: argparse.Namespace) -> None:
 
 
 def run(config: argparse.Namespace, host: PluginHost) -> dict[str, Any]:
-    """Train and evaluate as ``config`` says; returns what ``final.json`` holds."""
-    check_log_dir(config)
-    os.makedirs(config.log_dir, exist_ok=True)
-    return Run(config, host).fit()
+    """Train and evaluate as ``config`` says; returns what ``final.json`` holds.
+
+    The run folder is locked for the whole run (``run_folder.RunFolder``); a folder this call
+    created is removed again if the run fails before writing anything into it.
+    """
+    stop = StopRequest()
+    with stop.installed(), RunFolder(config.log_dir):
+        check_log_dir(config)
+        with stop.interrupting(0):  # SIGTERM while the data loads: stop at once, nothing to save
+            this_run = Run(config, host)
+        this_run.stop = stop
+        return this_run.fit()

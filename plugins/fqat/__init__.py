@@ -17,6 +17,7 @@ from dg_quant.options import add_options, read_options
 from dg_quant.ownership import GRADIENT_COMPUTATION, WEIGHT_QUANTIZATION
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.run import FQATRun
+from dg_quant.qat import check_start_in_run
 
 OPTIONS = FQATOptions
 # FQAT quantizes and replaces the step (SAGM): the host refuses other plugins owning either.
@@ -32,4 +33,6 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
-    host.register(FQATRun(read_options(FQATOptions, config), config), name=RUN_NAME)
+    options = read_options(FQATOptions, config)
+    check_start_in_run(options, config)
+    host.register(FQATRun(options, config), name=RUN_NAME)
