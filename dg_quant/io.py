@@ -168,9 +168,10 @@ def verify_torch_file(path: str | os.PathLike) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        reason = "a record fails its checksum" if "CRC" in str(exc) else f"{type(exc).__name__}: {exc}"
+        what = "damaged (a record fails its checksum)" if "CRC" in str(exc) else \
+            f"damaged or foreign ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         raise CheckpointError(
-            f"{path} is damaged ({reason}); it cannot be trusted: use another copy or start the run over"
+            f"{path} is {what}; it cannot be trusted: use another copy or start the run over"
         ) from None
 
 

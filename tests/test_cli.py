@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from dg_quant.adapters.wilds.cli import main
+from dg_quant.adapters.wilds.cli import main, parse_config
+from dg_quant.adapters.wilds.runner import run
+from dg_quant.hookimpl import hookimpl
 from dg_quant.io import read_jsonl
 from dg_quant.results import main as results_main
 
@@ -159,12 +161,28 @@ def test_help_lists_plugin_options(capsys) -> None:
     assert "--bits" in out and "--quant-start-step" in out
 
 
+class _StopBefore:
+    """Interrupts training (as Ctrl-C would) before the given step."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    @hookimpl
+    def dgq_step_start(self, step: int) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
 def test_compat_run_resumes_after_the_switch_like_an_uninterrupted_run(tmp_path) -> None:
     compat = ["--plugin", "dg_quant.qtdog", "--qtdog-compat", "true", "--quant-start-step", "5",
               "--eval_every", "10", "--no_progress"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*compat, "--n_steps", "20", "--log_dir", str(straight)]) == 0
-    assert main([*compat, "--n_steps", "10", "--log_dir", str(resumed)]) == 0
+    # killed before step 13, after the switch (5) and the checkpoint at step 10
+    config, host = parse_config([*compat, "--n_steps", "20", "--log_dir", str(resumed)])
+    host.register(_StopBefore(13))
+    with pytest.raises(KeyboardInterrupt):
+        run(config, host)
     assert main([*compat, "--n_steps", "20", "--log_dir", str(resumed), "--resume"]) == 0
     assert read_jsonl(resumed / "results.jsonl") == read_jsonl(straight / "results.jsonl")
     a = torch.load(straight / "model.pt", weights_only=False)["model"]
