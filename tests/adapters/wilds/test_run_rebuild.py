@@ -24,6 +24,7 @@ from dg_quant.adapters.wilds.cli import main as wilds_run
 from dg_quant.adapters.wilds.run_model import adapter_kwargs, build_run_model
 from dg_quant.adapters.wilds.transforms import resize_transform
 from dg_quant.errors import ConfigError
+from dg_quant.quant.export import load_export
 from dg_quant.registry import create_adapter, register_adapter
 from tests.assets import PACS_TAR, mobilenet_weights
 
@@ -72,12 +73,10 @@ def test_image_run_is_rebuilt_with_its_eval_transform(mobilenet_run: Path) -> No
 
 @needs_pacs
 @needs_mobilenet
-def test_export_ptq_eoq_analyze_run_on_an_image_run(mobilenet_run: Path, tmp_path: Path) -> None:
+def test_export_eoq_analyze_run_on_an_image_run(mobilenet_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.dgq"
     assert export.main([str(mobilenet_run), "-o", str(out), "--verify"]) == 0
     assert out.stat().st_size > 0
-    assert ptq.main([str(mobilenet_run), "--method", "gptq", "--bits", "4", "--samples", "8",
-                     "--no_eval"]) == 0
     assert eoq.main(["--from_runs", str(mobilenet_run), str(mobilenet_run), "--log_dir", str(tmp_path / "eoq"),
                      "--splits", "test"]) == 0
     ensemble = json.loads((tmp_path / "eoq" / "eoq.json").read_text())["ensemble"]
@@ -173,6 +172,17 @@ def test_user_backbone_trains_from_its_weights_and_every_command_rebuilds_it(
     assert export.main([str(user_runs[0]), "-o", str(out), "--verify"]) == 0
     assert eoq.main(["--from_runs", *map(str, user_runs), "--log_dir", str(tmp_path / "eoq"), "--splits", "test"]) == 0
     assert analyze.main(["noise", str(user_runs[0]), "--out", str(tmp_path / "noise")]) == 0
+
+
+@needs_pacs
+def test_ptq_runs_on_an_image_run(pacs_subset: Path, tmp_path: Path) -> None:
+    """``dgq_ptq`` rebuilds the run (domainbed transform over a v2-transform backbone) and quantizes it."""
+    run = _train(pacs_subset, tmp_path / "erm", "--model", USER_FACTORY, "--image_size", "24")
+    assert ptq.main([str(run), "--method", "gptq", "--bits", "4", "--samples", "8", "--no_eval"]) == 0
+    out = tmp_path / "ptq.dgq"
+    assert export.main([str(run), "--checkpoint", "ptq_gptq_w4.pt", "-o", str(out), "--verify"]) == 0
+    conv = load_export(out).featurizer[1][0]  # rebuilt from the saved module:factory name alone
+    assert conv.weight[0].unique().numel() <= 2**4  # 4-bit levels per output channel
 
 
 def _install_entry_point(site: Path, name: str, target: str) -> None:
