@@ -218,8 +218,13 @@ class Verification:
         return asdict(self)
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> Any:
-    """An onnxruntime CPU session; a missing, corrupt or foreign file is a one-line ``CheckpointError``."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True,
+                 config: dict[str, str] | None = None) -> Any:
+    """An onnxruntime CPU session; a missing, corrupt or foreign file is a one-line ``CheckpointError``.
+
+    ``config`` holds onnxruntime session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``,
+    which makes onnxruntime fold weight-only DequantizeLinear nodes into float weights at load.
+    """
     ort = require_optional("onnxruntime")
 
     path = Path(path)
@@ -231,6 +236,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: 
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf types
