@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx: keep BatchNorm as its own op (the fake-quant arithmetic op for op, "
                              "but no int8 kernels for the convolution before it)")
     parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
+    parser.add_argument("--verify_only", action="store_true",
+                        help="onnx: do not export; verify the existing file -o against the run's checkpoint")
     return parser
 
 
@@ -91,7 +93,12 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
 def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argparse.Namespace) -> dict[str, Any]:
     from dg_quant.deploy.onnx import export_onnx, verify_onnx
 
-    batches = _test_batches(model, config, max(args.verify_images, 1) if args.verify else 1)
+    verify_only = getattr(args, "verify_only", False)
+    batches = _test_batches(model, config, max(args.verify_images, 1) if args.verify or verify_only else 1)
+    if verify_only:
+        out = {"format": "onnx", "output": args.output, "verify_only": True,
+               "verification": verify_onnx(args.output, model, batches).to_dict()}
+        return out
     report = export_onnx(model, batches[0][:1], args.output, fold_batchnorm=not args.no_fold_batchnorm)
     out = {**report.to_dict(), "format": "onnx", "output": args.output}
     if args.verify:
@@ -142,6 +149,9 @@ def _print_export(out: dict) -> None:
 
 
 def _print_onnx(out: dict) -> None:
+    if out.get("verify_only"):
+        _print_verification(out["verification"])
+        return
     acts = sum(1 for t in out["layers"] if t["kind"] == "activation")
     bits = sorted({t["bits"] for t in out["layers"]})
     print(f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors ({out['int_weight_params']:,} weights, "
@@ -151,14 +161,17 @@ def _print_onnx(out: dict) -> None:
     if not out["layers"]:
         print("note: this checkpoint has no active quantizers (saved before quantization started?); "
               "the graph is all float")
-    v = out.get("verification")
-    if v:
-        print(f"verified in onnxruntime on {v['images']} test images (largest logit {v['max_logit']:.3g}):")
-        for key, label in (("optimized", "as deployed (graph optimizations on)"), ("op_for_op", "op for op (optimizations off)")):
-            a = v[key]
-            print(f"  {label}: top-1 agreement {100 * a['top1_agreement']:.2f}%, "
-                  f"max |logit difference| {a['max_abs_diff']:.3g} (mean {a['mean_abs_diff']:.3g})")
+    if out.get("verification"):
+        _print_verification(out["verification"])
     print(f"wrote {out['output']}")
+
+
+def _print_verification(v: dict) -> None:
+    print(f"verified in onnxruntime on {v['images']} test images (largest logit {v['max_logit']:.3g}):")
+    for key, label in (("optimized", "as deployed (graph optimizations on)"), ("op_for_op", "op for op (optimizations off)")):
+        a = v[key]
+        print(f"  {label}: top-1 agreement {100 * a['top1_agreement']:.2f}%, "
+              f"max |logit difference| {a['max_abs_diff']:.3g} (mean {a['mean_abs_diff']:.3g})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,3 +50,26 @@ def test_unrepresentable_layer_is_one_line(fqat_run, tmp_path, capsys):
     assert err.count("\n") == 0
     assert err.startswith("dgq_export: error: featurizer.6.weight: its quantization step is not a positive finite")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_verify_only_rejects_a_corrupt_or_foreign_file(fqat_run, tmp_path, capsys):
+    from torch import nn
+
+    from dg_quant.deploy.onnx import export_onnx
+
+    good = tmp_path / "good.onnx"
+    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(good)]) == 0
+    capsys.readouterr()
+    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(good),
+                        "--verify_only", "--verify_images", "16"]) == 0
+    assert "op for op (optimizations off): top-1 agreement 100.00%" in capsys.readouterr().out
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(good.read_bytes()[:-500])
+    foreign = tmp_path / "foreign.onnx"
+    export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval(), torch.randn(1, 3, 8, 8), foreign)
+    for path, message in ((corrupt, "corrupt.onnx is not a loadable ONNX model"),
+                          (foreign, "foreign.onnx takes inputs of shape ['batch', 3, 8, 8]")):
+        assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(path),
+                            "--verify_only"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
