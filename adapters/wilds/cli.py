@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample groups uniformly rather than by size (loader default if unset)")
 
     model = parser.add_argument_group("model and optimisation")
-    model.add_argument("--model", default=None, help="backbone adapter name (dataset preset if unset)")
-    model.add_argument("--weights", default=None, help="local file of pretrained weights for the backbone")
+    model.add_argument("--model", default=None,
+                       help="backbone: a bundled name (resnet50, mobilenet_v2, ...), an entry point of the group "
+                            "dg_quant.backbones, or package.module:factory (docs/backbones.md); dataset preset if unset")
+    model.add_argument("--weights", default=None,
+                       help="pretrained weights: a local file (or model folder), or 'default' for the library's "
+                            "own, found in its cache or an installed weights package before any download")
     model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None)
     model.add_argument("--lr", type=float, default=None)
     model.add_argument("--weight_decay", type=float, default=None)
