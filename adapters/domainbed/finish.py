@@ -36,7 +36,13 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
-from dg_quant.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from dg_quant.io import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_torch_file,
+    verify_torch_file,
+)
 from dg_quant.loop import same_state, state_snapshot
 from dg_quant.speed import model_device
 
@@ -51,11 +57,18 @@ TRAIN_END_PHASE = "train_end"  # dgq_phase of the record the end of training app
 FINISHED_KEY = "dgq_finished"  # in a model.pkl that end-of-training hooks rewrote
 
 
+def _verified(path: Path) -> bool:
+    """``verify_torch_file`` (a damaged file is a CheckpointError), for use inside a condition."""
+    verify_torch_file(path)
+    return True
+
+
 def is_finished(output_dir: Path) -> bool:
     """True when ``model.pkl`` is one this module rewrote (even if the process died before
     ``dgq_final.json``), or ``dgq_final.json`` exists and ``model.pkl`` was not saved after it."""
     final, model = output_dir / FINAL_FILE, output_dir / MODEL_FILE
-    if model.exists() and torch.load(model, map_location="cpu", weights_only=False, mmap=True).get(FINISHED_KEY):
+    if model.exists() and _verified(model) and \
+            torch.load(model, map_location="cpu", weights_only=False, mmap=True).get(FINISHED_KEY):
         return True
     if not final.exists():
         return False
@@ -116,7 +129,7 @@ class DomainBedCalibration:
 
 def load_algorithm(path: Path, algorithms: ModuleType, device: torch.device) -> nn.Module:
     """Rebuild a saved algorithm with DomainBed's reload recipe (its plugins start with fresh state)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # this run's own train.py wrote it
+    saved = load_torch_file(path)  # this run's own train.py wrote it; checksums verified
     cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
     algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
                     saved["model_hparams"])
@@ -139,7 +152,7 @@ def _write_back(output_dir: Path, algorithm: nn.Module) -> None:
     """``model.pkl`` := the changed model, after ``model_fp.pkl`` := what ``train.py`` saved."""
     model_path = output_dir / MODEL_FILE
     atomic_write_bytes(output_dir / FP_MODEL_FILE, model_path.read_bytes())
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    saved = load_torch_file(model_path)
     atomic_torch_save(model_path, {**saved, "model_dict": algorithm.state_dict(), FINISHED_KEY: True})
 
 

@@ -845,6 +845,32 @@ def test_a_run_without_its_algorithm_is_finished_from_model_pkl(fake_root, tmp_p
     assert _on_grid(_rebuild(_load(out / "model.pkl"))) == [True]
 
 
+def test_a_damaged_model_pkl_is_one_line_not_finished(fake_root, tmp_path, monkeypatch):
+    """model.pkl's zip records carry CRC-32s: a flipped byte in its weights is refused when the end
+    of training reloads it, instead of being quantized and saved as the run's model."""
+    import zipfile
+
+    from dg_quant.adapters.domainbed import finish
+    from dg_quant.errors import CheckpointError
+
+    seen = []
+    monkeypatch.setattr(finish, "finish_training", lambda namespace: seen.append(dict(namespace)))
+    out = tmp_path / "obc"
+    assert _train(fake_root, out, "OBC", "--steps", "2", **PTQ_HPARAMS) == 0
+    monkeypatch.undo()
+    path = out / "model.pkl"
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    start += int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    raw[start + info.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.pkl is damaged"):
+        finish.finish_training({"args": seen[0]["args"]})
+    assert not (out / "dgq_final.json").exists()
+
+
 # -- a real DomainBed checkout (slow; DGQ_DOMAINBED=<checkout root>) --------------------------
 
 
