@@ -64,6 +64,13 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(run_dir) / "results.jsonl").read_text().splitlines() if line]
 
 
+def selected(records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The record model selection by ``metric`` must pick: the best among the quantized evaluations
+    when the run has any (a quantization method's model is a quantized one), ties to the earliest."""
+    pool = [r for r in records if r.get("quantized")] or records
+    return max(pool, key=lambda r: (r[metric], -r["step"]))
+
+
 def wilds_run(argv: list[str]) -> None:
     """``wilds_run`` in this process; a non-zero exit fails the calling fixture."""
     assert cli.main(argv) == 0, f"wilds_run {' '.join(argv)} failed"
