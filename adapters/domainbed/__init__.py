@@ -13,12 +13,14 @@ import functools
 import importlib
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from dg_quant.adapters.domainbed.algorithms import algorithm_classes, available_specs, hparam_table
 from dg_quant.adapters.domainbed.hparams import extend_registry
 from dg_quant.adapters.domainbed.runlength import run_length
 
-__all__ = ["register"]
+__all__ = ["load_algorithm", "register"]
 
 
 def _run_length(total_steps: int | None, package: str, dataset: str) -> int | None:
@@ -58,3 +60,18 @@ def register(package: str = "domainbed", total_steps: int | None = None) -> list
     extend_registry(registry, hparam_table(specs), misc.seed_hash,
                     functools.partial(_run_length, total_steps, package))
     return list(classes)
+
+
+def load_algorithm(path: str, device: str = "cpu", package: str = "domainbed") -> Any:
+    """A trained DomainBed algorithm from its ``model.pkl`` (any algorithm, dg-quant's or DomainBed's).
+
+    DomainBed's reload recipe, with the algorithms registered and the backbone built without
+    downloading ImageNet weights (works offline; the saved weights replace them anyway). The
+    file is unpickled in full (``weights_only=False``): load only files you trust.
+    """
+    import torch
+
+    from dg_quant.adapters.domainbed.finish import load_algorithm as _load
+
+    register(package)
+    return _load(Path(path), importlib.import_module(f"{package}.algorithms"), torch.device(device))

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
+from dg_quant.adapters.domainbed.weights import random_init_backbones
 from dg_quant.io import (
     atomic_torch_save,
     atomic_write_bytes,
@@ -128,11 +129,15 @@ class DomainBedCalibration:
 
 
 def load_algorithm(path: Path, algorithms: ModuleType, device: torch.device) -> nn.Module:
-    """Rebuild a saved algorithm with DomainBed's reload recipe (its plugins start with fresh state)."""
+    """Rebuild a saved algorithm with DomainBed's reload recipe (its plugins start with fresh state).
+
+    The backbone is built without downloading its ImageNet weights: the saved ones replace them.
+    """
     saved = load_torch_file(path)  # this run's own train.py wrote it; checksums verified
     cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
-    algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
-                    saved["model_hparams"])
+    with random_init_backbones():
+        algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
+                        saved["model_hparams"])
     algorithm.load_state_dict(saved["model_dict"])
     return algorithm.to(device)
 

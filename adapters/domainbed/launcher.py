@@ -12,9 +12,11 @@ sweep jobs get too since they come back through ``train``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
+import json
 import runpy
 import shlex
 import sys
@@ -22,7 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dg_quant.adapters.domainbed.records import filter_collected_records
+from dg_quant.adapters.domainbed.records import (
+    RANDOM_INIT_HPARAM,
+    RANDOM_INIT_SUFFIX,
+    filter_collected_records,
+)
+from dg_quant.adapters.domainbed.weights import check_backbone_weights, random_init_backbones
 from dg_quant.errors import ConfigError, run_command
 
 PROG = "python -m dg_quant.adapters.domainbed"
@@ -46,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="root of the DomainBed checkout (the folder holding domainbed/); "
                              "default: wherever `import domainbed` finds it (current folder, PYTHONPATH)")
     parser.add_argument("--no-pretrained", "--no_pretrained", dest="no_pretrained", action="store_true",
-                        help="build DomainBed's backbones with random weights instead of downloading "
-                             "ImageNet ones (offline machines, smoke tests; not for real results)")
+                        help="build DomainBed's backbones (torchvision, timm, torch.hub) with random weights "
+                             "instead of ImageNet ones (offline machines, smoke tests; never for reported "
+                             "numbers): the runs get hparams dgq_random_init=true and collect_results lists "
+                             "them as '<algorithm> (random init)'")
     return parser
 
 
@@ -68,27 +77,6 @@ def locate_domainbed(path: str | None) -> Path:
         raise ConfigError("cannot import domainbed: run from a DomainBed checkout, put it on PYTHONPATH, "
                           "or pass --domainbed PATH")
     return Path(next(iter(spec.submodule_search_locations))).resolve().parent
-
-
-def _without_weights(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    kwargs.pop("pretrained", None)
-    kwargs["weights"] = None
-    return build(*args, **kwargs)
-
-
-def _timm_without_weights(create: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    kwargs["pretrained"] = False
-    return create(*args, **kwargs)
-
-
-def disable_pretrained_weights() -> None:
-    """Make this process build DomainBed's ResNets (torchvision and timm) with random weights."""
-    import timm
-    import torchvision.models
-
-    for name in ("resnet18", "resnet50"):
-        setattr(torchvision.models, name, functools.partial(_without_weights, getattr(torchvision.models, name)))
-    timm.create_model = functools.partial(_timm_without_weights, timm.create_model)
 
 
 def job_prefix(root: Path, no_pretrained: bool) -> str:
@@ -116,6 +104,39 @@ def _launch_rewritten(launch: Callable[[list[str]], Any], prefix: str, commands:
     return launch([rewrite_command(c, prefix) for c in commands])
 
 
+def _hparams_position(args: list[str]) -> tuple[int | None, dict[str, Any]]:
+    """Index of the ``--hparams`` value in ``args`` (None if absent) and its JSON."""
+    for i, word in enumerate(args):
+        if word == "--hparams" and i + 1 < len(args):
+            return i + 1, json.loads(args[i + 1] or "{}")
+        if word.startswith("--hparams="):
+            return i, json.loads(word.split("=", 1)[1] or "{}")
+    return None, {}
+
+
+def mark_random_init(script_args: Sequence[str], no_pretrained: bool) -> tuple[list[str], bool]:
+    """(script args, random init?): with ``--no-pretrained``, ``--hparams`` gains
+    ``dgq_random_init: true``, so every record, ``model.pkl`` and sweep job hash carry it; a
+    ``--hparams`` that carries it (a sweep job) asks for random weights by itself."""
+    args = list(script_args)
+    try:
+        index, hparams = _hparams_position(args)
+    except json.JSONDecodeError:
+        return args, no_pretrained  # the script reports its own bad --hparams
+    if hparams.get(RANDOM_INIT_HPARAM):
+        return args, True
+    if not no_pretrained:
+        return args, False
+    text = json.dumps({**hparams, RANDOM_INIT_HPARAM: True}, sort_keys=True)
+    if index is None:
+        args += ["--hparams", text]
+    elif args[index].startswith("--hparams="):
+        args[index] = f"--hparams={text}"
+    else:
+        args[index] = text
+    return args, True
+
+
 def run_script(command: str, script_args: Sequence[str], domainbed: str | None, no_pretrained: bool) -> None:
     """Register the algorithms and run DomainBed's ``command`` script with ``script_args``."""
     root = locate_domainbed(domainbed)
@@ -123,9 +144,21 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     from dg_quant.adapters.wilds.compat import import_wilds
 
     import_wilds()  # domainbed.datasets imports wilds: no network version check, no torch_scatter
-    if no_pretrained:
-        disable_pretrained_weights()
+    random_init = False
+    if command in ("train", "sweep"):
+        script_args, random_init = mark_random_init(script_args, no_pretrained)
+    if random_init:
+        print(f"dg-quant: --no-pretrained: backbones start from RANDOM weights, not ImageNet ones; the runs carry "
+              f"hparams {RANDOM_INIT_HPARAM}=true and collect_results lists them as "
+              f"'<algorithm>{RANDOM_INIT_SUFFIX}' (never report these numbers)", file=sys.stderr, flush=True)
     register()
+    if command == "train" and not random_init:
+        saved_argv = sys.argv
+        sys.argv = [SCRIPTS[command], *script_args]  # the run length and hparams come from train.py's flags
+        try:
+            check_backbone_weights(script_args)
+        finally:
+            sys.argv = saved_argv
     if command == "sweep":
         launchers = importlib.import_module("domainbed.command_launchers")
         route_sweep_jobs(launchers.REGISTRY, job_prefix(root, no_pretrained))
@@ -135,13 +168,14 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     saved_argv = sys.argv
     sys.argv = [module, *script_args]
     try:
-        namespace = runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with random_init_backbones() if random_init else contextlib.nullcontext():
+            namespace = runpy.run_module(module, run_name="__main__", alter_sys=True)
+            if command == "train":  # DomainBed has no end-of-training callback: run the plugins' here
+                from dg_quant.adapters.domainbed.finish import finish_training
+
+                finish_training(namespace)
     finally:
         sys.argv = saved_argv
-    if command == "train":  # DomainBed has no end-of-training callback: run the plugins' here
-        from dg_quant.adapters.domainbed.finish import finish_training
-
-        finish_training(namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

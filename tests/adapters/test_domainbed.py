@@ -91,6 +91,9 @@ FAKE_TREE = {
 
         class DomainNet(Toy):
             N_STEPS = 5001  # DomainBed's default for every dataset, DomainNet included
+
+        class Toy224(Toy):
+            INPUT_SHAPE = (3, 224, 224)  # fed to the ImageNet featurizer, as PACS is
     """,
     "domainbed/algorithms.py": """
         import torch
@@ -155,6 +158,7 @@ FAKE_TREE = {
     """,
     "domainbed/networks.py": """
         import torch
+        import torchvision
         from torch import nn
 
         class Featurizer(nn.Module):
@@ -163,6 +167,8 @@ FAKE_TREE = {
             def __init__(self, input_shape, hparams):
                 super().__init__()
                 self.hparams = hparams
+                if input_shape[1:] == (224, 224):  # as DomainBed's ResNet: ImageNet weights, downloaded
+                    self.backbone = torchvision.models.resnet18(pretrained=True)
                 self.conv = nn.Conv2d(input_shape[0], 8, 3, padding=1)
                 self.bn = nn.BatchNorm2d(8)
                 self.dropout = nn.Dropout(hparams["resnet_dropout"])
@@ -274,11 +280,15 @@ FAKE_TREE = {
                 print(f"{algorithm}|{r['step']}|{r.get('quantized')}|{r.get('dgq_phase')}|{r['env0_in_acc']}")
     """,
     "domainbed/scripts/sweep.py": """
+        import shlex
         import sys
         from domainbed import algorithms, command_launchers
 
         if __name__ == "__main__":
-            jobs = [f"python -m domainbed.scripts.train --algorithm {a} --output_dir out/{a}"
+            extra = ""
+            if "--hparams" in sys.argv:  # passed to every job (part of its folder's hash in DomainBed)
+                extra = " --hparams " + shlex.quote(sys.argv[sys.argv.index("--hparams") + 1])
+            jobs = [f"python -m domainbed.scripts.train --algorithm {a} --output_dir out/{a}{extra}"
                     for a in algorithms.ALGORITHMS]
             command_launchers.REGISTRY[sys.argv[sys.argv.index("--command_launcher") + 1]](jobs)
     """,
@@ -691,6 +701,93 @@ def test_launcher_errors_are_one_line(tmp_path, capsys):
     assert launcher.main(["train", "--domainbed", str(tmp_path), "--algorithm", "QTDoG"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--domainbed" in err and "error:" in err
+
+
+# -- random weights and offline machines ----------------------------------------------------
+
+
+def _offline(monkeypatch, tmp_path) -> None:
+    """No network and an empty torch hub cache: any weights download fails as it does offline."""
+    import urllib.error
+
+    def no_network(url, *_args, **_kwargs):
+        raise urllib.error.URLError(f"offline: {url}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+def test_missing_pretrained_weights_fail_at_once_in_one_line(fake_root, tmp_path, monkeypatch, capsys):
+    import domainbed.datasets as datasets
+
+    _offline(monkeypatch, tmp_path)
+    code = launcher.main(["train", "--domainbed", str(fake_root), "--dataset", "Toy224", "--algorithm", "QTDoG",
+                          "--steps", "2", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "URLError" in err
+    assert datasets.BUILT == []  # failed before train.py loaded any data
+
+
+def test_no_pretrained_runs_are_marked_everywhere(fake_root, tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch, tmp_path)
+    sweep = tmp_path / "sweep"
+    assert _train(fake_root, sweep / "random", "QTDoG", "--steps", "2", "--no-pretrained", "--dataset", "Toy224",
+                  quant_start_step=1) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    records = [json.loads(line) for line in (sweep / "random" / "results.jsonl").read_text().splitlines()]
+    assert all(r["hparams"]["dgq_random_init"] is True for r in records)
+    assert _load(sweep / "random" / "model.pkl")["model_hparams"]["dgq_random_init"] is True
+    assert _train(fake_root, sweep / "toy", "QTDoG", "--steps", "2", quant_start_step=1) == 0
+    capsys.readouterr()
+    assert launcher.main(["collect_results", "--domainbed", str(fake_root), "--input_dir", str(sweep)]) == 0
+    rows = {line.split("|")[0] for line in capsys.readouterr().out.splitlines() if "|" in line}
+    assert rows == {"QTDoG", "QTDoG (random init)"}  # never mixed with runs from ImageNet weights
+    # A sweep passes the mark to every job in --hparams, which DomainBed hashes into the job folder.
+    assert launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained", "--command_launcher", "dummy",
+                          "--hparams", '{"bits": 4}']) == 0
+    jobs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
+    assert jobs and all('"dgq_random_init": true' in line and '"bits": 4' in line for line in jobs)
+
+
+def test_load_algorithm_rebuilds_offline_without_downloading(fake_root, tmp_path, monkeypatch):
+    from dg_quant.adapters.domainbed import load_algorithm, register
+    from dg_quant.adapters.domainbed.weights import random_init_backbones
+
+    register()
+    import domainbed.algorithms as algorithms
+    import domainbed.hparams_registry as registry
+
+    hparams = registry.default_hparams("QTDoG", "Toy224")
+    with random_init_backbones():
+        trained = algorithms.QTDoG((3, 224, 224), 2, 2, hparams)
+    path = tmp_path / "model.pkl"
+    torch.save({"args": {"algorithm": "QTDoG"}, "model_input_shape": (3, 224, 224), "model_num_classes": 2,
+                "model_num_domains": 2, "model_hparams": hparams, "model_dict": trained.state_dict()}, path)
+    _offline(monkeypatch, tmp_path)
+    reloaded = load_algorithm(str(path))
+    pairs = [(a, b) for a, b in zip(reloaded.state_dict().values(), trained.state_dict().values())
+             if isinstance(a, torch.Tensor)]
+    assert len(pairs) > 100 and all(torch.equal(a, b) for a, b in pairs)  # ResNet-18 included
+    with pytest.raises(Exception, match="offline"):  # the plain recipe would download (and fail offline)
+        algorithms.QTDoG((3, 224, 224), 2, 2, hparams)
+
+
+def test_no_pretrained_covers_torch_hub_backbones(monkeypatch):
+    from dg_quant.adapters.domainbed.weights import random_init_backbones
+
+    seen = []
+
+    def hub_load(repo, model, **kwargs):
+        seen.append(kwargs)
+        if kwargs.get("pretrained", True):
+            raise AssertionError("weights requested")
+        raise RuntimeError("It looks like there is no internet connection and the repo could not be found")
+
+    monkeypatch.setattr(torch.hub, "load", hub_load)
+    with random_init_backbones(), pytest.raises(ConfigError, match="--no-pretrained skips the weights"):
+        torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")  # DomainBed's DinoV2 call
+    assert seen == [{"pretrained": False}] and torch.hub.load is hub_load  # restored afterwards
 
 
 # -- the end of training (dgq_train_end after train.py) -------------------------------------
