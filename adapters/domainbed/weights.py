@@ -17,6 +17,7 @@ import contextlib
 import functools
 import importlib
 import json
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ def check_backbone_weights(argv: Sequence[str], package: str = "domainbed") -> N
     if not image_dataset(datasets, dataset):
         return
     try:
-        networks.Featurizer(IMAGE_SHAPE, hparams)
+        with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" would come twice
+            warnings.simplefilter("ignore")
+            networks.Featurizer(IMAGE_SHAPE, hparams)
     except (OSError, RuntimeError) as exc:  # URLError, HF hub's LocalEntryNotFoundError, hub's "no internet"
         if not isinstance(exc, OSError) and "internet" not in str(exc):
             raise

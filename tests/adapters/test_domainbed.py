@@ -722,7 +722,7 @@ def test_missing_pretrained_weights_fail_at_once_in_one_line(fake_root, tmp_path
 
     _offline(monkeypatch, tmp_path)
     code = launcher.main(["train", "--domainbed", str(fake_root), "--dataset", "Toy224", "--algorithm", "QTDoG",
-                          "--steps", "2", "--output_dir", str(tmp_path / "out")])
+                          "--steps", "2", "--output_dir", str(tmp_path / "out"), "--hparams", '{"resnet18": true}'])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "URLError" in err
