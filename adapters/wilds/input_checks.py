@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from dg_quant.errors import DataError, DGQuantError
@@ -76,3 +77,14 @@ def guard_inputs(dataset: Any, name: str) -> None:
     check_inputs_exist(dataset, name)
     if callable(getattr(dataset, "get_input", None)):
         dataset.get_input = NamedInputErrors(dataset, name)
+
+
+def worker_message(exc: BaseException) -> str:
+    """The one-line message of an error re-raised from a DataLoader worker (whose text is the
+    worker's whole traceback); other messages unchanged."""
+    text = str(exc)
+    if "Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    match = re.match(r"^[\w.]+(?:Error|Exception): (.*)$", last)
+    return match.group(1) if match else last

@@ -29,7 +29,7 @@ from torch import nn
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
-from dg_quant.adapters.wilds.input_checks import guard_inputs
+from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
 from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
 from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
@@ -511,4 +511,7 @@ def run(config: argparse.Namespace, host: PluginHost) -> dict[str, Any]:
         with stop.interrupting(0):  # SIGTERM while the data loads: stop at once, nothing to save
             this_run = Run(config, host)
         this_run.stop = stop
-        return this_run.fit()
+        try:
+            return this_run.fit()
+        except DataError as exc:  # with --num_workers > 0 its text is the worker's traceback
+            raise DataError(worker_message(exc)) from None

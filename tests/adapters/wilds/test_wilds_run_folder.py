@@ -287,3 +287,23 @@ def test_a_quantization_start_past_the_end_is_refused(tmp_path, capsys, plugin):
     assert main([*TINY, "--log_dir", str(tmp_path / "run"), "-p", plugin, "--quant-start-step", "4"]) == 2
     assert "--quant-start-step 4 is not before the end of the run (4 steps)" in _one_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+class _BadInput(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, idx: int):
+        from dg_quant.errors import DataError
+
+        raise DataError(f"cannot read input /data/{idx}.png of demo (OSError: truncated)")
+
+
+def test_an_input_error_from_a_loader_worker_stays_one_line():
+    from dg_quant.adapters.wilds.input_checks import worker_message
+    from dg_quant.errors import DataError
+
+    with pytest.raises(DataError) as caught:
+        next(iter(torch.utils.data.DataLoader(_BadInput(), num_workers=1)))
+    assert "Traceback" in str(caught.value)  # torch re-raises with the worker's traceback as text
+    assert worker_message(caught.value) == "cannot read input /data/0.png of demo (OSError: truncated)"
