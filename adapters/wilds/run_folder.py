@@ -25,7 +25,7 @@ from dg_quant.errors import CheckpointError, ConfigError, OutputError
 # (a change of device, precision or worker count can change the last digits, not the method).
 RESUME_MAY_CHANGE = frozenset({
     "resume", "log_dir", "root_dir", "download", "no_progress", "device", "num_workers", "eval_batch_size",
-    "precision", "channels_last", "compile", "quant_kernels", "save_every", "weights", "plugin",
+    "precision", "channels_last", "compile", "quant_kernels", "save_every", "weights", "plugin", "config",
 })
 
 

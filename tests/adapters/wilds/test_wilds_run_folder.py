@@ -119,7 +119,7 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     cmd = [sys.executable, "-m", "dg_quant.adapters.wilds.cli", "--n_steps", "100000", "--eval_every", "100000",
            "--save_every", "5", "--no_progress", "--device", "cpu", "--log_dir", str(log_dir)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (log_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
