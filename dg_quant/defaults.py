@@ -46,4 +46,5 @@ def dgq_evaluate(model: nn.Module) -> dict[str, Any]:
         "quantized": is_quantized(model),
         "compression_ratio": summary["compression_ratio"],
         "packed_mb": summary["packed_mb"],
+        "quantized_param_fraction": summary["quantized_param_fraction"],
     }

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from dg_quant.adapters.wilds.config_file import config_argv, file_plugins, read_config_file
 from dg_quant.adapters.wilds.datasets import DEFAULT_DATASET
+from dg_quant.adapters.wilds.loggers import LOGGERS
 from dg_quant.adapters.wilds.presets import apply_preset
 from dg_quant.adapters.wilds.run_folder import default_log_dir
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write last.pt every N training steps (0: only at evaluations; dataset preset if unset)")
     run.add_argument("--resume", action="store_true",
                      help="continue from log_dir/last.pt; every setting that changes results must be the same")
+    run.add_argument("--logger", nargs="+", choices=LOGGERS, default=[],
+                     help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard) "
+                          "and/or CSV (log_dir/results.csv)")
     run.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 

@@ -30,6 +30,7 @@ from torch import nn
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import load_dataset
 from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
+from dg_quant.adapters.wilds.loggers import RecordLoggers
 from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
 from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
@@ -179,6 +180,7 @@ class Run:
         self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss,
                                      make_scheduler(config))
         self.records: list[dict[str, Any]] = []
+        self.loggers = RecordLoggers(getattr(config, "logger", None), self.log_dir)
         self.best: dict[str, Any] | None = None
         self.saved_step = 0
         self.resumed_window: list[dict[str, Any]] = []
@@ -296,7 +298,7 @@ class Run:
         """``last.pt`` (and ``results.jsonl``) at the current step, refused if training went non-finite."""
         self._check_finite(window)
         atomic_torch_save(self.log_dir / "last.pt", self._checkpoint(list(window), rng, pending_eval))
-        atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
+        self._write_results()
         self.saved_step = self.trainer.step
 
     def _check_finite(self, window: list[dict[str, Any]]) -> None:
@@ -309,6 +311,11 @@ class Run:
                      if kept.is_file() else "no checkpoint was written")
             raise TrainingError(f"{exc}; {where}; lower --lr or set --max_grad_norm and start again in "
                                 "another --log_dir") from None
+
+    def _write_results(self) -> None:
+        """``results.jsonl`` and the ``--logger`` sinks (TensorBoard, CSV) get the same records."""
+        atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
+        self.loggers.write(self.records)
 
     def load_checkpoint(self) -> dict | None:
         """Restore ``last.pt`` (checksums verified, settings compared first); its RNG state, or None."""
@@ -421,7 +428,7 @@ class Run:
             record = {"step": self.trainer.step, "epoch": self.records[-1]["epoch"], "phase": "train_end"}
             record.update(self.evaluate())
             self.records.append(record)
-            atomic_write_jsonl(self.log_dir / "results.jsonl", self.records)
+            self._write_results()
             if replaces_selected(record, self.best, self.config.val_metric):  # e.g. the PTQ model
                 self.best = record
                 atomic_torch_save(self.log_dir / "best_model.pt", self._model_file())
