@@ -92,7 +92,8 @@ def _flags(action: argparse.Action, value: Any, source: str | Path) -> list[str]
     if isinstance(action, argparse._AppendAction):
         return [token for v in _as_list(value) for token in (opt, _text(v))]
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-        return [opt, *(_text(v) for v in _as_list(value))]
+        values = list(_as_list(value))
+        return [opt, *(_text(v) for v in values)] if values else []  # []: the default
     if isinstance(value, list | dict):
         raise ConfigError(f"{source}: {action.dest} takes one value, got {value!r}")
     return [opt, _text(value)]

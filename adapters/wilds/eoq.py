@@ -16,8 +16,6 @@ Results in ``log_dir``: ``eoq.json`` (members' and ensemble's metrics, sizes) an
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,22 +89,17 @@ def train_members(base: Sequence[str], seeds: Sequence[int], log_dir: Path, para
             if wilds_main(argv) != 0:
                 raise ConfigError(f"member {i} failed (wilds_run {' '.join(argv)}); fix the error above")
         return dirs
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    running: list[tuple[int, subprocess.Popen, list[str]]] = []
-    pending = list(zip((i for i, _ in todo), jobs))
-    failed = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            i, argv = pending.pop(0)
-            print(f"{PROG}: starting member {i} (seed {seeds[i]})", file=sys.stderr)
-            cmd = [sys.executable, "-m", "dg_quant.adapters.wilds.cli", *argv]
-            running.append((i, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL), argv))
-        i, proc, argv = running.pop(0)
-        if proc.wait() != 0:
-            failed.append((i, argv))
+    # members in parallel: submitit jobs on this machine (dgq_sweep's launcher), logs in .submitit/
+    from dg_quant.adapters.wilds.sweep import local_executor, run_waves, wilds_job
+
+    for i, _ in todo:
+        print(f"{PROG}: member {i} (seed {seeds[i]}) in a separate process", file=sys.stderr)
+    codes = run_waves(local_executor(log_dir / ".submitit"), wilds_job, jobs, parallel)
+    failed = [(i, argv) for (i, _), argv, rc in zip(todo, jobs, codes) if rc != 0]
     if failed:
         i, argv = failed[0]
-        raise ConfigError(f"{len(failed)} member(s) failed, e.g. member {i}: wilds_run {' '.join(argv)}")
+        raise ConfigError(f"{len(failed)} member(s) failed, e.g. member {i}: wilds_run {' '.join(argv)} "
+                          f"(its log: {log_dir / '.submitit'})")
     return dirs
 
 

@@ -277,9 +277,10 @@ class _Tee(io.TextIOBase):
 
 
 def _write_state(folder: Path, state: str, **extra: Any) -> None:
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id else os.environ.get("SLURM_JOB_ID")
     atomic_write_json(folder / STATE_FILE, {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
-                                            "time": time.time(), "job_id": os.environ.get("SLURM_JOB_ID"),
-                                            **extra})
+                                            "time": time.time(), "job_id": job_id, **extra})
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -295,6 +296,8 @@ def point_status(run_dir: Path) -> tuple[str, str]:
         return "failed", str(state.get("error", ""))
     if state.get("state") == "killed":
         return "killed", progress
+    if state.get("state") == "queued":
+        return "running", f"queued (Slurm job {state.get('job_id')})"
     if state.get("state") == "running":
         if state.get("host") == socket.gethostname() and not _alive(int(state.get("pid", -1))):
             return "killed", progress
@@ -405,8 +408,8 @@ def make_executor(sweep: Sweep):
     if launcher.executor == "debug":
         return submitit.DebugExecutor(folder=folder)
     if launcher.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=launcher.time, gpus_per_node=launcher.gpus)
+        executor = local_executor(sweep.output / ".submitit", launcher.time)
+        executor.update_parameters(gpus_per_node=launcher.gpus)
         return executor
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
@@ -434,27 +437,67 @@ def launch(sweep: Sweep, poll_s: float = 2.0) -> dict[str, list[tuple[str, str]]
     print(f"{PROG}: {sweep.name}: {len(sweep.points)} runs, launching {len(todo)} "
           f"({resumed} resumed), {skipped} finished or running", file=sys.stderr)
     dirs = [str(sweep.output / p.name) for p in todo]
+    if not dirs:
+        return sweep_status(sweep)
     executor = make_executor(sweep)
     if sweep.launcher.executor == "slurm":
         jobs = executor.map_array(run_point, dirs)
+        for run_dir, job in zip(dirs, jobs):  # so that a launch before they start does not submit them again
+            _write_state(Path(run_dir), "queued", job_id=job.job_id)
         print(f"{PROG}: submitted Slurm array {jobs[0].job_id.split('_')[0] if jobs else '-'}; "
               f"watch it with: {PROG} status {sweep.output}", file=sys.stderr)
     else:
-        _run_waves(executor, dirs, max(sweep.launcher.parallel, 1), poll_s)
+        run_waves(executor, run_point, dirs, max(sweep.launcher.parallel, 1), poll_s)
     return sweep_status(sweep)
 
 
-def _run_waves(executor: Any, dirs: Sequence[str], parallel: int, poll_s: float) -> None:
-    """At most ``parallel`` jobs at once (submitit's local executor would start them all)."""
-    pending, running = list(dirs), []
-    while pending or running:
-        while pending and len(running) < parallel:
-            running.append(executor.submit(run_point, pending.pop(0)))
-        finished = [j for j in running if j.done()]
-        for job in finished:
-            running.remove(job)
-        if running and not finished:
-            time.sleep(poll_s)
+def run_waves(executor: Any, fn: Callable[[Any], Any], items: Sequence[Any], parallel: int,
+              poll_s: float = 2.0) -> list[Any]:
+    """``fn(item)`` as submitit jobs, at most ``parallel`` at once (the local executor would start
+    them all); the jobs' results in the order of ``items``."""
+    pending, running, results = list(enumerate(items)), [], [None] * len(items)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                i, item = pending.pop(0)
+                running.append((i, executor.submit(fn, item)))
+            finished = [(i, job) for i, job in running if job.done()]
+            for i, job in finished:
+                running.remove((i, job))
+                results[i] = job.result()
+            if running and not finished:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:  # Ctrl-C: stop the jobs too (their runs resume from last.pt next time)
+        for _, job in running:
+            job.cancel(check=False)
+        raise
+    return results
+
+
+def local_executor(folder: Path, minutes: int = 60 * 24 * 7):
+    """submitit's executor for jobs on this machine (one process each)."""
+    submitit = require_optional("submitit")
+    executor = submitit.LocalExecutor(folder=folder / "%j")
+    executor.update_parameters(timeout_min=minutes)
+    return executor
+
+
+def wilds_job(argv: list[str]) -> int:
+    """One ``wilds_run`` in a submitit job (``dgq_eoq``'s members); its exit status.
+
+    One thread unless ``OMP_NUM_THREADS`` says otherwise, so parallel jobs do not oversubscribe.
+    """
+    import torch
+
+    from dg_quant.adapters.wilds.cli import main as wilds_main
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        return wilds_main(argv)
+    except Exception:  # a crash is this job's failure, reported by its exit status; the log has the traceback
+        traceback.print_exc()
+        return 1
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -537,7 +580,11 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(PROG, lambda: {"launch": cmd_launch, "status": cmd_status}[args.command](args))
+    try:
+        return run_command(PROG, lambda: {"launch": cmd_launch, "status": cmd_status}[args.command](args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; launch again to resume the unfinished runs", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

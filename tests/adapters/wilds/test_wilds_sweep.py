@@ -191,6 +191,11 @@ def test_slurm_array_gets_the_partition_gpus_time_and_parallelism(tmp_path, monk
                  "#SBATCH --array=0-5%4", "#SBATCH --job-name=dgq_digits"):
         assert line in script
     assert "submitted Slurm array 4242" in capsys.readouterr().err
+    # queued jobs count as running: launching again submits nothing
+    assert sw.main(["status", str(path)]) == 0
+    assert "6 running" in capsys.readouterr().out
+    assert sw.main(["launch", str(path)]) == 0
+    assert "launching 0 (0 resumed), 6 finished or running" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "sweeps").glob("*.yaml")))
