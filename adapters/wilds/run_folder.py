@@ -26,6 +26,7 @@ from dg_quant.errors import CheckpointError, ConfigError, OutputError
 RESUME_MAY_CHANGE = frozenset({
     "resume", "log_dir", "root_dir", "download", "no_progress", "device", "num_workers", "eval_batch_size",
     "precision", "channels_last", "compile", "quant_kernels", "save_every", "weights", "plugin", "config",
+    "logger",  # the record sinks (TensorBoard, CSV) do not change results
 })
 
 

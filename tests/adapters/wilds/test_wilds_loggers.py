@@ -78,3 +78,14 @@ def test_missing_tensorboard_names_the_extra(monkeypatch, tmp_path) -> None:
     monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)
     with pytest.raises(Exception, match=r"dg-quant\[tensorboard\]"):
         TensorBoardLogger(tmp_path)
+
+
+def test_a_logger_can_be_added_when_resuming(tmp_path) -> None:
+    plain = [a for a in ARGS if a not in ("--logger", "tensorboard", "csv")]
+    argv = [*plain, "--log_dir", str(tmp_path)]
+    config, host = parse_config(argv)
+    host.register(Kill())
+    with pytest.raises(KeyboardInterrupt):
+        run(config, host)
+    assert main([*argv, "--resume", "--logger", "csv"]) == 0  # the sinks do not change results
+    assert pd.read_csv(tmp_path / "results.csv")["step"].tolist() == [2, 4, 6]  # the whole run, rewritten
