@@ -167,14 +167,16 @@ def _progress_lines() -> Iterator[None]:
     logger = logging.getLogger("dg_quant.quant.obc")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("dg-quant: %(message)s"))
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # one line each, whatever handlers the root logger has
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _append_record(path: Path, accuracies: Mapping[str, float], quantized: bool) -> bool:

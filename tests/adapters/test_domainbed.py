@@ -991,6 +991,24 @@ def test_real_domainbed_train_and_collect_results(tmp_path):
     for path in runs:  # sweep jobs come back through the launcher, so their end of training runs
         final = json.loads((path.parent / "dgq_final.json").read_text())
         assert final["algorithm"] == "QTDoG" and final["steps"] == 3 and final["compression_ratio"] > 1
+    assert all(json.loads(line)["hparams"]["dgq_random_init"] is True for line in runs[0].read_text().splitlines())
     table = subprocess.run([*run, "collect_results", "--domainbed", root, "--input_dir", str(out)],
                            check=True, capture_output=True, text=True, timeout=600).stdout
-    assert "QTDoG" in table
+    assert "QTDoG (random init)" in table and "full-precision evaluations" in table
+
+
+@pytest.mark.slow
+def test_real_domainbed_inq_spreads_its_partitions_over_the_run(tmp_path):
+    root = os.environ.get("DGQ_DOMAINBED")
+    if not root:
+        pytest.skip("set DGQ_DOMAINBED to the root of a DomainBed checkout")
+    out = tmp_path / "inq"
+    hparams = json.dumps({"resnet18": True, "resnet50_augmix": False, "freeze_bn": True, "batch_size": 2})
+    subprocess.run([sys.executable, "-m", "dg_quant.adapters.domainbed", "train", "--domainbed", root,
+                    "--no-pretrained", "--dataset", "Debug224", "--algorithm", "INQ", "--steps", "8",
+                    "--checkpoint_freq", "1", "--hparams", hparams, "--data_dir", str(tmp_path),
+                    "--output_dir", str(out)], check=True, timeout=1200)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["quantized"] for r in records] == [0.0] * 6 + [1.0] * 2  # partitions at steps 0, 2, 4, 6
+    final = json.loads((out / "dgq_final.json").read_text())
+    assert final["quantized"] is True and final["inq/frozen_fraction"] == 1.0
