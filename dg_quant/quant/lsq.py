@@ -135,7 +135,7 @@ def _inside_and_codes(v: torch.Tensor, qn: int, qp: int) -> tuple[torch.Tensor, 
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Fake-quantize ``x`` with step ``s``; gradients per LSQ, optionally EWGS-scaled for x.
+    """Fake-quantize ``x`` with step ``s``; gradients per LSQ, optionally EWGS-scaled (x and step).
 
     Speed: the forward allocates one tensor (divide, then clamp/round/multiply in place) and the
     backward about four; ``inside`` comes from one clamp to the open range and one comparison
@@ -166,16 +166,21 @@ class _LSQFunction(torch.autograd.Function):
             return grad_x, grad_s, None, None, None, None, None
         v = torch.div(x, s)
         inside, q = _inside_and_codes(v, ctx.qn, ctx.qp)
+        g = grad_out  # the gradient behind the rounding: EWGS scales it element-wise
+        if ctx.ewgs_delta:
+            g = grad_out * (1 + ctx.ewgs_delta * torch.sign(grad_out) * (v - q))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = grad_out
-            if ctx.ewgs_delta:
-                g = g * (1 + ctx.ewgs_delta * torch.sign(grad_out) * (v - q))
             grad_x = torch.where(inside, g, 0.0).to(x.dtype)
         grad_s = None
         if ctx.needs_input_grad[1]:
-            # q - v inside the range, q (the clipped bound) outside, times the upstream gradient.
-            d_s = q.sub_(v.mul_(inside)).mul_(grad_out)
+            if ctx.ewgs_delta:
+                # The step reaches the output through q·s and through v = x/s inside the rounding;
+                # EWGS's scaled gradient flows along the second path (as into EWGS's interval).
+                d_s = q.mul(grad_out).sub_(v.mul_(inside).mul_(g))
+            else:
+                # q - v inside the range, q (the clipped bound) outside, times the upstream gradient.
+                d_s = q.sub_(v.mul_(inside)).mul_(grad_out)
             grad_s = _sum_to_shape(d_s, s.shape).mul_(ctx.grad_scale).to(s.dtype)
         return grad_x, grad_s, None, None, None, None, None
 

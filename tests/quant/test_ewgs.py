@@ -47,6 +47,60 @@ def test_fused_backward_with_integer_delta_is_ewgs_on_normalised_inputs(bits: in
     assert not torch.allclose(x_req.grad, upstream)  # δ does change the gradient
 
 
+class _EWGSRound(torch.autograd.Function):
+    """The EWGS discretiser as the paper's code writes it: round on [0, 1], scaled gradient back."""
+
+    @staticmethod
+    def forward(ctx, x_n, levels, delta):  # type: ignore[override]
+        x_q = torch.round(x_n * (levels - 1)) / (levels - 1)
+        ctx.save_for_backward(x_n - x_q)
+        ctx.delta = delta
+        return x_q
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        return g * (1 + ctx.delta * torch.sign(g) * diff), None, None
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_ewgs_step_gradient_is_the_chain_rule_through_the_scaled_rounding(bits: int) -> None:
+    """Autograd through EWGS's discretiser on x_n = (clip(x/s) + Q_N)/(L − 1) gives the step its
+    gradient too (as EWGS's interval bounds get theirs); the fused backward must match it for x and s."""
+    torch.manual_seed(bits)
+    qn, qp = integer_bounds(bits, signed=True)
+    levels, delta = qn + qp + 1, 0.4
+    x = torch.randn(300, dtype=torch.float64) * 0.05 * qp / 2  # mostly inside, some clipped
+    upstream = torch.randn(300, dtype=torch.float64)
+
+    s_ref = torch.tensor([0.05], dtype=torch.float64, requires_grad=True)
+    x_ref = x.clone().requires_grad_()
+    x_n = (torch.clamp(x_ref / s_ref, -qn, qp) + qn) / (levels - 1)
+    out = (_EWGSRound.apply(x_n, levels, delta) * (levels - 1) - qn) * s_ref
+    out.mul(upstream).sum().backward()
+
+    s = torch.tensor([0.05], dtype=torch.float64, requires_grad=True)
+    x_req = x.clone().requires_grad_()
+    lsq_fake_quant(x_req, s, qn, qp, 1.0, delta / (levels - 1)).mul(upstream).sum().backward()
+    torch.testing.assert_close(x_req.grad, x_ref.grad)
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    s_ste = torch.tensor([0.05], dtype=torch.float64, requires_grad=True)
+    lsq_fake_quant(x.clone().requires_grad_(), s_ste, qn, qp, 1.0, 0.0).mul(upstream).sum().backward()
+    assert not torch.allclose(s_ste.grad, s.grad)  # δ reaches the step gradient
+
+
+def test_ewgs_step_gradient_keeps_lsq_gradient_scale() -> None:
+    """The LSQ step-gradient scale g multiplies the EWGS step gradient like the STE one."""
+    torch.manual_seed(0)
+    x, upstream = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    grads = []
+    for scale in (1.0, 0.125):
+        s = torch.tensor([0.1], dtype=torch.float64, requires_grad=True)
+        lsq_fake_quant(x, s, 8, 7, scale, 0.01).mul(upstream).sum().backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[1], grads[0] * 0.125)
+
+
 def quantized_net(act_bits: int = 4) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
