@@ -39,6 +39,8 @@ class FQATOptions(QATOptions, SAGMOptions):
     ewgs_delta: float = option(1e-3, "EWGS fixed δ (on inputs normalised to [0, 1]; 0 = STE)")
     ewgs_hessian: bool = option(False, "EWGS: estimate δ per layer from the Hessian trace instead")
     ewgs_update_every: int = option(0, "EWGS Hessian δ refresh interval in steps (0: once per epoch)")
+    ewgs_hessian_batches: int = option(10, "EWGS Hessian δ: average over up to this many batches of 16 "
+                                       "samples, cut from the step's batch (EWGS: 10)")
     freeze_steps: int = option(100, "K: steps per disorder window and per freezing decision",
                                search=lambda r: int(r.choice([50, 100, 200, 500])))
     freeze_tau: float = option(0.3, "τ: disorder threshold of the freezing rule",
@@ -78,6 +80,8 @@ class FQATOptions(QATOptions, SAGMOptions):
             raise ConfigError(f"freeze_tau is a fraction of flips, in [0, 1]; got {self.freeze_tau}")
         if self.ewgs_delta < 0 or self.ewgs_update_every < 0:
             raise ConfigError("ewgs_delta and ewgs_update_every must be >= 0")
+        if self.ewgs_hessian_batches < 1:
+            raise ConfigError(f"ewgs_hessian_batches must be >= 1; got {self.ewgs_hessian_batches}")
         if self.scale_lr is not None and not self.scale_lr > 0:
             raise ConfigError(f"scale_lr must be > 0; got {self.scale_lr}")
 

@@ -34,6 +34,30 @@ from dg_quant.sharpness import combine_all, sagm_gradients
 
 LOG_FILE = "fqat_disorder.jsonl"
 DEFAULT_EWGS_EVERY = 1000
+EWGS_HESSIAN_BATCH = 16  # samples per Hessian batch, as EWGS's estimate
+
+
+def hessian_batches(batch: tuple, size: int = EWGS_HESSIAN_BATCH, limit: int = 10) -> list[tuple]:
+    """Up to ``limit`` consecutive full batches of ``size`` samples cut from the step's ``(x, y)``.
+
+    EWGS averages its Hessian δ over 10 batches of 16 images from the training data; the hooks
+    see one batch per step, so the batches are cut from it (views, no copies, and nothing to keep
+    for ``--resume``). Inputs that are not a tensor (or a dict of tensors) stay one batch.
+    """
+    x, y = batch
+    n = x.shape[0] if isinstance(x, torch.Tensor) else None
+    if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+        n = next(iter(x.values())).shape[0]
+    if n is None or n <= size:
+        return [batch]
+
+    def cut(t: Any, a: int, b: int) -> Any:
+        if isinstance(t, dict):
+            return {k: v[a:b] for k, v in t.items()}
+        return t[a:b] if isinstance(t, torch.Tensor) else t
+
+    starts = range(0, n - size + 1, size)[:limit]  # full batches only (BatchNorm needs samples)
+    return [(cut(x, a, a + size), cut(y, a, a + size)) for a in starts]
 
 
 def scale_label(name: str) -> str:
@@ -96,7 +120,7 @@ class FQATRun:
         if o.quantizer == "ewgs" and o.ewgs_hessian and is_quantization_enabled(model):
             every = o.ewgs_update_every or getattr(config, "steps_per_epoch", None) or DEFAULT_EWGS_EVERY
             if step % every == 0 or not self.deltas:
-                deltas = set_hessian_delta_(model, [batch], loss_fn)
+                deltas = set_hessian_delta_(model, hessian_batches(batch, limit=o.ewgs_hessian_batches), loss_fn)
                 self.deltas = {scale_label(n): d for n, d in deltas.items()}
         scale_ids = {id(p) for p in self.scales.values()}
         perturb = None if o.perturb_s else (lambda p: id(p) not in scale_ids)

@@ -28,8 +28,9 @@ from dg_quant.plugins.fqat.disorder import (
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.plot import disorder_frame, plot_disorder
 from dg_quant.plugins.fqat.routing import scale_gradient, scale_gradients
-from dg_quant.plugins.fqat.run import FQATRun
+from dg_quant.plugins.fqat.run import FQATRun, hessian_batches, scale_label
 from dg_quant.quant import iter_quantizers
+from dg_quant.quant.ewgs import hessian_deltas
 from dg_quant.sharpness import SAGMOptions
 
 T = torch.tensor
@@ -424,3 +425,33 @@ def test_scale_gradients_route_exactly_like_scale_gradient(update_mode: str, fre
     single = [scale_gradient(t, f, m, **kwargs) for t, f, m in zip(task, flat, frozen)]
     for a, b in zip(batched, single):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_ewgs_hessian_batches_are_cut_from_the_step_batch() -> None:
+    x, y = torch.arange(40.0).reshape(40, 1), torch.arange(40)
+    chunks = hessian_batches((x, y), size=16, limit=10)
+    assert [c[0].shape[0] for c in chunks] == [16, 16]  # full batches only
+    assert torch.equal(chunks[1][1], y[16:32])
+    assert len(hessian_batches((torch.zeros(200, 1), y), size=16, limit=3)) == 3
+    assert hessian_batches((x[:10], y[:10]), size=16)[0][0].shape[0] == 10  # small: the whole batch
+    text = hessian_batches(({"ids": torch.zeros(32, 4), "mask": torch.ones(32, 4)}, y[:32]), size=16)
+    assert len(text) == 2 and text[0][0]["mask"].shape == (16, 4)
+
+
+def test_fqat_ewgs_hessian_delta_averages_several_batches() -> None:
+    """δ is the mean of per-batch estimates over 16-sample batches of the step's batch (EWGS's
+    several batches), not the estimate on the whole batch as one."""
+    run, model, _ = make_run(quantizer="ewgs", ewgs_hessian=True, ewgs_update_every=1, ewgs_hessian_batches=3)
+    gen = torch.Generator().manual_seed(2)
+    batch = (torch.randn(48, 2, 6, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen))
+    loss_fn = nn.functional.cross_entropy
+    ref = copy.deepcopy(model)
+    torch.manual_seed(5)
+    run.dgq_compute_gradients(model, batch, loss_fn, 0, argparse.Namespace())
+    torch.manual_seed(5)
+    expected = hessian_deltas(ref, hessian_batches(batch, limit=3), loss_fn)
+    torch.manual_seed(5)
+    whole = hessian_deltas(copy.deepcopy(ref), [batch], loss_fn)
+    got = {scale_label(n): q.ewgs_delta for n, q in iter_quantizers(model)}
+    assert got == pytest.approx({scale_label(n): d for n, d in expected.items()})
+    assert got != pytest.approx({scale_label(n): d for n, d in whole.items()})
