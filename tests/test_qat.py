@@ -96,8 +96,22 @@ def test_compat_flag_reproduces_the_released_code() -> None:
     steps_after, weights_after = snapshot(trainer)
     assert all(torch.equal(a, b) for a, b in zip(steps_before + weights_before, steps_after + weights_after))
     assert not torch.equal(head_before, trainer.model.classifier.weight)
-    # the released code maps only Conv2d
-    assert all(isinstance(m, nn.Conv2d) for _, m, _, _ in iter_quantized_weights(trainer.model))
+
+
+def test_compat_quantizes_conv2d_only_even_where_a_linear_is_not_the_head() -> None:
+    """The released code maps only Conv2d: a hidden Linear (not the excluded head) stays FP under
+    --qtdog-compat, and is quantized without it."""
+    from dg_quant.qat import prepare
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(),
+                             nn.Linear(8, 3))
+
+    compat, plain = net(), net()
+    prepare(compat, QATOptions(qtdog_compat=True), start_step=0)
+    prepare(plain, QATOptions(), start_step=0)
+    assert [n for n, *_ in iter_quantized_weights(compat)] == ["0"]
+    assert [n for n, *_ in iter_quantized_weights(plain)] == ["0", "3"]  # the hidden Linear; head "5" FP
 
 
 def test_lsq_plugin_quantizes_from_the_first_step() -> None:

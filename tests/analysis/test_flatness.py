@@ -1,4 +1,4 @@
-"""SWAD local flatness: exact on a quadratic, zero at radius 0, positive around a trained model."""
+"""SWAD local flatness: exact on a quadratic; around a trained model, equal to F_gamma written out."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def test_bad_settings():
         local_flatness(Bowl(), {"all": bowl_loss}, [-1])
 
 
+def independent_f_gamma(model: nn.Module, evaluators, radius: float, n_directions: int, seed: int) -> dict:
+    """F_gamma written out: for each Gaussian direction over the trainable non-step parameters
+    (float64, one unit norm over all of them), a perturbed deep copy's loss minus the model's."""
+    import copy
+
+    steps = {id(p) for p in step_parameters(model)}
+    generator = torch.Generator().manual_seed(seed)
+    base = {split: evaluate(model)["loss"] for split, evaluate in evaluators.items()}
+    totals = dict.fromkeys(evaluators, 0.0)
+    for _ in range(n_directions):
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in steps]
+        noise = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+        norm = float(sum((n**2).sum() for n in noise)) ** 0.5
+        moved = copy.deepcopy(model)
+        moved_steps = {id(p) for p in step_parameters(moved)}
+        moved_params = [p for p in moved.parameters() if p.requires_grad and id(p) not in moved_steps]
+        with torch.no_grad():
+            for p, n in zip(moved_params, noise):
+                p.add_((radius * n / norm).to(p.dtype))
+        for split, evaluate in evaluators.items():
+            totals[split] += evaluate(moved)["loss"] - base[split]
+    return {split: total / n_directions for split, total in totals.items()}
+
+
 def test_flatness_around_a_trained_quantized_model(tiny_runs):
     loaded = load_run_model(tiny_runs["qtdog"])
     dataset = loaded.load_dataset()
@@ -64,8 +88,9 @@ def test_flatness_around_a_trained_quantized_model(tiny_runs):
     before = [p.detach().clone() for p in loaded.model.parameters()]
     samples = local_flatness(loaded.model, evaluators, [0.0, 1.0, 3.0], n_directions=4, seed=1)
     summary = flatness_summary(samples).set_index(["split", "radius"])
+    expected = independent_f_gamma(loaded.model, evaluators, radius=3.0, n_directions=4, seed=1)
     for split in ("id_val", "test"):
-        assert summary.loc[(split, 0.0), "f_gamma"] == 0.0
+        assert summary.loc[(split, 3.0), "f_gamma"] == pytest.approx(expected[split], rel=1e-4)
         assert summary.loc[(split, 3.0), "f_gamma"] > 0.0  # the loss rises away from the trained weights
         assert summary.loc[(split, 0.0), "loss"] == pytest.approx(evaluators[split](loaded.model)["loss"])
     assert all(torch.equal(a, b) for a, b in zip(before, loaded.model.parameters()))
