@@ -66,7 +66,12 @@ class QATOptions:
         "tensor", "step-gradient scale: lsq-net's whole tensor, the LSQ paper's per channel, or none",
         choices=("tensor", "per_channel", "none"),
     )
-    weight_init: str = option("lsq", "step initialisation for weights", choices=("lsq", "mse"))
+    weight_init: str | None = option(
+        None,
+        "step initialisation for weights at the switch (default mse: the LSQ rule wrecks pretrained "
+        "depthwise nets, see docs/step_init.md; lsq under --qtdog-compat, as the released code)",
+        choices=("lsq", "mse"), type=str,
+    )
     act_bits: int = option(0, "input-activation bit width; 0 keeps activations in full precision")
     act_init: str = option("lsq", "step initialisation for activations (first batch)", choices=("lsq", "mse"))
     first_layer: str = option("full", "first layer policy", choices=("full", "fp", "activations_only"))
@@ -86,9 +91,16 @@ class QATOptions:
         if self.quant_start_step is not None and self.quant_start_step < 0:
             raise ConfigError(f"quant_start_step must be >= 0; got {self.quant_start_step}")
 
+    @property
+    def resolved_weight_init(self) -> str:
+        """``weight_init``, or its default: ``mse``, except ``lsq`` when reproducing the released code."""
+        if self.weight_init is not None:
+            return self.weight_init
+        return "lsq" if self.qtdog_compat else "mse"
+
     def quant_config(self, enabled: bool) -> QuantConfig:
         weight = LSQConfig(bits=self.bits, mode="signed", granularity=self.granularity,
-                           grad_scale=self.grad_scale, init=self.weight_init)
+                           grad_scale=self.grad_scale, init=self.resolved_weight_init)
         if self.act_bits:
             activation = default_activation_config(self.act_bits, self.act_init)
         else:

@@ -126,7 +126,7 @@ def quantize_(
                 if parametrize.is_parametrized(module, tensor_name):
                     raise ConfigError(f"{name}.{tensor_name} is already quantized; call quantize_ once per model")
                 weight = getattr(module, tensor_name)
-                quantizer = _weight_quantizer(config.weight, weight)
+                quantizer = _weight_quantizer(config.weight, weight, switched_on=config.enabled)
                 quantizer.enabled = config.enabled
                 parametrize.register_parametrization(module, tensor_name, quantizer)
         if acts and act_config is not None and not hasattr(module, ACT_QUANTIZER):
@@ -151,12 +151,13 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _weight_quantizer(cfg: LSQConfig, weight: torch.Tensor) -> LSQQuantizer:
+def _weight_quantizer(cfg: LSQConfig, weight: torch.Tensor, switched_on: bool = True) -> LSQQuantizer:
     shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if cfg.granularity == "per_channel" else (1,)
     quantizer = LSQQuantizer(cfg, shape, is_weight=True).to(device=weight.device, dtype=weight.dtype)
     if cfg.mode == "auto":
         raise ConfigError("weight quantizers need an explicit mode (signed or symmetric), not 'auto'")
-    quantizer.initialize(weight)
+    # Switched off, the step is re-initialised at the switch: the cheap LSQ rule holds its place.
+    quantizer.initialize(weight, method=None if switched_on else "lsq")
     return quantizer
 
 

@@ -239,13 +239,16 @@ class LSQQuantizer(nn.Module):
         return 1.0 / math.sqrt(self.bounds[1] * max(n, 1))
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
-        """Set the step from data (weights when switched on; activations on the first batch)."""
+    def initialize(self, x: torch.Tensor, method: str | None = None) -> None:
+        """Set the step from data (weights when switched on; activations on the first batch).
+
+        ``method`` overrides the config's ``init`` (``lsq`` or ``mse``).
+        """
         if self.config.mode == "auto":
             self.signed = bool((x < 0).any())
         qn, qp = self.bounds
         per_channel = self.step.numel() > 1
-        self.step.copy_(init_step(x.detach(), self.config.init, qn, qp, per_channel).reshape(self.step.shape))
+        self.step.copy_(init_step(x.detach(), method or self.config.init, qn, qp, per_channel).reshape(self.step.shape))
         self.initialized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
