@@ -66,11 +66,11 @@ class QATOptions:
         "tensor", "step-gradient scale: lsq-net's whole tensor, the LSQ paper's per channel, or none",
         choices=("tensor", "per_channel", "none"),
     )
-    weight_init: str | None = option(
-        None,
-        "step initialisation for weights at the switch (default mse: the LSQ rule wrecks pretrained "
-        "depthwise nets, see docs/step_init.md; lsq under --qtdog-compat, as the released code)",
-        choices=("lsq", "mse"), type=str,
+    weight_init: str = option(
+        "auto",
+        "step initialisation for weights at the switch; auto is mse (the LSQ rule wrecks pretrained "
+        "depthwise nets, see docs/step_init.md), or lsq under --qtdog-compat as the released code",
+        choices=("auto", "lsq", "mse"),
     )
     act_bits: int = option(0, "input-activation bit width; 0 keeps activations in full precision")
     act_init: str = option("lsq", "step initialisation for activations (first batch)", choices=("lsq", "mse"))
@@ -94,7 +94,7 @@ class QATOptions:
     @property
     def resolved_weight_init(self) -> str:
         """``weight_init``, or its default: ``mse``, except ``lsq`` when reproducing the released code."""
-        if self.weight_init is not None:
+        if self.weight_init != "auto":
             return self.weight_init
         return "lsq" if self.qtdog_compat else "mse"
 
