@@ -83,6 +83,26 @@ def _help(text: str) -> str:
     return text + "%(default).0s" if "(default:" in text else text
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every dg-quant command: a flag's default is appended only where it says
+    something (not ``None``, ``False`` or ``[]``, and not when the help already names its default,
+    e.g. "dataset preset if unset"); descriptions keep their line breaks (examples stay readable)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "%(default)" in text or "(default" in text or "if unset" in text:
+            return text
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def plain_text(doc: str) -> str:
+    """A docstring for the terminal: reStructuredText's ``literal`` marks removed."""
+    return doc.replace("``", "")
+
+
 def declared_options(parser: argparse.ArgumentParser) -> list[type]:
     """The options dataclasses added to ``parser`` by ``add_options``, in order.
 

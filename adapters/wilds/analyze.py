@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dg_quant.errors import ConfigError, run_command
+from dg_quant.options import HelpFormatter, plain_text
 
 PROG = "dgq_analyze"
 FORMATS = ("text", "markdown", "csv", "latex")
@@ -57,14 +58,14 @@ def _report(paths: Sequence[Path]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     table = sub.add_parser("table", help="DomainBed-style result tables over seeds",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     table.add_argument("runs", nargs="+", help="run folders, or folders that hold them")
-    table.add_argument("--format", choices=FORMATS + ("all",), default="text")
+    table.add_argument("--format", choices=FORMATS + ("all",), default="text",
+                       help="output format; all prints every one (and writes every one with --out)")
     table.add_argument("--selection", nargs="+", default=["training_domain", "last", "oracle"],
                        choices=("training_domain", "last", "oracle"), help="model-selection rules")
     table.add_argument("--metric", default=None,
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", default=None, help="also write results.{txt,md,csv,tex} into this folder")
 
     flat = sub.add_parser("flatness", help="SWAD local flatness F_gamma over radii",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     flat.add_argument("runs", nargs="+", help="run folders")
     flat.add_argument("--radii", type=float, nargs="+", default=[0, 1, 2, 4, 6, 8, 10],
                       help="L2 radii gamma of the whole-parameter perturbation (SWAD used up to 60 for ResNet-50)")
@@ -86,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(flat)
 
     surf = sub.add_parser("surface", help="filter-normalised 1-D or 2-D loss surface",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     surf.add_argument("runs", nargs="+", help="run folders (2-D: one figure per run)")
-    surf.add_argument("--dims", type=int, choices=(1, 2), default=1)
+    surf.add_argument("--dims", type=int, choices=(1, 2), default=1,
+                      help="1: one random direction, all runs in one figure; 2: two directions, a figure per run")
     surf.add_argument("--points", type=int, default=21, help="grid points per axis")
     surf.add_argument("--span", type=float, default=1.0, help="coefficients in [-span, span]")
     surf.add_argument("--split", default="test", help="split the loss is computed on")
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(surf)
 
     noise = sub.add_parser("noise", help="per-layer weights, quantization noise and KL to uniform",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     noise.add_argument("run", help="run folder")
     noise.add_argument("--bits", type=int, default=None,
                        help="simulate this bit width (default: the run's own quantizers, else 7)")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(noise)
 
     stab = sub.add_parser("stability", help="in-domain validation vs OOD over steps",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     stab.add_argument("runs", nargs="+", help="run folders")
     stab.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     stab.add_argument("--ood_metric", default="test/acc_avg", help="out-of-domain metric plotted")

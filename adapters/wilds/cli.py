@@ -26,6 +26,7 @@ from dg_quant.adapters.wilds.run_folder import default_log_dir
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
 from dg_quant.errors import run_command
 from dg_quant.host import PluginHost, known_plugins
+from dg_quant.options import HelpFormatter
 from dg_quant.results import format_run
 
 PROG = "wilds_run"
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train and evaluate on a WILDS dataset with dg-quant plugins (quantization, flatness).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
                         help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; "
@@ -80,33 +81,41 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--uniform_over_groups", action=argparse.BooleanOptionalAction, default=None,
                       help="sample groups uniformly rather than by size (loader default if unset)")
 
-    model = parser.add_argument_group("model and optimisation")
+    model = parser.add_argument_group("model and optimisation", preset_summary())
     model.add_argument("--model", default=None,
                        help="backbone: a bundled name (resnet50, mobilenet_v2, ...), an entry point of the group "
                             "dg_quant.backbones, or package.module:factory (docs/backbones.md); dataset preset if unset")
     model.add_argument("--weights", default=None,
                        help="pretrained weights: a local file (or model folder), or 'default' for the library's "
                             "own, found in its cache or an installed weights package before any download")
-    model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None)
-    model.add_argument("--lr", type=float, default=None)
-    model.add_argument("--weight_decay", type=float, default=None)
-    model.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    model.add_argument("--batch_size", type=int, default=None)
-    model.add_argument("--eval_batch_size", type=int, default=None)
-    model.add_argument("--n_epochs", type=int, default=None)
-    model.add_argument("--n_steps", type=int, default=None, help="train for this many steps (overrides epochs)")
+    model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None,
+                       help="optimizer (dataset preset if unset); adamw skips decay on biases and LayerNorm")
+    model.add_argument("--lr", type=float, default=None, help="learning rate (dataset preset if unset)")
+    model.add_argument("--weight_decay", type=float, default=None, help="weight decay (dataset preset if unset)")
+    model.add_argument("--momentum", type=float, default=None, help="SGD momentum (dataset preset if unset)")
+    model.add_argument("--batch_size", type=int, default=None,
+                       help="training examples per step (dataset preset if unset)")
+    model.add_argument("--eval_batch_size", type=int, default=None,
+                       help="examples per evaluation batch (if unset: twice --batch_size, at least 64)")
+    model.add_argument("--n_epochs", type=int, default=None,
+                       help="passes over the training split (dataset preset if unset; --n_steps wins)")
+    model.add_argument("--n_steps", type=int, default=None,
+                       help="train for this many steps (overrides epochs; dataset preset if unset)")
     model.add_argument("--max_grad_norm", type=float, default=None, help="clip the gradient norm to this")
     model.add_argument("--scheduler", choices=("none", "linear"), default=None,
                        help="learning-rate schedule: constant, or linear decay to 0 (no warmup)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--eval_every", type=int, default=None, help="evaluate every N steps")
+    run.add_argument("--eval_every", type=int, default=None,
+                     help="evaluate every N steps (if unset: the preset's, else once per epoch, or 5 times "
+                          "in a run given in steps)")
     run.add_argument("--val_metric", default=None, help="'<split>/<metric>' used to pick the best checkpoint")
     run.add_argument("--test_metric", default=None,
                      help="'<split>/<metric>' reported at the best-validation and the last checkpoint")
     run.add_argument("--group_logging", action=argparse.BooleanOptionalAction, default=None,
                      help="keep per-group accuracies in results.jsonl")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the model initialisation and the data order (not of the split: --split_seed)")
     run.add_argument("--log_dir", default=None, help="output folder, locked while the run lives (default: "
                           "runs/<dataset>[_<test_domain>]_<model>_<method>[_w<bits>]_seed<seed>)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
@@ -117,8 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--logger", nargs="+", choices=LOGGERS, default=[],
                      help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard) "
                           "and/or CSV (log_dir/results.csv)")
-    run.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (if unset: $OMP_NUM_THREADS, else the CPUs this process may "
+                          "use minus the machine's load, at least 1; see docs/wilds.md)")
     return parser
+
+
+def preset_summary() -> str:
+    """One line per dataset preset: what the unset flags of this group become."""
+    from dg_quant.adapters.wilds.presets import PRESETS
+
+    lines, seen = ["Unset flags take the dataset's preset:"], {}
+    for name, p in PRESETS.items():
+        seen.setdefault(p, []).append(name)
+    for p, names in seen.items():
+        length = f"{p.n_steps} steps" if p.n_steps else f"{p.n_epochs} epochs"
+        every = f", eval every {p.eval_every}" if p.eval_every else ""
+        lines.append(f"  {', '.join(names)}: {p.model}, {p.optimizer} lr {p.lr:g}, weight decay "
+                     f"{p.weight_decay:g}, batch {p.batch_size}, {length}{every}")
+    return "\n".join(lines)
 
 
 def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, PluginHost]:
@@ -158,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         config, host = parse_config(argv)
         from dg_quant.adapters.wilds.runner import run  # heavy imports after the flags are checked
+        from dg_quant.threads import apply_threads
+
+        apply_threads(config.threads)
 
         print(format_run(run(config, host)))
 

@@ -36,18 +36,16 @@ from dg_quant.adapters.wilds.checkpoints import (
 from dg_quant.ensemble import LogitEnsemble, ensemble_size
 from dg_quant.errors import ConfigError, run_command
 from dg_quant.io import atomic_torch_save, atomic_write_json, load_torch_file
+from dg_quant.options import HelpFormatter, plain_text
 
 PROG = "dgq_eoq"
 DATA_KEYS = ("dataset", "test_domain", "split_seed", "holdout_fraction", "split_scheme", "frac")
 RESERVED = ("--seed", "--log_dir", "--resume")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the module docstring's examples kept as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), allow_abbrev=False,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--members", "-E", type=int, default=5, help="ensemble size E (QT-DoG: 5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="member seeds (overrides --members); None means 0..E-1")
     parser.add_argument("--log_dir", required=True, help="ensemble folder; members go to member<i>/ inside")
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="member state: best in-domain validation (paper) or last step")
     parser.add_argument("--splits", nargs="+", default=None, help="splits to evaluate (default: all but train)")
     parser.add_argument("--device", default="cpu", help="device for the ensemble evaluation")
-    parser.add_argument("--eval_batch_size", type=int, default=256)
+    parser.add_argument("--eval_batch_size", type=int, default=256, help="batch size of the ensemble's evaluation")
     return parser
 
 

@@ -13,6 +13,7 @@ round-to-nearest, and the metrics of every split before and after quantization.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from dg_quant.errors import run_command
+from dg_quant.options import HelpFormatter, plain_text
 
 PROG = "dgq_ptq"
 PTQ_PLUGIN = "dg_quant.obc"
@@ -49,21 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     from dg_quant.plugins.obc import ObcOptions
 
     defaults = ObcOptions()
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ObcOptions)}
+    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
-    parser.add_argument("--method", choices=("obc", "gptq"), default=defaults.ptq_method)
-    parser.add_argument("--bits", type=int, default=defaults.bits)
+    parser.add_argument("--method", choices=("obc", "gptq"), default=defaults.ptq_method, help=helps["ptq_method"])
+    parser.add_argument("--bits", type=int, default=defaults.bits, help=helps["bits"])
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="best_model.pt (best validation) or model.pt (last step)")
     parser.add_argument("--samples", type=int, default=defaults.ptq_samples, help="calibration images")
-    parser.add_argument("--batch_size", type=int, default=defaults.ptq_batch_size)
-    parser.add_argument("--obq_max_cols", type=int, default=defaults.ptq_obq_max_cols)
-    parser.add_argument("--damp", type=float, default=defaults.ptq_damp)
+    parser.add_argument("--batch_size", type=int, default=defaults.ptq_batch_size, help=helps["ptq_batch_size"])
+    parser.add_argument("--obq_max_cols", type=int, default=defaults.ptq_obq_max_cols, help=helps["ptq_obq_max_cols"])
+    parser.add_argument("--damp", type=float, default=defaults.ptq_damp, help=helps["ptq_damp"])
     parser.add_argument("--bn_reestimate", action="store_true", help="re-estimate BatchNorm statistics afterwards")
     parser.add_argument("--quantize_head", action="store_true", help="quantize the classifier too")
     parser.add_argument("--seed", type=int, default=0, help="order of the calibration images")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no_eval", action="store_true", help="skip evaluating the splits before and after")
     return parser
 

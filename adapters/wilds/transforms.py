@@ -12,12 +12,14 @@ evaluation here always uses the deterministic transform, so validation numbers d
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
-
-from torchvision import transforms as T
+from typing import TYPE_CHECKING, Any
 
 from dg_quant.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,17 +28,25 @@ TRANSFORMS = ("domainbed", "wilds", "model", "none")
 Transform = Callable[[Any], Any]
 
 
+def _tv() -> Any:
+    """torchvision's transforms, imported when a transform is built (``wilds_run --help`` stays fast)."""
+    return importlib.import_module("torchvision.transforms")
+
+
 def _normalize() -> list[Any]:
+    T = _tv()
     return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def resize_transform(size: int) -> T.Compose:
     """Resize to ``size`` x ``size`` and normalise with ImageNet statistics (evaluation, WILDS)."""
+    T = _tv()
     return T.Compose([T.Resize((size, size)), *_normalize()])
 
 
 def domainbed_train_transform(size: int) -> T.Compose:
     """DomainBed's ``augment_transform`` at ``size`` pixels."""
+    T = _tv()
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.7, 1.0)),
         T.RandomHorizontalFlip(),

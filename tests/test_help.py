@@ -1,0 +1,83 @@
+"""``--help`` of every command: each flag explained once, no reStructuredText, and ``wilds_run
+--help`` without the heavy libraries (it printed after seconds of imports it did not need)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dg_quant.adapters.wilds import analyze, cli, eoq, export, ptq
+from dg_quant.host import BUILTIN_PLUGINS, PluginHost
+from dg_quant.options import HelpFormatter
+
+HEAVY = ("wilds", "timm", "transformers", "open_clip", "torchvision")
+ALL_PLUGINS = sorted(BUILTIN_PLUGINS)
+
+
+def test_wilds_run_help_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import json, sys\n"
+        "from dg_quant.adapters.wilds.cli import main\n"
+        "try:\n"
+        f"    main(['--help', *{[a for p in ALL_PLUGINS for a in ('--plugin', p)]!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--quant-start-step" in out  # the plugins' flags are there
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def _wilds_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    PluginHost(ALL_PLUGINS).add_options(parser)
+    return parser
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    found = {"wilds_run": _wilds_parser(), "dgq_export": export.build_parser(), "dgq_ptq": ptq.build_parser(),
+             "dgq_eoq": eoq.build_parser()}
+    top = analyze.build_parser()
+    found["dgq_analyze"] = top
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update({f"dgq_analyze {name}": sub for name, sub in action.choices.items()})
+    return found
+
+
+@pytest.mark.parametrize("name", list(_parsers()))
+def test_every_flag_has_help_and_at_most_one_default(name: str) -> None:
+    parser = _parsers()[name]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    text = parser.format_help()
+    assert "``" not in text, f"{name} --help shows reStructuredText"
+    assert "(default: None)" not in text and "(default: [])" not in text
+    # one "(default" per flag at most (help is wrapped: join the lines of each flag first)
+    for entry in text.replace("\n                        ", " ").split("\n  -"):
+        assert entry.count("(default") <= 1, entry
+
+
+def test_formatter_keeps_a_default_that_says_something() -> None:
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--a", type=int, default=3, help="three")
+    parser.add_argument("--b", default=None, help="preset (dataset preset if unset)")
+    parser.add_argument("--c", default="x", help="named (default: x, the usual)")
+    text = parser.format_help().replace("\n", " ")
+    assert "three (default: 3)" in text and "default: None" not in text and text.count("(default: x") == 1
+
+
+def test_wilds_run_help_names_the_presets(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "Unset flags take the dataset's preset" in out and "amazon: distilbert, adamw lr 1e-05" in out
+    for flag in ("--lr", "--optimizer", "--batch_size", "--seed", "--n_epochs", "--threads"):
+        assert flag in out
