@@ -1,6 +1,6 @@
 """A SAGM-shaped two-pass step, used only when the real ``dg_quant.sagm``/``dg_quant.fqat`` is absent.
 
-It costs what SAGM costs (Wang et al., CVPR 2023; METHODS.md): a forward/backward at w, a
+It costs what SAGM costs (Wang et al., CVPR 2023; docs/methods.md): a forward/backward at w, a
 perturbation w + rho * g / ||g||, a second forward/backward there, the weights restored and the
 two gradients combined as g_perturbed - alpha * g. Only its speed matters to the harness.
 """

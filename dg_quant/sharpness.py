@@ -1,4 +1,4 @@
-"""SAGM's two-pass gradient (Wang et al., CVPR 2023; METHODS.md section 6), host-neutral.
+"""SAGM's two-pass gradient (Wang et al., CVPR 2023; docs/methods.md section 6), host-neutral.
 
 Both ``dg_quant.sagm`` and ``dg_quant.fqat`` call ``sagm_gradients``: it returns the clean-loss
 gradient g (FQAT's g_QAT) and the gradient g' at the perturbed point

@@ -1,7 +1,7 @@
 """Training-speed settings every host shares: bf16 autocast, channels_last, torch.compile.
 
-These are the settings under which issue 9's step-time ratios are measured on GPU
-(``benchmarks/bench.py``); declaring them once here gives ``wilds_run`` the flags and DomainBed
+These are the settings under which the step-time ratios of ``benchmarks/README.md`` are measured
+on GPU (``benchmarks/bench.py``); declaring them once here gives ``wilds_run`` the flags and DomainBed
 the hparams of the same name, and ``Trainer`` applies them for every method alike. fp16 is not
 offered: it needs loss scaling, which would rescale the gradients SAGM and FQAT perturb with.
 """

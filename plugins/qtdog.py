@@ -3,7 +3,7 @@
 Defaults follow the paper: 7-bit signed weights, per-channel steps, switched on at step 2000
 (40% of a shorter run), classifier and activations in full precision. Unlike the released code,
 the step sizes and the quantized weights keep training after the switch; ``--qtdog-compat true``
-reproduces the released behaviour (METHODS.md 11.3).
+reproduces the released behaviour (docs/methods.md 11.3).
 """
 
 from dg_quant.ownership import WEIGHT_QUANTIZATION

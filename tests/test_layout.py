@@ -1,4 +1,5 @@
-"""Tripwires for the three-room layout (STYLE.md 3 and 4.1)."""
+"""Tripwires for the three-room layout (README, "Files"): ``plugins/`` and ``adapters/`` import the
+``dg_quant`` core, the core imports neither, and a host reaches a method only through the hooks."""
 
 from __future__ import annotations
 

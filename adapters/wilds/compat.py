@@ -1,6 +1,6 @@
 """Import ``wilds`` safely on a current, offline stack.
 
-Two fixes (HOSTS.md 2.2): the import-time version check, a network request without timeout,
+Two fixes: the import-time version check, a network request without timeout,
 is disabled by making ``outdated`` unimportable for wilds; and group-wise metrics, which need
 the source-only ``torch_scatter`` for one grouped mean, get that mean from plain torch.
 """

@@ -1,6 +1,6 @@
 """SWAD local flatness (Cha et al., 2021): F_gamma(w) = E_{||w' - w|| = gamma}[L(w') - L(w)].
 
-Monte Carlo as the SWAD reference script (METHODS.md 8): each direction is a Gaussian vector over
+Monte Carlo as the SWAD reference script (docs/methods.md 8): each direction is a Gaussian vector over
 all selected parameters, normalised to unit L2 norm as one vector (no per-filter scaling); the
 model is evaluated in eval mode at ``w + gamma * d`` for every radius; buffers are not moved.
 LSQ step sizes are excluded by default, so a quantized model's latent weights move and are

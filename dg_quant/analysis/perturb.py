@@ -17,7 +17,7 @@ NamedParams = list[tuple[str, nn.Parameter]]
 
 
 def perturbable_parameters(model: nn.Module, include_steps: bool = False, only_steps: bool = False) -> NamedParams:
-    """``named_parameters()`` minus the LSQ step sizes (the default, METHODS.md 8), or plus them,
+    """``named_parameters()`` minus the LSQ step sizes (the default, docs/methods.md 8), or plus them,
     or only them. For a quantized model these are the latent weights, re-quantized in the forward."""
     steps = {id(p) for p in step_parameters(model)}
     if only_steps:

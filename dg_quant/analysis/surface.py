@@ -1,4 +1,4 @@
-"""Filter-normalised loss surfaces (Li et al., 2018), as FQAT plots them (METHODS.md 9).
+"""Filter-normalised loss surfaces (Li et al., 2018), as FQAT plots them (docs/methods.md 9).
 
 A direction is Gaussian, rescaled per filter (output channel) to the norm of that filter, so that
 the plot is comparable across layers and networks of different weight scale; 1-D parameters

@@ -23,7 +23,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class LSQConfig:
-    """One LSQ quantizer (METHODS.md section 1).
+    """One LSQ quantizer (docs/methods.md section 1).
 
     ``mode``: ``signed`` is [-2^(b-1), 2^(b-1)-1] (lsq-net default), ``symmetric`` drops the most
     negative code, ``unsigned`` is [0, 2^b-1] (post-ReLU inputs), ``auto`` picks signed or

@@ -1,4 +1,4 @@
-"""EWGS (Lee, Kim, Ham, CVPR 2021; METHODS.md section 3) as the quantizers' backward rule.
+"""EWGS (Lee, Kim, Ham, CVPR 2021; docs/methods.md section 3) as the quantizers' backward rule.
 
 The fused LSQ backward already scales the input gradient by 1 + δ·sign(g)·(v − round(v)) in
 *integer* units v = x/s, where |v − round(v)| ≤ ½. EWGS states δ on inputs normalised to [0, 1]

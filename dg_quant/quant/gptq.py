@@ -1,4 +1,4 @@
-"""Layer-wise PTQ solvers' shared part and GPTQ (Frantar et al., ICLR 2023; METHODS.md 5.1, 5.3).
+"""Layer-wise PTQ solvers' shared part and GPTQ (Frantar et al., ICLR 2023; docs/methods.md 5.1, 5.3).
 
 A solver owns one Conv2d/Linear layer and follows the verbs ``add_batch(inp, out)`` (accumulate
 the Hessian H = 2 E[x x^T] of the layer's inputs) -> ``quantize()`` (write quantized weights,

@@ -1,4 +1,4 @@
-"""Step-size initialisation: the LSQ rule and an MSE search (METHODS.md 1.4 and 2)."""
+"""Step-size initialisation: the LSQ rule and an MSE search (docs/methods.md 1.4 and 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""INQ, Incremental Network Quantization (Zhou et al., ICLR 2017; METHODS.md section 4).
+"""INQ, Incremental Network Quantization (Zhou et al., ICLR 2017; docs/methods.md section 4).
 
 Weights move, partition by partition, onto power-of-two levels {0, ±2^n2, ..., ±2^n1}; once a
 weight is quantized it is frozen and the remaining free weights retrain to compensate. This module

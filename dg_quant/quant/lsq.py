@@ -112,7 +112,7 @@ def _compiled_backward(
 def _open_range(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float] | None:
     """[lo, hi]: the ``dtype`` values strictly inside (-Q_N, Q_P), if they round to the bounds.
 
-    ``clamp(v, lo, hi) == v`` is then the strict range test of METHODS.md 1.1 (the STE passes only
+    ``clamp(v, lo, hi) == v`` is then the strict range test of docs/methods.md 1.1 (the STE passes only
     strictly inside, as autograd's clamp in lsq-net) in one comparison, and rounding the clamped
     value gives the codes. None where the next value below Q_P rounds down (bf16 with Q_P >= 128).
     """
@@ -228,7 +228,7 @@ class LSQQuantizer(nn.Module):
         return integer_bounds(self.config.bits, self.signed, self.config.mode == "symmetric")
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """The factor applied to the step's gradient (METHODS.md 1.2)."""
+        """The factor applied to the step's gradient (docs/methods.md 1.2)."""
         variant = self.config.grad_scale
         if variant == "none":
             return 1.0

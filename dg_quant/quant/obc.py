@@ -1,4 +1,4 @@
-"""OBC/OBQ post-training quantization (Frantar & Alistarh, NeurIPS 2022; METHODS.md 5) and its driver.
+"""OBC/OBQ post-training quantization (Frantar & Alistarh, NeurIPS 2022; docs/methods.md 5) and its driver.
 
 ``OBQ`` is the exact greedy solver: per row, quantize the weight whose rounding costs least
 (e_j / [H^-1]_jj), let the free weights absorb the error through H^-1, drop that column from
@@ -89,7 +89,7 @@ class OBQ(LayerSolver):
 
 @dataclass
 class PTQConfig:
-    """How ``ptq_`` quantizes (METHODS.md 5.4).
+    """How ``ptq_`` quantizes (docs/methods.md 5.4).
 
     ``method``: ``obc`` (exact OBQ for layers with <= ``obq_max_cols`` inputs, GPTQ above; all
     Hessians from the full-precision model) or ``gptq`` (GPTQ everywhere, layers in order with

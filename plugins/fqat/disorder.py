@@ -1,4 +1,4 @@
-"""Gradient disorder (FQAT Definition 4.1; METHODS.md 7.3) and the freezing rule, as pure functions.
+"""Gradient disorder (FQAT Definition 4.1; docs/methods.md 7.3) and the freezing rule, as pure functions.
 
 For one scale factor and a window of K gradients g_1..g_K, the disorder is the fraction of
 adjacent sign flips, D = (1/(K − 1))·Σ_u 1[sgn(g_u) ≠ sgn(g_{u−1})], element-wise. Random signs

@@ -1,6 +1,6 @@
 """FQAT's options: the shared QAT flags with FQAT's defaults, SAGM's ρ/α, and the freezing switches.
 
-Defaults follow the paper (METHODS.md 7.1, 7.4, 7.5): weights *and* activations at the same bit
+Defaults follow the paper (docs/methods.md 7.1, 7.4, 7.5): weights *and* activations at the same bit
 width, first conv with only its input quantized, classifier FP, MSE range initialisation,
 quantization from the first step; scale factors whose task-gradient disorder over the last K steps
 is below τ lose their task gradient for the next K steps.

@@ -1,4 +1,4 @@
-"""How FQAT turns one step's g_QAT and g_flat into ``.grad`` (METHODS.md 7.4-7.6).
+"""How FQAT turns one step's g_QAT and g_flat into ``.grad`` (docs/methods.md 7.4-7.6).
 
 Weights, BN and the classifier always get w·(g_QAT + g_flat) (w = ½ as in SAGM's code). A scale
 factor gets the same unless (part of) it is frozen: then the frozen entries get w·g_flat

@@ -1,4 +1,4 @@
-"""FQAT (METHODS.md 7): the disorder metric, the freezing rule, gradient routing, and a wilds_run."""
+"""FQAT (docs/methods.md 7): the disorder metric, the freezing rule, gradient routing, and a wilds_run."""
 
 from __future__ import annotations
 

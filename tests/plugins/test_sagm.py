@@ -1,4 +1,4 @@
-"""SAGM's two-pass step (METHODS.md 6) against a direct computation, and the plugin in both hosts' loop."""
+"""SAGM's two-pass step (docs/methods.md 6) against a direct computation, and the plugin in both hosts' loop."""
 
 from __future__ import annotations
 

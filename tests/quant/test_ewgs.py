@@ -1,4 +1,4 @@
-"""EWGS δ (METHODS.md 3): the unit mapping, the fixed setting and the Hessian-trace estimate."""
+"""EWGS δ (docs/methods.md 3): the unit mapping, the fixed setting and the Hessian-trace estimate."""
 
 from __future__ import annotations
 

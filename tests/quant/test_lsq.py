@@ -1,4 +1,4 @@
-"""LSQ maths against a float64 autograd reference (METHODS.md section 1)."""
+"""LSQ maths against a float64 autograd reference (docs/methods.md section 1)."""
 
 from __future__ import annotations
 

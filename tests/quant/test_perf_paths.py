@@ -69,7 +69,7 @@ def test_channels_last_layout_is_kept_for_outputs_and_gradients() -> None:
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_eager_kernel_agrees_with_float64_chain_at_the_range_edges(per_channel: bool) -> None:
-    """The STE passes strictly inside (-Q_N, Q_P) (METHODS.md 1.1); on the bounds the step gets them."""
+    """The STE passes strictly inside (-Q_N, Q_P) (docs/methods.md 1.1); on the bounds the step gets them."""
     qn, qp = integer_bounds(4, signed=True)
     s = torch.tensor([0.25, 0.5]).reshape(2, 1) if per_channel else torch.tensor([0.25])
     edges = torch.tensor([-qn, qp, -qn - 0.5, qp + 0.5, 0.3, -1.7, 2.5, -7.49], dtype=torch.float32)
