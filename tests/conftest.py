@@ -13,6 +13,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _default_run_folders() -> set[str]:
+    runs = os.path.join(REPO, "runs")
+    return set(os.listdir(runs)) if os.path.isdir(runs) else set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_stays_clean():
+    """Tests write their runs under tmp_path: none may leave a folder in the checkout's ``runs/``
+    (where ``wilds_run`` puts a run without ``--log_dir``)."""
+    before = _default_run_folders()
+    yield
+    left = sorted(_default_run_folders() - before)
+    assert not left, f"tests left run folders in {os.path.join(REPO, 'runs')}: {', '.join(left)}; pass --log_dir"
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -136,12 +136,14 @@ def test_bits_out_of_range(capsys, tmp_path) -> None:
 
 
 def test_missing_root_dir(capsys, tmp_path) -> None:
-    err = one_line_error(capsys, ["--dataset", "camelyon17", "--root_dir", str(tmp_path / "missing")])
+    err = one_line_error(capsys, ["--dataset", "camelyon17", "--root_dir", str(tmp_path / "missing"),
+                                  "--log_dir", str(tmp_path / "r")])
     assert "--root_dir" in err and "does not exist" in err
 
 
 def test_unknown_dataset(capsys, tmp_path) -> None:
-    assert "known datasets" in one_line_error(capsys, ["--dataset", "mnistx", "--root_dir", str(tmp_path)])
+    assert "known datasets" in one_line_error(capsys, ["--dataset", "mnistx", "--root_dir", str(tmp_path),
+                                                       "--log_dir", str(tmp_path / "r")])
 
 
 def test_existing_log_dir_is_not_overwritten(capsys, runs) -> None:
