@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch_size", type=int, default=None,
                        help="training examples per step (dataset preset if unset)")
     model.add_argument("--eval_batch_size", type=int, default=None,
-                       help="examples per evaluation batch (if unset: twice --batch_size, at least 64)")
+                       help="examples per evaluation batch (if unset: twice --batch_size)")
     model.add_argument("--n_epochs", type=int, default=None,
                        help="passes over the training split (dataset preset if unset; --n_steps wins)")
     model.add_argument("--n_steps", type=int, default=None,
