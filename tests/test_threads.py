@@ -43,3 +43,16 @@ def test_threads_flag_sets_torch(machine) -> None:
             threads.apply_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_resumes_with_another_thread_count(tmp_path, capsys) -> None:
+    from dg_quant.adapters.wilds.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        common = ["--n_steps", "6", "--eval_every", "3", "--no_progress", "--log_dir", str(tmp_path / "r")]
+        assert main([*common, "--threads", "2"]) == 0
+        (tmp_path / "r" / "final.json").unlink()  # as if killed after its last checkpoint
+        assert main([*common, "--threads", "1", "--resume"]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -27,6 +27,7 @@ RESUME_MAY_CHANGE = frozenset({
     "resume", "log_dir", "root_dir", "download", "no_progress", "device", "num_workers", "eval_batch_size",
     "precision", "channels_last", "compile", "quant_kernels", "save_every", "weights", "plugin", "config",
     "logger",  # the record sinks (TensorBoard, CSV) do not change results
+    "threads",  # how fast, not what
 })
 
 
