@@ -1,4 +1,4 @@
-"""MSE step initialisation (METHODS.md 2) against a brute-force search written here."""
+"""MSE step initialisation (docs/methods.md 2) against a brute-force search written here."""
 
 from __future__ import annotations
 

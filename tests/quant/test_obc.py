@@ -264,7 +264,7 @@ def test_ptq_quantizes_depthwise_convs_of_mobilenet(tmp_path):
         assert torch.equal(load_export(tmp_path / "mobilenet.dgqx").eval()(x), model(x))
 
 
-# -- groups=1 against plain reference solvers written here (METHODS.md 5.2, 5.3) -------------------
+# -- groups=1 against plain reference solvers written here (docs/methods.md 5.2, 5.3) -------------------
 
 
 def _hessian(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
