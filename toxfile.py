@@ -51,9 +51,7 @@ def tox_on_install(tox_env: ToxEnv, arguments: Any, section: str, of_type: str) 
     shared = shared_site_packages((info.major, info.minor))
     if shared is None:
         print(
-            f"toxfile: no shared venv for Python {info.major}.{info.minor}; "
-            f"{tox_env.name} installs "
-            "its own torch",
+            f"toxfile: no shared venv for Python {info.major}.{info.minor}; {tox_env.name} installs its own torch",
             file=sys.stderr,
         )
         return

@@ -70,9 +70,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="NHWC models and inputs; default on for CUDA",
     )
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile every model (all methods alike)"
-    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (all methods alike)")
     p.add_argument(
         "--quant-kernel",
         choices=("eager", "compiled"),
@@ -105,9 +103,7 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "cpu"
     return f"{model} ({os.cpu_count()} cores)"
@@ -127,9 +123,7 @@ class Bench:
         self.image_size = args.image_size or (224 if cuda else 64)
         self.clock = ("wall" if cuda else "process") if args.clock == "auto" else args.clock
 
-    def _trainer(
-        self, work: Workload, method: str, fallback: str | None, batch: tuple
-    ) -> tuple[Trainer, Any]:
+    def _trainer(self, work: Workload, method: str, fallback: str | None, batch: tuple) -> tuple[Trainer, Any]:
         built = build_method(method, fallback)
         # The run's own speed settings (dg_quant.speed), as wilds_run and DomainBed apply them;
         # fp16 is harness-only (the Trainer offers bf16), so the step wraps it below.
@@ -152,9 +146,7 @@ class Bench:
             trainer.model = torch.compile(trainer.model)
         return trainer, built
 
-    def _step_fn(
-        self, trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> Callable[[], object]:
+    def _step_fn(self, trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], object]:
         outer_amp = "fp16" if self.amp == "fp16" else "none"
 
         def step() -> object:
@@ -163,9 +155,7 @@ class Bench:
 
         return step
 
-    def _warm(
-        self, work: Workload, method: str, batch: tuple
-    ) -> tuple[Trainer, Any, Callable[[], object]]:
+    def _warm(self, work: Workload, method: str, batch: tuple) -> tuple[Trainer, Any, Callable[[], object]]:
         """Build and warm up ``method``; an unfinished plugin falls back to the stand-in."""
         try:
             trainer, built = self._trainer(work, method, None, batch)

@@ -34,12 +34,36 @@ def build(args: argparse.Namespace, variant: dict):
     from dg_quant.adapters.wilds.cli import parse_config
     from dg_quant.adapters.wilds.runner import Run
 
-    argv = ["-d", "pacs", "--root_dir", args.root_dir, "--test_domain", "sketch", "--model", "mobilenet_v2",
-            "--image_size", str(args.image_size), "--eval_splits", "test", "--frac", str(args.frac),
-            "--batch_size", "8", "--eval_batch_size", str(variant["eval_batch_size"]), "--no_progress",
-            "--device", "cpu", "--log_dir", str(Path(tempfile.gettempdir()) / "eval_speed_unused"), "--num_workers", str(variant.get("num_workers", 0)),
-            "--channels-last", str(variant.get("channels_last", False)).lower(),
-            *([f"--weights={args.weights}"] if args.weights else [])]
+    argv = [
+        "-d",
+        "pacs",
+        "--root_dir",
+        args.root_dir,
+        "--test_domain",
+        "sketch",
+        "--model",
+        "mobilenet_v2",
+        "--image_size",
+        str(args.image_size),
+        "--eval_splits",
+        "test",
+        "--frac",
+        str(args.frac),
+        "--batch_size",
+        "8",
+        "--eval_batch_size",
+        str(variant["eval_batch_size"]),
+        "--no_progress",
+        "--device",
+        "cpu",
+        "--log_dir",
+        str(Path(tempfile.gettempdir()) / "eval_speed_unused"),
+        "--num_workers",
+        str(variant.get("num_workers", 0)),
+        "--channels-last",
+        str(variant.get("channels_last", False)).lower(),
+        *([f"--weights={args.weights}"] if args.weights else []),
+    ]
     if args.plugin:
         argv += ["--plugin", args.plugin, "--quant_start_step", "0"]
     config, host = parse_config(argv)
@@ -76,11 +100,16 @@ def main() -> None:
         for name, run in runs.items():
             speeds[name].append(time_eval(run, VARIANTS[name]))
     images = sum(len(loader.dataset) for loader in next(iter(runs.values())).eval_loaders.values())
-    print(f"PACS sketch, {images} images at {args.image_size} px, MobileNetV2"
-          f"{' + ' + args.plugin if args.plugin else ''}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"PACS sketch, {images} images at {args.image_size} px, MobileNetV2"
+        f"{' + ' + args.plugin if args.plugin else ''}; load average {os.getloadavg()[0]:.1f}"
+    )
     for name, values in speeds.items():
-        print(f"{name:<40} {statistics.median(values):7.1f} images/s  (rounds: "
-              + " ".join(f"{v:.1f}" for v in values) + ")")
+        print(
+            f"{name:<40} {statistics.median(values):7.1f} images/s  (rounds: "
+            + " ".join(f"{v:.1f}" for v in values)
+            + ")"
+        )
     print(json.dumps({name: statistics.median(v) for name, v in speeds.items()}))
 
 

@@ -28,15 +28,11 @@ def _plain(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # unwrap torch.compile
 
 
-def _latency_ms(
-    model: nn.Module, x: torch.Tensor, device: torch.device, repeats: int, clock: str
-) -> float:
+def _latency_ms(model: nn.Module, x: torch.Tensor, device: torch.device, repeats: int, clock: str) -> float:
     model.eval()
     with torch.inference_mode():
         model(x)  # warm up
-        times = [
-            measure.seconds_per_call(lambda: model(x), CALLS, device, clock) for _ in range(repeats)
-        ]
+        times = [measure.seconds_per_call(lambda: model(x), CALLS, device, clock) for _ in range(repeats)]
     return measure.median(times) * 1e3
 
 

@@ -41,9 +41,7 @@ def _weights(name: str, device: torch.device) -> list[tuple[torch.Tensor, torch.
     for p in model.parameters():
         if p.dim() > 1:
             w = p.detach()
-            s = (2 * w.reshape(w.shape[0], -1).abs().mean(1) / math.sqrt(QP)).reshape(
-                (-1,) + (1,) * (w.dim() - 1)
-            )
+            s = (2 * w.reshape(w.shape[0], -1).abs().mean(1) / math.sqrt(QP)).reshape((-1,) + (1,) * (w.dim() - 1))
             pairs.append((w, s.clamp_min(1e-8)))
     return pairs
 
@@ -72,11 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     clock = "wall" if device.type == "cuda" else "process"
     kinds = ("lsq-net chain", "eager", "compiled")
-    print(
-        "| model | weights (M) | "
-        + " | ".join(f"{k} ms" for k in kinds)
-        + " | eager speed-up | compiled speed-up |"
-    )
+    print("| model | weights (M) | " + " | ".join(f"{k} ms" for k in kinds) + " | eager speed-up | compiled speed-up |")
     print("|---|---|" + "---|" * (len(kinds) + 2))
     for name in args.models:
         pairs = _weights(name, device)

@@ -28,9 +28,7 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
 
 
-def seconds_per_call(
-    fn: Callable[[], object], calls: int, device: torch.device, clock: str = "wall"
-) -> float:
+def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device, clock: str = "wall") -> float:
     """Time of ``calls`` calls of ``fn`` divided by ``calls`` (device work included).
 
     ``process`` counts the CPU time of this process only: on a CPU shared with other jobs it

@@ -31,12 +31,8 @@ class Method:
 QUANT_NOW = ("--quant_start_step", "0")
 METHODS: dict[str, Method] = {
     "erm": Method(note="full-precision ERM (the baseline)"),
-    "qtdog": Method(
-        ("dg_quant.qtdog",), ("--bits", "7", *QUANT_NOW), note="7-bit weights", target=1.05
-    ),
-    "lsq_wa": Method(
-        ("dg_quant.lsq",), ("--bits", "4", "--act_bits", "4"), note="W4A4 LSQ, one pass"
-    ),
+    "qtdog": Method(("dg_quant.qtdog",), ("--bits", "7", *QUANT_NOW), note="7-bit weights", target=1.05),
+    "lsq_wa": Method(("dg_quant.lsq",), ("--bits", "4", "--act_bits", "4"), note="W4A4 LSQ, one pass"),
     "sagm": Method(("dg_quant.sagm",), (), fallback_plugins=(), note="FP, two passes"),
     "fqat": Method(
         ("dg_quant.fqat",),
@@ -65,9 +61,7 @@ class BuiltMethod:
     note: str
 
 
-def _host_and_config(
-    plugins: tuple[str, ...], argv: tuple[str, ...]
-) -> tuple[PluginHost, argparse.Namespace]:
+def _host_and_config(plugins: tuple[str, ...], argv: tuple[str, ...]) -> tuple[PluginHost, argparse.Namespace]:
     host = PluginHost(plugins)
     parser = argparse.ArgumentParser(add_help=False)
     host.add_options(parser)
@@ -90,6 +84,4 @@ def build_method(name: str, fallback_reason: str | None = None) -> BuiltMethod:
         raise RuntimeError(f"{name}: {fallback_reason}")
     host, config = _host_and_config(method.fallback_plugins, method.fallback_argv)
     host.register(TwoPassStep(), name="benchmarks.two_pass")
-    return BuiltMethod(
-        name, name + "*", host, config, f"{method.note}; stand-in two-pass step ({fallback_reason})"
-    )
+    return BuiltMethod(name, name + "*", host, config, f"{method.note}; stand-in two-pass step ({fallback_reason})")

@@ -32,9 +32,7 @@ def _torchvision(name: str) -> nn.Module:
 def _deit_tiny(image_size: int) -> nn.Module:
     import timm
 
-    return timm.create_model(
-        "deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=image_size
-    )
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=image_size)
 
 
 # name -> (builder(image_size), channels, fixed image size or None, default CPU batch, default CUDA batch)

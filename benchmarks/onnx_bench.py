@@ -69,12 +69,19 @@ def pacs_images(count: int, size: int, domain: str) -> torch.Tensor | None:
     from torchvision.io import decode_image
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
-                     v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = v2.Compose(
+        [
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     images = []
     with tarfile.open(PACS_TAR) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and f"/{domain}/" in m.name
-                          and m.name.endswith(".jpg")), key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and f"/{domain}/" in m.name and m.name.endswith(".jpg")),
+            key=lambda m: m.name,
+        )
         step = max(len(members) // count, 1)
         for m in members[::step][:count]:
             data = torch.frombuffer(bytearray(tar.extractfile(m).read()), dtype=torch.uint8)
@@ -124,12 +131,15 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     for tag, model in models.items():
         path = tmp / f"{name}_{tag}.onnx"
         report = export_onnx(model, calib[:1], path)
-        files[tag] = {"bytes": report.file_bytes, "int_weights": report.int_weights,
-                      "activation_qdq": report.activation_qdq, "folded_batchnorms": report.folded_batchnorms}
+        files[tag] = {
+            "bytes": report.file_bytes,
+            "int_weights": report.int_weights,
+            "activation_qdq": report.activation_qdq,
+            "folded_batchnorms": report.folded_batchnorms,
+        }
         sessions[tag] = onnx_session(path, threads=args.threads)
         if tag == "w8":  # the same file, DequantizeLinear folded into float weights when loaded
-            sessions["w8_folded"] = onnx_session(path, threads=args.threads,
-                                                 config={"session.disable_quant_qdq": "1"})
+            sessions["w8_folded"] = onnx_session(path, threads=args.threads, config={"session.disable_quant_qdq": "1"})
     x1 = calib[:1].numpy()
     x32 = calib.repeat(2, 1, 1, 1)[:32].numpy()
     for s in sessions.values():  # warm up (first runs allocate and pack weights)
@@ -138,11 +148,17 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in sessions for b in (1, 32)}
     tags = list(sessions)
     for r in range(args.repeats):
-        for tag in tags[r % len(tags):] + tags[:r % len(tags)]:
+        for tag in tags[r % len(tags) :] + tags[: r % len(tags)]:
             times[(tag, 1)].append(time_call(sessions[tag], x1, args.calls_b1, args.clock))
             times[(tag, 32)].append(time_call(sessions[tag], x32, 1, args.clock))
-    row = {"model": name, "image_size": size, "files": files, "latency_ms": {}, "speedup_vs_fp": {},
-           "latency_ms_tags": tags}
+    row = {
+        "model": name,
+        "image_size": size,
+        "files": files,
+        "latency_ms": {},
+        "speedup_vs_fp": {},
+        "latency_ms_tags": tags,
+    }
     for tag in tags:
         for b in (1, 32):
             row["latency_ms"][f"{tag}_b{b}"] = statistics.median(times[(tag, b)]) * 1e3
@@ -171,12 +187,16 @@ def agreement(models: dict[str, nn.Module], sessions: dict, args: argparse.Names
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# ONNX deployment benchmark ({result['machine']})", "",
-             f"onnxruntime {result['onnxruntime']}, {result['threads']} intra-op thread(s), {result['clock']} "
-             f"time, {result['repeats']} interleaved rounds; load average before {result['load_before']}, "
-             f"after {result['load_after']} (2 cores shared with other jobs).", "",
-             "| model | variant | file MiB | x FP size | int8 weights | act QDQ | b1 ms | b32 ms | speed-up b1 | speed-up b32 (range) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# ONNX deployment benchmark ({result['machine']})",
+        "",
+        f"onnxruntime {result['onnxruntime']}, {result['threads']} intra-op thread(s), {result['clock']} "
+        f"time, {result['repeats']} interleaved rounds; load average before {result['load_before']}, "
+        f"after {result['load_after']} (2 cores shared with other jobs).",
+        "",
+        "| model | variant | file MiB | x FP size | int8 weights | act QDQ | b1 ms | b32 ms | speed-up b1 | speed-up b32 (range) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         fp_bytes = row["files"]["fp"]["bytes"]
         for tag in row["latency_ms_tags"]:
@@ -184,16 +204,25 @@ def markdown(result: dict) -> str:
             lat = row["latency_ms"]
             sp = row["speedup_vs_fp"]
             b1 = f"{sp[f'{tag}_b1']:.2f}x" if tag != "fp" else ""
-            b32 = (f"{sp[f'{tag}_b32']:.2f}x ({sp[f'{tag}_b32_range'][0]:.2f}-{sp[f'{tag}_b32_range'][1]:.2f})"
-                   if tag != "fp" else "")
-            lines.append(f"| {row['model']} | {tag} | {f['bytes'] / MB:.2f} | {f['bytes'] / fp_bytes:.3f} | "
-                         f"{f['int_weights']} | {f['activation_qdq']} | {lat[f'{tag}_b1']:.1f} | "
-                         f"{lat[f'{tag}_b32']:.0f} | {b1} | {b32} |")
+            b32 = (
+                f"{sp[f'{tag}_b32']:.2f}x ({sp[f'{tag}_b32_range'][0]:.2f}-{sp[f'{tag}_b32_range'][1]:.2f})"
+                if tag != "fp"
+                else ""
+            )
+            lines.append(
+                f"| {row['model']} | {tag} | {f['bytes'] / MB:.2f} | {f['bytes'] / fp_bytes:.3f} | "
+                f"{f['int_weights']} | {f['activation_qdq']} | {lat[f'{tag}_b1']:.1f} | "
+                f"{lat[f'{tag}_b32']:.0f} | {b1} | {b32} |"
+            )
         if "agreement" in row:
             a = row["agreement"]
-            lines += ["", f"{row['model']}: top-1 agreement with the FP model's ImageNet predictions on "
-                      f"{a['images']} real PACS {a['domain']} images: " + ", ".join(
-                          f"{k} {v:.3f}" for k, v in a.items() if k not in ("images", "domain")), ""]
+            lines += [
+                "",
+                f"{row['model']}: top-1 agreement with the FP model's ImageNet predictions on "
+                f"{a['images']} real PACS {a['domain']} images: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k not in ("images", "domain")),
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls_b1", type=int, default=5)
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                        help="cpu: process CPU time (robust on a shared machine; needs --threads 1); wall: elapsed")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: process CPU time (robust on a shared machine; needs --threads 1); wall: elapsed",
+    )
     parser.add_argument("--agreement_images", type=int, default=256)
     parser.add_argument("--no_pacs", dest="pacs", action="store_false")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -216,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import onnxruntime
 
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "onnxruntime": onnxruntime.__version__,
-              "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "clock": args.clock,
-              "load_before": [round(v, 2) for v in os.getloadavg()], "rows": []}
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "clock": args.clock,
+        "load_before": [round(v, 2) for v in os.getloadavg()],
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             row = bench_model(name, args, Path(tmp))

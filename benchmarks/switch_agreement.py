@@ -128,20 +128,36 @@ def main() -> None:
             for init in args.inits:
                 q, seconds = quantized_copy(model, bits, init)
                 top1, rel = agreement(fp_logits, q, images)
-                row = {"model": name, "bits": bits, "init": init, "top1_agreement": round(top1, 4),
-                       "relative_logit_error": round(rel, 4), "init_seconds": round(seconds, 2),
-                       "images": len(images), "size": args.size, "fp_mean_confidence": round(confidence, 3)}
+                row = {
+                    "model": name,
+                    "bits": bits,
+                    "init": init,
+                    "top1_agreement": round(top1, 4),
+                    "relative_logit_error": round(rel, 4),
+                    "init_seconds": round(seconds, 2),
+                    "images": len(images),
+                    "size": args.size,
+                    "fp_mean_confidence": round(confidence, 3),
+                }
                 print(row, flush=True)
                 rows.append(row)
     out = HERE / "results"
     atomic_write_text(out / f"{args.name}.json", json.dumps(rows, indent=1) + "\n")
     first = rows[0] if rows else {"images": args.images, "size": args.size}
-    lines = [f"# Top-1 agreement with the FP model right after the switch ({first['images']} PACS photos, "
-             f"{first['size']} px, ImageNet classes; weights only, per channel, head FP)", "",
-             "`init s`: wall seconds of prepare + switch-on on a shared CPU (noisy).", "",
-             "| model | bits | init | top-1 agreement | relative logit error | init s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['bits']} | {r['init']} | {r['top1_agreement']:.3f} | "
-              f"{r['relative_logit_error']:.3f} | {r['init_seconds']} |" for r in rows]
+    lines = [
+        f"# Top-1 agreement with the FP model right after the switch ({first['images']} PACS photos, "
+        f"{first['size']} px, ImageNet classes; weights only, per channel, head FP)",
+        "",
+        "`init s`: wall seconds of prepare + switch-on on a shared CPU (noisy).",
+        "",
+        "| model | bits | init | top-1 agreement | relative logit error | init s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['bits']} | {r['init']} | {r['top1_agreement']:.3f} | "
+        f"{r['relative_logit_error']:.3f} | {r['init_seconds']} |"
+        for r in rows
+    ]
     atomic_write_text(out / f"{args.name}.md", "\n".join(lines) + "\n")
 
 

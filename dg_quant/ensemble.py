@@ -45,8 +45,10 @@ class EnsembleSize:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"EoQ of {self.members}: {self.ensemble_packed_mb:.3f} MiB packed vs one FP32 model "
-                f"{self.fp_model_mb:.3f} MiB ({self.ensemble_over_fp:.2f}x its size)")
+        return (
+            f"EoQ of {self.members}: {self.ensemble_packed_mb:.3f} MiB packed vs one FP32 model "
+            f"{self.fp_model_mb:.3f} MiB ({self.ensemble_over_fp:.2f}x its size)"
+        )
 
 
 def ensemble_size(members: Sequence[nn.Module], fp_model: nn.Module | None = None) -> EnsembleSize:

@@ -29,8 +29,16 @@ class CheckpointError(DGQuantError, RuntimeError):
 
 
 # optional package -> the dg-quant extra that installs it (pyproject.toml [project.optional-dependencies])
-OPTIONAL_EXTRAS = {"open_clip": "clip", "transformers": "text", "matplotlib": "plots", "onnx": "onnx",
-                   "onnxruntime": "onnx", "torchao": "torchao", "submitit": "sweep", "tensorboard": "tensorboard"}
+OPTIONAL_EXTRAS = {
+    "open_clip": "clip",
+    "transformers": "text",
+    "matplotlib": "plots",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "torchao": "torchao",
+    "submitit": "sweep",
+    "tensorboard": "tensorboard",
+}
 
 
 def require_optional(module: str) -> ModuleType:

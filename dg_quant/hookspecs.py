@@ -67,9 +67,7 @@ def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
 
 
 @hookspec
-def dgq_configure_optimizer(
-    optimizer: torch.optim.Optimizer, model: nn.Module, config: argparse.Namespace
-) -> None:
+def dgq_configure_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, config: argparse.Namespace) -> None:
     """Adjust the freshly built optimizer (add parameter groups, change learning rates).
 
     :param optimizer: the optimizer over ``model.parameters()``.
@@ -84,9 +82,7 @@ def dgq_configure_optimizer(
 
 
 @hookspec
-def dgq_step_start(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
-) -> None:
+def dgq_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace) -> None:
     """Called before each step's gradients (e.g. switch quantization on at a given step).
 
     :param model: the model being trained.

@@ -168,8 +168,11 @@ def verify_torch_file(path: str | os.PathLike) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        what = "damaged (a record fails its checksum)" if "CRC" in str(exc) else \
-            f"damaged or foreign ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        what = (
+            "damaged (a record fails its checksum)"
+            if "CRC" in str(exc)
+            else f"damaged or foreign ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
         raise CheckpointError(
             f"{path} is {what}; it cannot be trusted: use another copy or start the run over"
         ) from None
@@ -182,5 +185,6 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # a foreign archive
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {first}; the file is damaged or foreign") \
-            from None
+        raise CheckpointError(
+            f"cannot read {path}: {type(exc).__name__}: {first}; the file is damaged or foreign"
+        ) from None

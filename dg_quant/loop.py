@@ -101,8 +101,12 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, step and each plugin's state."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "plugins": self.plugin_state_dict()}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "plugins": self.plugin_state_dict(),
+        }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         return state
@@ -125,8 +129,10 @@ class Trainer:
         """Hand each ``Stateful`` plugin object its own entry of ``plugin_state_dict()``."""
         unknown = sorted(set(states) - set(self.host.stateful))
         if unknown:
-            warnings.warn(f"the checkpoint holds state of plugins this run does not load: {', '.join(unknown)}; "
-                          "ignored", stacklevel=2)
+            warnings.warn(
+                f"the checkpoint holds state of plugins this run does not load: {', '.join(unknown)}; ignored",
+                stacklevel=2,
+            )
         for name, obj in self.host.stateful.items():
             if name in states:
                 obj.load_state_dict(states[name])

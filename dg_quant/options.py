@@ -92,8 +92,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         text = action.help or ""
         if not action.option_strings or "%(default)" in text or "(default" in text or "if unset" in text:
             return text
-        if action.default is None or action.default is False or action.default == [] \
-                or action.default is argparse.SUPPRESS:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default is argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 

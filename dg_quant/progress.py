@@ -22,10 +22,19 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def progress_bar(total: int | None, desc: str, unit: str, *, disable: bool = False,
-                 stream: TextIO | None = None, **kwargs: Any) -> tqdm:
+def progress_bar(
+    total: int | None, desc: str, unit: str, *, disable: bool = False, stream: TextIO | None = None, **kwargs: Any
+) -> tqdm:
     """A tqdm bar on ``stream`` (stderr), throttled to one redraw a minute when it is not a terminal."""
     stream = stream if stream is not None else sys.stderr
     terminal = _is_terminal(stream)
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=stream, dynamic_ncols=terminal,
-                mininterval=0.1 if terminal else LOG_INTERVAL_S, **kwargs)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        file=stream,
+        dynamic_ncols=terminal,
+        mininterval=0.1 if terminal else LOG_INTERVAL_S,
+        **kwargs,
+    )

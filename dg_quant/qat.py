@@ -63,7 +63,8 @@ class QATOptions:
     )
     granularity: str = option("per_channel", "weight step granularity", choices=("per_channel", "per_tensor"))
     grad_scale: str = option(
-        "tensor", "step-gradient scale: lsq-net's whole tensor, the LSQ paper's per channel, or none",
+        "tensor",
+        "step-gradient scale: lsq-net's whole tensor, the LSQ paper's per channel, or none",
         choices=("tensor", "per_channel", "none"),
     )
     weight_init: str = option(
@@ -99,18 +100,29 @@ class QATOptions:
         return "lsq" if self.qtdog_compat else "mse"
 
     def quant_config(self, enabled: bool) -> QuantConfig:
-        weight = LSQConfig(bits=self.bits, mode="signed", granularity=self.granularity,
-                           grad_scale=self.grad_scale, init=self.resolved_weight_init)
+        weight = LSQConfig(
+            bits=self.bits,
+            mode="signed",
+            granularity=self.granularity,
+            grad_scale=self.grad_scale,
+            init=self.resolved_weight_init,
+        )
         if self.act_bits:
             activation = default_activation_config(self.act_bits, self.act_init)
         else:
             activation = None
-        return QuantConfig(weight=weight, activation=activation, first_layer=self.first_layer,
-                           quantize_head=self.quantize_head, enabled=enabled)
+        return QuantConfig(
+            weight=weight,
+            activation=activation,
+            first_layer=self.first_layer,
+            quantize_head=self.quantize_head,
+            enabled=enabled,
+        )
 
 
-def resolve_start_step(options: QATOptions, default: int | None, total_steps: int | None,
-                       dataset: str | None = None) -> int:
+def resolve_start_step(
+    options: QATOptions, default: int | None, total_steps: int | None, dataset: str | None = None
+) -> int:
     """The switch-on step: the option if set, else ``default``, else QT-DoG's step for the
     dataset (``paper_start_step``: 8000 on DomainNet, 2000 elsewhere, scaled to short runs)."""
     if options.quant_start_step is not None:
@@ -132,8 +144,7 @@ def check_start_in_run(options: QATOptions, config: argparse.Namespace) -> None:
 
 
 def start_step_for(config: argparse.Namespace, options: QATOptions, default: int | None) -> int:
-    return resolve_start_step(options, default, getattr(config, "total_steps", None),
-                              getattr(config, "dataset", None))
+    return resolve_start_step(options, default, getattr(config, "total_steps", None), getattr(config, "dataset", None))
 
 
 def prepare(model: nn.Module, options: QATOptions, start_step: int) -> None:

@@ -25,7 +25,9 @@ def load_final(run_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc.msg}); the run may have been written by another tool") from None
+        raise DataError(
+            f"{path} is not valid JSON ({exc.msg}); the run may have been written by another tool"
+        ) from None
 
 
 def _splits(record: dict[str, Any]) -> list[str]:
@@ -46,22 +48,35 @@ def format_run(final: dict[str, Any]) -> str:
             continue
         lines.append(f"-- {label} (step {record['step']})")
         for split in _splits(record):
-            groups = {k.split("/", 1)[1].split(":", 1)[1]: v for k, v in record.items()
-                      if k.startswith(f"{split}/acc_") and ":" in k and v is not None
-                      and record.get(k.replace("/acc_", "/count_", 1), 1)}
+            groups = {
+                k.split("/", 1)[1].split(":", 1)[1]: v
+                for k, v in record.items()
+                if k.startswith(f"{split}/acc_")
+                and ":" in k
+                and v is not None
+                and record.get(k.replace("/acc_", "/count_", 1), 1)
+            }
             avg = record.get(f"{split}/acc_avg")
             head = f"   {split:<7} acc_avg {avg:.4f}" if avg is not None else f"   {split:<7}"
-            extra = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
-                     if k.startswith(f"{split}/") and ":" not in k and k != f"{split}/acc_avg"
-                     and isinstance(v, float) and not k.split("/", 1)[1].startswith("count")]
+            extra = [
+                f"{k.split('/', 1)[1]} {v:.4f}"
+                for k, v in record.items()
+                if k.startswith(f"{split}/")
+                and ":" not in k
+                and k != f"{split}/acc_avg"
+                and isinstance(v, float)
+                and not k.split("/", 1)[1].startswith("count")
+            ]
             body = "  ".join([head] + extra)
             if groups:
                 body += "\n" + "           " + "  ".join(f"{g} {v:.3f}" for g, v in groups.items())
             lines.append(body)
     c = final.get("compression", {})
     if c:
-        lines.append(f"-- size: FP32 {c['fp32_mb']:.3f} MiB -> packed {c['packed_mb']:.3f} MiB "
-                     f"(compression x{c['compression_ratio']:.2f}, {c['quantized_layers']} quantized tensors)")
+        lines.append(
+            f"-- size: FP32 {c['fp32_mb']:.3f} MiB -> packed {c['packed_mb']:.3f} MiB "
+            f"(compression x{c['compression_ratio']:.2f}, {c['quantized_layers']} quantized tensors)"
+        )
     return "\n".join(lines)
 
 
@@ -172,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dgq_results",
         description="Compare finished runs side by side: each run's official test metric at the "
-                    "best-validation and the last step.")
+        "best-validation and the last step.",
+    )
     parser.add_argument("runs", nargs="+", help="run folders (each with a final.json), or folders that hold them")
     args = parser.parse_args(argv)
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SELECTION_RULE = ("best validation among the quantized evaluations when the run has any "
-                  "(a quantization method's selected model is a quantized one), else among all")
+SELECTION_RULE = (
+    "best validation among the quantized evaluations when the run has any "
+    "(a quantization method's selected model is a quantized one), else among all"
+)
 
 
 def is_quantized_record(record: Mapping[str, Any]) -> bool:

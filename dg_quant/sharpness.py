@@ -28,10 +28,14 @@ PerturbFilter = Callable[[nn.Parameter], bool]
 class SAGMOptions:
     """SAGM's two knobs (flags ``--rho``, ``--alpha``); shared by ``dg_quant.sagm`` and FQAT."""
 
-    rho: float = option(0.05, "SAGM perturbation radius ρ (SAM's ball)",
-                        search=lambda r: float(r.choice([0.01, 0.02, 0.05, 0.1])))
-    alpha: float = option(0.001, "SAGM gradient-matching coefficient α (PACS 0.001, DomainNet 0.0005)",
-                          search=lambda r: float(r.choice([0.0005, 0.001, 0.01, 0.02, 0.05, 0.1])))
+    rho: float = option(
+        0.05, "SAGM perturbation radius ρ (SAM's ball)", search=lambda r: float(r.choice([0.01, 0.02, 0.05, 0.1]))
+    )
+    alpha: float = option(
+        0.001,
+        "SAGM gradient-matching coefficient α (PACS 0.001, DomainNet 0.0005)",
+        search=lambda r: float(r.choice([0.0005, 0.001, 0.01, 0.02, 0.05, 0.1])),
+    )
 
     def __post_init__(self) -> None:
         if not self.rho > 0:
@@ -52,8 +56,12 @@ class TwoPassGradients:
     grad_norm: torch.Tensor
 
     def metrics(self) -> dict[str, Any]:
-        return {"loss": self.loss, "sagm/perturbed_loss": self.perturbed_loss,
-                "sagm/surrogate_gap": self.perturbed_loss - self.loss, "sagm/grad_norm": self.grad_norm}
+        return {
+            "loss": self.loss,
+            "sagm/perturbed_loss": self.perturbed_loss,
+            "sagm/surrogate_gap": self.perturbed_loss - self.loss,
+            "sagm/grad_norm": self.grad_norm,
+        }
 
 
 @contextlib.contextmanager
@@ -83,8 +91,9 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
                     getattr(module, name).copy_(value)
 
 
-def _forward_backward(model: nn.Module, batch: tuple[Any, torch.Tensor], loss_fn: Any,
-                      params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+def _forward_backward(
+    model: nn.Module, batch: tuple[Any, torch.Tensor], loss_fn: Any, params: list[nn.Parameter]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     x, y = batch
     for p in params:
         p.grad = None
@@ -145,8 +154,9 @@ def combine(task: torch.Tensor | None, flat: torch.Tensor | None, weight: float)
     return total * weight
 
 
-def combine_all(task: list[torch.Tensor | None], flat: list[torch.Tensor | None],
-                weight: float) -> list[torch.Tensor | None]:
+def combine_all(
+    task: list[torch.Tensor | None], flat: list[torch.Tensor | None], weight: float
+) -> list[torch.Tensor | None]:
     """``combine`` over aligned lists, with multi-tensor ops where both gradients exist."""
     out = [combine(g, f, weight) if g is None or f is None else None for g, f in zip(task, flat)]
     both = [i for i, (g, f) in enumerate(zip(task, flat)) if g is not None and f is not None]

@@ -29,13 +29,15 @@ class SpeedOptions:
     """How fast the training step runs; none of these changes what the method computes."""
 
     precision: str = option(
-        "fp32", "forward-pass precision: fp32, or bf16 autocast (weights, steps and optimizer stay fp32)",
+        "fp32",
+        "forward-pass precision: fp32, or bf16 autocast (weights, steps and optimizer stay fp32)",
         choices=tuple(PRECISIONS),
     )
     channels_last: bool = option(False, "store 4-D weights NHWC (faster convolutions on GPUs with tensor cores)")
     compile: bool = option(False, "torch.compile the model in place (the first steps are slow while it compiles)")
     quant_kernels: str = option(
-        "eager", "LSQ fake-quant kernels: eager, or fused torch.compile kernels (compiled on first use)",
+        "eager",
+        "LSQ fake-quant kernels: eager, or fused torch.compile kernels (compiled on first use)",
         choices=QUANT_KERNELS,
     )
 

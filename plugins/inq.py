@@ -149,9 +149,12 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 def dgq_configure(config: argparse.Namespace) -> None:
     options = read_options(InqOptions, config)
     if not getattr(config, "total_steps", None):
-        warnings.warn(f"dg_quant.inq: the run length is unknown, so the partitions are applied at steps "
-                      f"{options.schedule(config).steps()}; give the host the number of steps "
-                      "(DomainBed: --steps, or register(total_steps=N) from your own script)", stacklevel=2)
+        warnings.warn(
+            f"dg_quant.inq: the run length is unknown, so the partitions are applied at steps "
+            f"{options.schedule(config).steps()}; give the host the number of steps "
+            "(DomainBed: --steps, or register(total_steps=N) from your own script)",
+            stacklevel=2,
+        )
 
 
 @hookimpl

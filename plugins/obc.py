@@ -36,8 +36,9 @@ class ObcOptions:
     """Flags of ``dg_quant.obc`` (also read by ``dgq_ptq``)."""
 
     bits: int = option(7, "weight bit width, 2..8")
-    ptq_method: str = option("obc", "obc: exact OBQ for small layers, GPTQ above; gptq: GPTQ everywhere",
-                             choices=METHODS)
+    ptq_method: str = option(
+        "obc", "obc: exact OBQ for small layers, GPTQ above; gptq: GPTQ everywhere", choices=METHODS
+    )
     ptq_samples: int = option(1024, "calibration images drawn from the training split")
     ptq_batch_size: int = option(64, "calibration batch size")
     ptq_obq_max_cols: int = option(256, "layers with at most this many inputs per output use exact OBQ")
@@ -48,16 +49,28 @@ class ObcOptions:
     def __post_init__(self) -> None:
         if self.ptq_samples <= 0 or self.ptq_batch_size <= 0:
             raise ConfigError("ptq_samples and ptq_batch_size must be positive")
-        self.ptq = PTQConfig(method=self.ptq_method, bits=self.bits, obq_max_cols=self.ptq_obq_max_cols,
-                             damp=self.ptq_damp, quantize_head=self.ptq_quantize_head,
-                             bn_reestimate=self.ptq_bn_reestimate)
+        self.ptq = PTQConfig(
+            method=self.ptq_method,
+            bits=self.bits,
+            obq_max_cols=self.ptq_obq_max_cols,
+            damp=self.ptq_damp,
+            quantize_head=self.ptq_quantize_head,
+            bn_reestimate=self.ptq_bn_reestimate,
+        )
 
 
 def write_results(path: Path, options: ObcOptions, results: list, extra: dict[str, Any] | None = None) -> dict:
     """``ptq.json``: the settings, the totals and one row per layer (solver vs round-to-nearest)."""
-    record = {"method": options.ptq_method, "bits": options.bits, "calibration_samples": options.ptq_samples,
-              "calibration_split": "train", "bn_reestimate": options.ptq_bn_reestimate,
-              **summarize(results), **(extra or {}), "layers": [r.to_dict() for r in results]}
+    record = {
+        "method": options.ptq_method,
+        "bits": options.bits,
+        "calibration_samples": options.ptq_samples,
+        "calibration_split": "train",
+        "bn_reestimate": options.ptq_bn_reestimate,
+        **summarize(results),
+        **(extra or {}),
+        "layers": [r.to_dict() for r in results],
+    }
     atomic_write_json(path, record)
     return record
 
@@ -82,8 +95,10 @@ def dgq_train_end(model: nn.Module, config: argparse.Namespace, log_dir: str | N
     options = read_options(ObcOptions, config)
     source = getattr(config, "calibration_batches", None)
     if not callable(source):
-        raise ConfigError("dg_quant.obc needs calibration data from the host (config.calibration_batches); "
-                          "this host gives none, so quantize the saved run with dgq_ptq instead")
+        raise ConfigError(
+            "dg_quant.obc needs calibration data from the host (config.calibration_batches); "
+            "this host gives none, so quantize the saved run with dgq_ptq instead"
+        )
     results = ptq_(model, lambda: source(options.ptq_samples, options.ptq_batch_size), options.ptq)
     if log_dir is not None:
         write_results(Path(log_dir) / RESULT_FILE, options, results)

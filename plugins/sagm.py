@@ -33,8 +33,7 @@ def dgq_configure(config: argparse.Namespace) -> None:
 
 
 @hookimpl
-def dgq_compute_gradients(model: nn.Module, batch: tuple, loss_fn: Any,
-                          config: argparse.Namespace) -> dict[str, Any]:
+def dgq_compute_gradients(model: nn.Module, batch: tuple, loss_fn: Any, config: argparse.Namespace) -> dict[str, Any]:
     options = read_options(SAGMOptions, config)
     result = sagm_gradients(model, batch, loss_fn, options.rho, options.alpha)
     apply_sagm_(result)

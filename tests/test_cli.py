@@ -79,8 +79,10 @@ def test_results_command_compares_runs(runs, capsys) -> None:
     # the columns name the metrics they show: the selection metric is id_val's, not "val"
     assert head[6:9] == ["id_val/acc_avg@best", "test/acc_avg@best", "test/acc_avg@last"]
     rows = [line.split() for line in out[1:]]
-    assert [r[1:6] for r in rows] == [["rotated_digits", "rot75", "erm", "digits_cnn", "fp32"],
-                                      ["rotated_digits", "rot75", "qtdog", "digits_cnn", "w7"]]
+    assert [r[1:6] for r in rows] == [
+        ["rotated_digits", "rot75", "erm", "digits_cnn", "fp32"],
+        ["rotated_digits", "rot75", "qtdog", "digits_cnn", "w7"],
+    ]
     final = json.loads((erm / "final.json").read_text())
     assert float(rows[0][6]) == pytest.approx(final["best"]["id_val/acc_avg"], abs=1e-4)
     assert float(rows[0][8]) == pytest.approx(final["last"]["test/acc_avg"], abs=1e-4)
@@ -96,10 +98,23 @@ def test_results_command_walks_a_parent_folder(runs, capsys) -> None:
 
 
 def test_results_command_reports_each_runs_official_metric(tmp_path, capsys) -> None:
-    record = {"step": 5, "val/acc_avg": 0.6, "val/10th_percentile_acc": 0.4, "test/acc_avg": 0.417,
-              "test/10th_percentile_acc": 0.30}
-    final = {"dataset": "amazon", "plugins": [], "model": "distilbert", "seed": 0, "val_metric": "val/acc_avg",
-             "test_metric": "test/10th_percentile_acc", "best": record, "last": record}
+    record = {
+        "step": 5,
+        "val/acc_avg": 0.6,
+        "val/10th_percentile_acc": 0.4,
+        "test/acc_avg": 0.417,
+        "test/10th_percentile_acc": 0.30,
+    }
+    final = {
+        "dataset": "amazon",
+        "plugins": [],
+        "model": "distilbert",
+        "seed": 0,
+        "val_metric": "val/acc_avg",
+        "test_metric": "test/10th_percentile_acc",
+        "best": record,
+        "last": record,
+    }
     (tmp_path / "amazon").mkdir()
     (tmp_path / "amazon" / "final.json").write_text(json.dumps(final))
     assert results_main([str(tmp_path)]) == 0
@@ -136,14 +151,16 @@ def test_bits_out_of_range(capsys, tmp_path) -> None:
 
 
 def test_missing_root_dir(capsys, tmp_path) -> None:
-    err = one_line_error(capsys, ["--dataset", "camelyon17", "--root_dir", str(tmp_path / "missing"),
-                                  "--log_dir", str(tmp_path / "r")])
+    err = one_line_error(
+        capsys, ["--dataset", "camelyon17", "--root_dir", str(tmp_path / "missing"), "--log_dir", str(tmp_path / "r")]
+    )
     assert "--root_dir" in err and "does not exist" in err
 
 
 def test_unknown_dataset(capsys, tmp_path) -> None:
-    assert "known datasets" in one_line_error(capsys, ["--dataset", "mnistx", "--root_dir", str(tmp_path),
-                                                       "--log_dir", str(tmp_path / "r")])
+    assert "known datasets" in one_line_error(
+        capsys, ["--dataset", "mnistx", "--root_dir", str(tmp_path), "--log_dir", str(tmp_path / "r")]
+    )
 
 
 def test_existing_log_dir_is_not_overwritten(capsys, runs) -> None:
@@ -176,8 +193,17 @@ class _StopBefore:
 
 
 def test_compat_run_resumes_after_the_switch_like_an_uninterrupted_run(tmp_path) -> None:
-    compat = ["--plugin", "dg_quant.qtdog", "--qtdog-compat", "true", "--quant-start-step", "5",
-              "--eval_every", "10", "--no_progress"]
+    compat = [
+        "--plugin",
+        "dg_quant.qtdog",
+        "--qtdog-compat",
+        "true",
+        "--quant-start-step",
+        "5",
+        "--eval_every",
+        "10",
+        "--no_progress",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*compat, "--n_steps", "20", "--log_dir", str(straight)]) == 0
     # killed before step 13, after the switch (5) and the checkpoint at step 10

@@ -41,8 +41,12 @@ def _wilds_parser(plugins: list[str]) -> argparse.ArgumentParser:
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    found = {"wilds_run": _wilds_parser([]), "dgq_export": export.build_parser(), "dgq_ptq": ptq.build_parser(),
-             "dgq_eoq": eoq.build_parser()}
+    found = {
+        "wilds_run": _wilds_parser([]),
+        "dgq_export": export.build_parser(),
+        "dgq_ptq": ptq.build_parser(),
+        "dgq_eoq": eoq.build_parser(),
+    }
     found.update({f"wilds_run --plugin {p}": _wilds_parser([p]) for p in ALL_PLUGINS})
     top = analyze.build_parser()
     found["dgq_analyze"] = top

@@ -75,8 +75,9 @@ def run() -> tuple[Recorder, Trainer]:
     config = parser.parse_args(["--recorder-flag", "7"])
     host.configure(config)
     model = create_adapter("test_cnn", num_classes=3)
-    trainer = Trainer.build(host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-                            nn.CrossEntropyLoss())
+    trainer = Trainer.build(
+        host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss()
+    )
     return recorder, trainer
 
 
@@ -191,8 +192,13 @@ def counting_trainer(*counters: tuple[str, Counter]) -> Trainer:
         host.register(counter, name=name)
     config = argparse.Namespace()
     host.configure(config)
-    return Trainer.build(host, create_adapter("test_cnn", num_classes=3), config,
-                         lambda m: torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss())
+    return Trainer.build(
+        host,
+        create_adapter("test_cnn", num_classes=3),
+        config,
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        nn.CrossEntropyLoss(),
+    )
 
 
 def test_stateful_plugins_store_their_state_under_their_name(tmp_path) -> None:

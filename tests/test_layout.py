@@ -27,8 +27,11 @@ def imported_modules(path: Path) -> set[str]:
 def test_core_imports_neither_plugins_nor_adapters() -> None:
     offenders = {}
     for path in CORE.rglob("*.py"):
-        bad = {m for m in imported_modules(path)
-               if m.startswith(("dg_quant.plugins", "dg_quant.adapters", "plugins", "adapters"))}
+        bad = {
+            m
+            for m in imported_modules(path)
+            if m.startswith(("dg_quant.plugins", "dg_quant.adapters", "plugins", "adapters"))
+        }
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert offenders == {}

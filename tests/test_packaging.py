@@ -15,12 +15,15 @@ from dg_quant.errors import ConfigError, require_optional
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, where they differ
-DISTRIBUTION_OF = {"sklearn": "scikit-learn", "open_clip": "open_clip_torch", "yaml": "pyyaml",
-                   "PIL": "pillow"}
+DISTRIBUTION_OF = {"sklearn": "scikit-learn", "open_clip": "open_clip_torch", "yaml": "pyyaml", "PIL": "pillow"}
 # imported by dg-quant but installed by a declared dependency that guarantees them
 PROVIDED_BY_DEPENDENCIES = {
-    "numpy": "torch", "PIL": "torchvision", "packaging": "wilds", "huggingface_hub": "timm",
-    "scipy": "scikit-learn", "tokenizers": "transformers",
+    "numpy": "torch",
+    "PIL": "torchvision",
+    "packaging": "wilds",
+    "huggingface_hub": "timm",
+    "scipy": "scikit-learn",
+    "tokenizers": "transformers",
 }
 
 
@@ -34,8 +37,12 @@ def _third_party_imports() -> set[str]:
                     names |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names.add(node.module.split(".")[0])
-                elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require_optional"
-                      and node.args and isinstance(node.args[0], ast.Constant)):
+                elif (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", None) == "require_optional"
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                ):
                     names.add(node.args[0].value.split(".")[0])
     return {n for n in names if n not in stdlib and n not in ("dg_quant", "__future__")}
 
@@ -63,8 +70,11 @@ def test_torch_is_bounded_below_and_the_tested_pair_lives_in_constraints() -> No
     for name in ("torch", "torchvision"):
         specs = {s.operator for s in deps[name].specifier}
         assert "==" not in specs and ">=" in specs, f"{name} must be a lower bound, not a pin"
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert set(pins) >= {"torch", "torchvision"}
     import torch
 
@@ -83,8 +93,9 @@ def _uninstall(module: str, monkeypatch) -> None:
         monkeypatch.setitem(sys.modules, name, None)
 
 
-@pytest.mark.parametrize(("module", "extra"), [("open_clip", "clip"), ("transformers", "text"),
-                                               ("matplotlib", "plots")])
+@pytest.mark.parametrize(
+    ("module", "extra"), [("open_clip", "clip"), ("transformers", "text"), ("matplotlib", "plots")]
+)
 def test_a_missing_extra_fails_in_one_line_naming_it(module, extra, monkeypatch) -> None:
     _uninstall(module, monkeypatch)
     with pytest.raises(ConfigError, match=rf"pip install 'dg-quant\[{extra}\]'") as info:

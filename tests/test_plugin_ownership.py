@@ -33,8 +33,10 @@ def test_two_owners_of_one_part_are_refused(first: str, second: str, part: str) 
     assert "\n" not in message and first in message and second in message and part in message
 
 
-@pytest.mark.parametrize("plugins", [["dg_quant.qtdog", "dg_quant.sagm"], ["dg_quant.lsq", "dg_quant.sagm"],
-                                     ["dg_quant.sagm", "dg_quant.inq"]])
+@pytest.mark.parametrize(
+    "plugins",
+    [["dg_quant.qtdog", "dg_quant.sagm"], ["dg_quant.lsq", "dg_quant.sagm"], ["dg_quant.sagm", "dg_quant.inq"]],
+)
 def test_plugins_owning_different_parts_compose(plugins: list[str]) -> None:
     assert PluginHost(plugins).names == plugins
 

@@ -33,8 +33,9 @@ def build(plugin: str, *argv: str, total_steps: int | None = None) -> Trainer:
     host = PluginHost([plugin])
     config = make_config(host, *argv, total_steps=total_steps)
     model = create_adapter("test_cnn", num_classes=3)
-    return Trainer.build(host, model, config, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
-                         nn.CrossEntropyLoss())
+    return Trainer.build(
+        host, model, config, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), nn.CrossEntropyLoss()
+    )
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +105,9 @@ def test_compat_quantizes_conv2d_only_even_where_a_linear_is_not_the_head() -> N
     from dg_quant.qat import prepare
 
     def net() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(),
-                             nn.Linear(8, 3))
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3)
+        )
 
     compat, plain = net(), net()
     prepare(compat, QATOptions(qtdog_compat=True), start_step=0)
@@ -137,8 +139,13 @@ def test_start_step_defaults_follow_the_paper_scaled_to_short_runs(option, total
 
 @pytest.mark.parametrize(
     ("dataset", "total", "expected"),
-    [("domainnet", None, 8000), ("DomainNet", 15000, 8000), ("domainnet", 7500, 4000), ("pacs", 15000, 2000),
-     ("DomainNet", 5001, 2667)],
+    [
+        ("domainnet", None, 8000),
+        ("DomainNet", 15000, 8000),
+        ("domainnet", 7500, 4000),
+        ("pacs", 15000, 2000),
+        ("DomainNet", 5001, 2667),
+    ],
 )
 def test_start_step_defaults_per_dataset(dataset, total, expected) -> None:
     """The paper switches on at step 8,000 of 15,000 on DomainNet and 2,000 of 5,000 elsewhere."""

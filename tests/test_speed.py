@@ -19,8 +19,9 @@ def build(*argv: str, plugin: str = "dg_quant.qtdog") -> Trainer:
     host = PluginHost([plugin])
     config = make_config(host, "--quant-start-step", "0", *argv)
     model = create_adapter("test_cnn", num_classes=3)
-    return Trainer.build(host, model, config, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
-                         nn.CrossEntropyLoss())
+    return Trainer.build(
+        host, model, config, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), nn.CrossEntropyLoss()
+    )
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:

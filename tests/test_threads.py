@@ -14,14 +14,17 @@ from dg_quant.errors import ConfigError
 @pytest.fixture
 def machine(monkeypatch):
     """A machine with ``cpus`` CPUs for this process and a one-minute load of ``load``."""
+
     def set_machine(cpus: int, load: float) -> None:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
     return set_machine
 
 
-@pytest.mark.parametrize(("cpus", "load", "expected"), [(2, 3.5, 1), (2, 0.2, 2), (16, 0.3, 16), (16, 6.2, 10),
-                                                        (4, 1.6, 2)])
+@pytest.mark.parametrize(
+    ("cpus", "load", "expected"), [(2, 3.5, 1), (2, 0.2, 2), (16, 0.3, 16), (16, 6.2, 10), (4, 1.6, 2)]
+)
 def test_default_is_the_idle_share_of_the_cpus(machine, cpus, load, expected) -> None:
     machine(cpus, load)
     assert threads.default_threads({}) == expected

@@ -17,13 +17,16 @@ from dg_quant.model import DGModel
 def small_cnn(num_classes: int, weights: str | None = None, img_size: int = 32) -> DGModel:
     """Two torchvision conv blocks and a linear head; ``weights``: a featurizer state dict file."""
     featurizer = nn.Sequential(
-        Conv2dNormActivation(3, 8, stride=2), Conv2dNormActivation(8, 16, stride=2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        Conv2dNormActivation(3, 8, stride=2),
+        Conv2dNormActivation(8, 16, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     )
     if weights is not None:
         featurizer.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    transform = v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize((img_size, img_size)),
-                            v2.ToDtype(torch.float32, scale=True)])
+    transform = v2.Compose(
+        [v2.ToImage(), v2.RGB(), v2.Resize((img_size, img_size)), v2.ToDtype(torch.float32, scale=True)]
+    )
     return DGModel(featurizer, nn.Linear(16, num_classes), 16, transform)
 
 

@@ -65,9 +65,7 @@ def clip_adapter(visual: nn.Module, num_classes: int) -> DGModel:
     featurizer = CLIPImageFeaturizer(visual)
     cfg = getattr(visual, "preprocess_cfg", None) or OPENAI_PREPROCESS
     size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
-    transform = image_transform(
-        size, cfg["mean"], cfg["std"], crop_pct=1.0, interpolation=cfg["interpolation"]
-    )
+    transform = image_transform(size, cfg["mean"], cfg["std"], crop_pct=1.0, interpolation=cfg["interpolation"])
     d_out = featurizer.proj.out_features
     return attach(DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, transform), TRANSFORMER)
 
@@ -90,20 +88,12 @@ def clip_vit_b16(
             f"{', '.join(open_clip.list_pretrained_tags_by_model(ARCH))}"
         )
     path = local_path(weights)
-    source = (
-        str(path) if path is not None else (tag if wants_pretrained(pretrained, weights) else None)
-    )
-    hub = (
-        f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}"
-        if cfg.get("hf_hub")
-        else cfg.get("url", tag)
-    )
+    source = str(path) if path is not None else (tag if wants_pretrained(pretrained, weights) else None)
+    hub = f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", tag)
     if source == tag and cfg.get("hf_hub"):
         require_hub_cache(cfg["hf_hub"].rstrip("/"), CLIP_WEIGHT_FILES, f"{ARCH} ({tag})")
     if path is not None:
-        message = (
-            f"cannot load --weights {str(path)!r} into open_clip {ARCH}; pass a {ARCH} checkpoint"
-        )
+        message = f"cannot load --weights {str(path)!r} into open_clip {ARCH}; pass a {ARCH} checkpoint"
     else:
         message = missing_message(f"{ARCH} ({tag})", CLIP_WEIGHT_FILES[0], hub, HF_HUB_CACHE)
     model = hub_call(

@@ -19,9 +19,7 @@ TIMM_NAMES = {
 
 
 def _deit(size: str):
-    def adapter(
-        num_classes: int, pretrained: bool = False, weights: str | None = None, img_size: int = 224
-    ) -> DGModel:
+    def adapter(num_classes: int, pretrained: bool = False, weights: str | None = None, img_size: int = 224) -> DGModel:
         return timm_adapter(
             TIMM_NAMES[size],
             num_classes=num_classes,
@@ -31,9 +29,7 @@ def _deit(size: str):
             img_size=img_size,
         )
 
-    adapter.__doc__ = (
-        f"timm {TIMM_NAMES[size]}; ``img_size`` other than 224 resamples the position embeddings."
-    )
+    adapter.__doc__ = f"timm {TIMM_NAMES[size]}; ``img_size`` other than 224 resamples the position embeddings."
     return register_adapter(adapter, name=size)
 
 

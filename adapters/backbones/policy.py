@@ -40,11 +40,7 @@ class QuantPolicy:
 
     def quantized_weights(self, model: nn.Module) -> set[str]:
         """``module.tensor`` names of every quantized weight (``attn.in_proj_weight`` for MHA)."""
-        return {
-            f"{name}.{t}"
-            for name, m in self.quantized_modules(model).items()
-            for t in weight_names(m)
-        }
+        return {f"{name}.{t}" for name, m in self.quantized_modules(model).items() for t in weight_names(m)}
 
     def filter_fn(self, model: nn.Module) -> Callable[[nn.Module, str], bool]:
         """A ``quantize_(..., filter_fn=...)`` that keeps exactly this policy's modules."""
@@ -67,9 +63,7 @@ def policy_of(model: nn.Module) -> QuantPolicy:
     """The policy an adapter attached to its model (``model.quant_policy``)."""
     policy = getattr(model, "quant_policy", None)
     if not isinstance(policy, QuantPolicy):
-        raise TypeError(
-            f"{type(model).__name__} was not built by a backbone adapter with a quant_policy"
-        )
+        raise TypeError(f"{type(model).__name__} was not built by a backbone adapter with a quant_policy")
     return policy
 
 

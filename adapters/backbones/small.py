@@ -30,15 +30,11 @@ def conv_featurizer(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
 def digits_cnn(num_classes: int, in_channels: int = 1, width: int = 32) -> DGModel:
     """Four conv blocks in the spirit of DomainBed's MNIST_CNN, sized for 16x16 digits."""
     widths = (width, 2 * width, 2 * width, 2 * width)
-    return DGModel(
-        conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1]
-    )
+    return DGModel(conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1])
 
 
 @register_adapter
 def test_cnn(num_classes: int, in_channels: int = 3, width: int = 8) -> DGModel:
     """A two-block CNN for fast tests."""
     widths = (width, 2 * width)
-    return DGModel(
-        conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1]
-    )
+    return DGModel(conv_featurizer(in_channels, widths), nn.Linear(widths[-1], num_classes), widths[-1])

@@ -79,7 +79,5 @@ def timm_adapter(
         head.load_state_dict(old.state_dict())
     model.reset_classifier(0)
     data = timm.data.resolve_data_config(model=model)
-    transform = image_transform(
-        img_size, data["mean"], data["std"], data["crop_pct"], data["interpolation"]
-    )
+    transform = image_transform(img_size, data["mean"], data["std"], data["crop_pct"], data["interpolation"])
     return attach(DGModel(model, head, model.num_features, transform), policy)

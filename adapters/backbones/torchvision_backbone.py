@@ -32,9 +32,7 @@ def enum_weights_for(enum_cls: Any, tag: str) -> Any:
     try:
         return enum_cls[tag]
     except KeyError:
-        raise ConfigError(
-            f"unknown weights tag {tag!r}; choose from {', '.join(enum_cls.__members__)}"
-        ) from None
+        raise ConfigError(f"unknown weights tag {tag!r}; choose from {', '.join(enum_cls.__members__)}") from None
 
 
 def last_linear(module: nn.Module) -> nn.Linear:
@@ -45,9 +43,7 @@ def last_linear(module: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def split_head(
-    model: nn.Module, head_attr: str, num_classes: int, keep_trained: bool
-) -> tuple[nn.Linear, int]:
+def split_head(model: nn.Module, head_attr: str, num_classes: int, keep_trained: bool) -> tuple[nn.Linear, int]:
     """Replace ``model.<head_attr>`` by ``Identity``; return a new head and the feature width.
 
     ``keep_trained``: when the new head has as many classes as the pretrained one (e.g. 1000 for

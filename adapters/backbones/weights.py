@@ -58,9 +58,7 @@ def local_path(weights: str | None) -> Path | None:
         return None
     path = Path(weights).expanduser()
     if not path.exists():
-        raise WeightsError(
-            f"--weights {weights!r} does not exist; pass the path of a downloaded checkpoint file"
-        )
+        raise WeightsError(f"--weights {weights!r} does not exist; pass the path of a downloaded checkpoint file")
     return path
 
 
@@ -86,9 +84,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
-        raise WeightsError(
-            f"{str(path)!r} holds a {type(state).__name__}, not a state dict of tensors"
-        )
+        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -144,9 +140,7 @@ def require_hub_cache(repo_id: str, filenames: tuple[str, ...], model: str) -> N
         return
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    raise WeightsError(
-        missing_message(model, filenames[0], f"https://huggingface.co/{repo_id}", HF_HUB_CACHE)
-    )
+    raise WeightsError(missing_message(model, filenames[0], f"https://huggingface.co/{repo_id}", HF_HUB_CACHE))
 
 
 def hub_call(fn: Callable[[], T], message: str) -> T:

@@ -26,6 +26,7 @@ __all__ = ["load_algorithm", "register"]
 def _run_length(total_steps: int | None, package: str, dataset: str) -> int | None:
     return total_steps or run_length(sys.argv[1:], dataset, package)
 
+
 # Attribute marking a class as registered by dg-quant (a re-registration may replace it).
 _MARK = "_dgq_registered"
 
@@ -47,8 +48,9 @@ def register(package: str = "domainbed", total_steps: int | None = None) -> list
     for spec in available_specs():
         existing = getattr(algorithms, spec.name, None)
         if existing is not None and not getattr(existing, _MARK, False):
-            warnings.warn(f"{package}.algorithms already defines {spec.name}; dg-quant's is not registered",
-                          stacklevel=2)
+            warnings.warn(
+                f"{package}.algorithms already defines {spec.name}; dg-quant's is not registered", stacklevel=2
+            )
             continue
         specs.append(spec)
     classes = algorithm_classes(specs, algorithms.Algorithm, networks, algorithms.__name__, total_steps)
@@ -57,8 +59,7 @@ def register(package: str = "domainbed", total_steps: int | None = None) -> list
         setattr(algorithms, name, cls)
         if name not in algorithms.ALGORITHMS:
             algorithms.ALGORITHMS.append(name)
-    extend_registry(registry, hparam_table(specs), misc.seed_hash,
-                    functools.partial(_run_length, total_steps, package))
+    extend_registry(registry, hparam_table(specs), misc.seed_hash, functools.partial(_run_length, total_steps, package))
     return list(classes)
 
 

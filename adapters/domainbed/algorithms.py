@@ -59,18 +59,32 @@ def qtdog_start(dataset: str, total_steps: int | None) -> HParam:
 _FROM_START = HParam(0)
 
 SPECS: tuple[AlgorithmSpec, ...] = (
-    AlgorithmSpec("QTDoG", ("dg_quant.qtdog",),
-                  "QT-DoG: ERM, then LSQ weight quantization from step quant_start_step (ICML 2025)",
-                  {"quant_start_step": qtdog_start}),
-    AlgorithmSpec("LSQ", ("dg_quant.lsq",), "Plain LSQ quantization-aware training from the first step",
-                  {"quant_start_step": _FROM_START}),
+    AlgorithmSpec(
+        "QTDoG",
+        ("dg_quant.qtdog",),
+        "QT-DoG: ERM, then LSQ weight quantization from step quant_start_step (ICML 2025)",
+        {"quant_start_step": qtdog_start},
+    ),
+    AlgorithmSpec(
+        "LSQ",
+        ("dg_quant.lsq",),
+        "Plain LSQ quantization-aware training from the first step",
+        {"quant_start_step": _FROM_START},
+    ),
     AlgorithmSpec("FQAT", ("dg_quant.fqat",), "FQAT: flatness-oriented QAT with disorder-guided freezing"),
     AlgorithmSpec("SAGM", ("dg_quant.sagm",), "SAGM: sharpness-aware gradient matching (CVPR 2023)"),
-    AlgorithmSpec("LSQ_SAGM", ("dg_quant.lsq", "dg_quant.sagm"), "LSQ quantization-aware training with SAGM",
-                  {"quant_start_step": _FROM_START}),
+    AlgorithmSpec(
+        "LSQ_SAGM",
+        ("dg_quant.lsq", "dg_quant.sagm"),
+        "LSQ quantization-aware training with SAGM",
+        {"quant_start_step": _FROM_START},
+    ),
     AlgorithmSpec("INQ", ("dg_quant.inq",), "Incremental network quantization"),
-    AlgorithmSpec("OBC", ("dg_quant.obc",),
-                  "ERM in full precision, then OBC/GPTQ post-training quantization (QT-DoG Table 4's PTQ row)"),
+    AlgorithmSpec(
+        "OBC",
+        ("dg_quant.obc",),
+        "ERM in full precision, then OBC/GPTQ post-training quantization (QT-DoG Table 4's PTQ row)",
+    ),
 )
 
 
@@ -93,8 +107,13 @@ def available_specs() -> list[AlgorithmSpec]:
     return [spec for spec in SPECS if all(plugin_available(p) for p in spec.plugins)]
 
 
-def run_config(host: PluginHost, hparams: Mapping[str, Any], num_domains: int, total_steps: int | None = None,
-               dataset: str | None = None) -> argparse.Namespace:
+def run_config(
+    host: PluginHost,
+    hparams: Mapping[str, Any],
+    num_domains: int,
+    total_steps: int | None = None,
+    dataset: str | None = None,
+) -> argparse.Namespace:
     """The run's ``config``: the plugins' option defaults, overridden by DomainBed's ``hparams``."""
     parser = options_parser(host)
     for action in parser._actions:
@@ -126,13 +145,15 @@ class DGQuantAlgorithm:
     PACKAGE = "domainbed"  # the module DomainBed imports as (where its datasets live)
     TOTAL_STEPS: int | None = None  # register(total_steps=...); else train.py's flags say
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]
+    ) -> None:
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self._init_args = (input_shape, num_classes, num_domains, hparams)
         featurizer = self.networks.Featurizer(input_shape, hparams)
-        classifier = self.networks.Classifier(featurizer.n_outputs, num_classes,
-                                              hparams.get("nonlinear_classifier", False))
+        classifier = self.networks.Classifier(
+            featurizer.n_outputs, num_classes, hparams.get("nonlinear_classifier", False)
+        )
         self.network = DGModel(featurizer, classifier, featurizer.n_outputs)
         host = PluginHost(self.PLUGINS)
         flags = train_flags(sys.argv[1:])
@@ -189,15 +210,22 @@ class DGQuantAlgorithm:
         return clone.train(self.training)
 
 
-def algorithm_classes(specs: list[AlgorithmSpec], algorithm_base: type, networks: ModuleType,
-                      module: str, total_steps: int | None = None) -> dict[str, type]:
+def algorithm_classes(
+    specs: list[AlgorithmSpec], algorithm_base: type, networks: ModuleType, module: str, total_steps: int | None = None
+) -> dict[str, type]:
     """One class per spec deriving from DomainBed's ``algorithm_base``, named as in ``module``."""
     classes = {}
     package = module.rsplit(".", 1)[0]
     for spec in specs:
-        namespace = {"__doc__": spec.doc, "__module__": module, "__qualname__": spec.name,
-                     "PLUGINS": spec.plugins, "networks": networks, "PACKAGE": package,
-                     "TOTAL_STEPS": total_steps}
+        namespace = {
+            "__doc__": spec.doc,
+            "__module__": module,
+            "__qualname__": spec.name,
+            "PLUGINS": spec.plugins,
+            "networks": networks,
+            "PACKAGE": package,
+            "TOTAL_STEPS": total_steps,
+        }
         classes[spec.name] = type(spec.name, (DGQuantAlgorithm, algorithm_base), namespace)
     return classes
 

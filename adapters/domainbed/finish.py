@@ -68,8 +68,11 @@ def is_finished(output_dir: Path) -> bool:
     """True when ``model.pkl`` is one this module rewrote (even if the process died before
     ``dgq_final.json``), or ``dgq_final.json`` exists and ``model.pkl`` was not saved after it."""
     final, model = output_dir / FINAL_FILE, output_dir / MODEL_FILE
-    if model.exists() and _verified(model) and \
-            torch.load(model, map_location="cpu", weights_only=False, mmap=True).get(FINISHED_KEY):
+    if (
+        model.exists()
+        and _verified(model)
+        and torch.load(model, map_location="cpu", weights_only=False, mmap=True).get(FINISHED_KEY)
+    ):
         return True
     if not final.exists():
         return False
@@ -85,8 +88,9 @@ class DomainBedCalibration:
     The dataset is built on the first call only.
     """
 
-    def __init__(self, args: Mapping[str, Any], hparams: Mapping[str, Any], device: torch.device,
-                 package: str = "domainbed") -> None:
+    def __init__(
+        self, args: Mapping[str, Any], hparams: Mapping[str, Any], device: torch.device, package: str = "domainbed"
+    ) -> None:
         self.args, self.hparams, self.device, self.package = args, dict(hparams), device, package
         self._train: Dataset | None = None
         self._workers = 0
@@ -99,13 +103,15 @@ class DomainBedCalibration:
             misc = importlib.import_module(f"{self.package}.lib.misc")
             args, test_envs = self.args, list(self.args["test_envs"])
             dataset = datasets.get_dataset_class(args["dataset"])(
-                args["data_dir"], test_envs, {**self.hparams, "data_augmentation": False})
+                args["data_dir"], test_envs, {**self.hparams, "data_augmentation": False}
+            )
             splits = []
             for env_i, env in enumerate(dataset):
                 if env_i in test_envs:
                     continue
-                _out, in_ = misc.split_dataset(env, int(len(env) * args["holdout_fraction"]),
-                                               misc.seed_hash(args["trial_seed"], env_i))
+                _out, in_ = misc.split_dataset(
+                    env, int(len(env) * args["holdout_fraction"]), misc.seed_hash(args["trial_seed"], env_i)
+                )
                 splits.append(in_)
             self._train = ConcatDataset(splits)
             # DomainBed's N_WORKERS (8), but no more than this machine has cores for.
@@ -118,8 +124,13 @@ class DomainBedCalibration:
             train = self.training_images()
             generator = torch.Generator().manual_seed(int(self.args.get("seed", 0)))
             chosen = torch.randperm(len(train), generator=generator)[:num_samples].tolist()
-            self._loaders[key] = DataLoader(Subset(train, chosen), batch_size=batch_size, shuffle=False,
-                                            num_workers=self._workers, persistent_workers=self._workers > 0)
+            self._loaders[key] = DataLoader(
+                Subset(train, chosen),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=self._workers,
+                persistent_workers=self._workers > 0,
+            )
         return self._loaders[key]
 
     def __call__(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
@@ -136,21 +147,25 @@ def load_algorithm(path: Path, algorithms: ModuleType, device: torch.device) -> 
     saved = load_torch_file(path)  # this run's own train.py wrote it; checksums verified
     cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
     with random_init_backbones():
-        algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
-                        saved["model_hparams"])
+        algorithm = cls(
+            saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"], saved["model_hparams"]
+        )
     algorithm.load_state_dict(saved["model_dict"])
     return algorithm.to(device)
 
 
-def _accuracies(algorithm: nn.Module, namespace: Mapping[str, Any], misc: ModuleType,
-                device: torch.device) -> dict[str, float]:
+def _accuracies(
+    algorithm: nn.Module, namespace: Mapping[str, Any], misc: ModuleType, device: torch.device
+) -> dict[str, float]:
     """Every split's accuracy with ``train.py``'s own loaders (none when the script has other names)."""
     names, loaders = namespace.get("eval_loader_names"), namespace.get("eval_loaders")
     if not names or not loaders:
         return {}
     weights = namespace.get("eval_weights") or [None] * len(loaders)
-    return {f"{name}_acc": float(misc.accuracy(algorithm, loader, w, device))
-            for name, loader, w in zip(names, loaders, weights)}
+    return {
+        f"{name}_acc": float(misc.accuracy(algorithm, loader, w, device))
+        for name, loader, w in zip(names, loaders, weights)
+    }
 
 
 def _write_back(output_dir: Path, algorithm: nn.Module) -> None:
@@ -220,8 +235,10 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
     algorithm = namespace.get("algorithm")
     if not isinstance(algorithm, DGQuantAlgorithm):
         if not (output_dir / MODEL_FILE).exists():
-            print(f"dg-quant: no trained algorithm and no {MODEL_FILE} in {output_dir}; end of training skipped",
-                  file=sys.stderr)
+            print(
+                f"dg-quant: no trained algorithm and no {MODEL_FILE} in {output_dir}; end of training skipped",
+                file=sys.stderr,
+            )
             return None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         algorithm = load_algorithm(output_dir / MODEL_FILE, algorithms, device)
@@ -239,9 +256,14 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         del config.calibration_batches
     changed = not same_state(before, state_snapshot(algorithm.network))
     final: dict[str, Any] = {
-        "algorithm": args["algorithm"], "plugins": list(algorithm.PLUGINS), "dataset": args.get("dataset"),
-        "test_envs": args.get("test_envs"), "steps": algorithm.trainer.step, "model_changed": changed,
-        **numbers, **algorithm.evaluation_extras(),
+        "algorithm": args["algorithm"],
+        "plugins": list(algorithm.PLUGINS),
+        "dataset": args.get("dataset"),
+        "test_envs": args.get("test_envs"),
+        "steps": algorithm.trainer.step,
+        "model_changed": changed,
+        **numbers,
+        **algorithm.evaluation_extras(),
     }
     if changed:
         misc = importlib.import_module(f"{package}.lib.misc")
@@ -254,7 +276,12 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         if accuracies and _append_record(output_dir / RESULTS_FILE, accuracies, final["quantized"]):
             final["results_record"] = TRAIN_END_PHASE
     atomic_write_json(output_dir / FINAL_FILE, final)
-    print(f"dg-quant: end of training done; wrote {output_dir / FINAL_FILE}"
-          + (f" (model changed: {MODEL_FILE} updated, {FP_MODEL_FILE} keeps the trained one)"
-             if final.get("fp_model") else ""))
+    print(
+        f"dg-quant: end of training done; wrote {output_dir / FINAL_FILE}"
+        + (
+            f" (model changed: {MODEL_FILE} updated, {FP_MODEL_FILE} keeps the trained one)"
+            if final.get("fp_model")
+            else ""
+        )
+    )
     return final

@@ -79,8 +79,9 @@ def _samplers(parser: argparse.ArgumentParser) -> dict[str, Sampler | None]:
 DatasetHParam = Callable[[str, "int | None"], HParam]
 
 
-def plugin_hparams(plugins: Iterable[str], overrides: Mapping[str, HParam | DatasetHParam] | None = None
-                   ) -> dict[str, HParam | DatasetHParam]:
+def plugin_hparams(
+    plugins: Iterable[str], overrides: Mapping[str, HParam | DatasetHParam] | None = None
+) -> dict[str, HParam | DatasetHParam]:
     """The hparams of an algorithm made of ``plugins``: every plugin option, then ``overrides``."""
     parser = options_parser(PluginHost(plugins))
     defaults = vars(parser.parse_args([]))
@@ -94,8 +95,9 @@ def plugin_hparams(plugins: Iterable[str], overrides: Mapping[str, HParam | Data
     return specs
 
 
-def resolve_hparams(specs: Mapping[str, HParam | DatasetHParam], dataset: str,
-                    run_length: RunLength | None) -> dict[str, HParam]:
+def resolve_hparams(
+    specs: Mapping[str, HParam | DatasetHParam], dataset: str, run_length: RunLength | None
+) -> dict[str, HParam]:
     """``specs`` for one dataset: each per-dataset entry called with the dataset and run length."""
     if all(isinstance(spec, HParam) for spec in specs.values()):
         return dict(specs)  # type: ignore[arg-type]
@@ -113,7 +115,9 @@ def draw_hparams(specs: Mapping[str, HParam], random_seed: int, seed_hash: SeedH
 
 
 def extend_registry(
-    registry: ModuleType, specs: Mapping[str, Mapping[str, HParam | DatasetHParam]], seed_hash: SeedHash,
+    registry: ModuleType,
+    specs: Mapping[str, Mapping[str, HParam | DatasetHParam]],
+    seed_hash: SeedHash,
     run_length: RunLength | None = None,
 ) -> None:
     """Make ``registry._hparams`` (hence ``default_hparams``/``random_hparams``) know ``specs``.

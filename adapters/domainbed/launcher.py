@@ -44,19 +44,29 @@ TRAIN_COMMAND = "python -m domainbed.scripts.train"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, add_help=False, allow_abbrev=False,
+        prog=PROG,
+        add_help=False,
+        allow_abbrev=False,
         description="Register dg-quant's algorithms (QTDoG, LSQ, ...) and run a DomainBed script. "
-                    "Every flag not listed here goes to the script (see its --help).",
+        "Every flag not listed here goes to the script (see its --help).",
     )
     parser.add_argument("command", nargs="?", choices=tuple(SCRIPTS), help="the DomainBed script to run")
-    parser.add_argument("--domainbed", metavar="PATH",
-                        help="root of the DomainBed checkout (the folder holding domainbed/); "
-                             "default: wherever `import domainbed` finds it (current folder, PYTHONPATH)")
-    parser.add_argument("--no-pretrained", "--no_pretrained", dest="no_pretrained", action="store_true",
-                        help="build DomainBed's backbones (torchvision, timm, torch.hub) with random weights "
-                             "instead of ImageNet ones (offline machines, smoke tests; never for reported "
-                             "numbers): the runs get hparams dgq_random_init=true and collect_results lists "
-                             "them as '<algorithm> (random init)'")
+    parser.add_argument(
+        "--domainbed",
+        metavar="PATH",
+        help="root of the DomainBed checkout (the folder holding domainbed/); "
+        "default: wherever `import domainbed` finds it (current folder, PYTHONPATH)",
+    )
+    parser.add_argument(
+        "--no-pretrained",
+        "--no_pretrained",
+        dest="no_pretrained",
+        action="store_true",
+        help="build DomainBed's backbones (torchvision, timm, torch.hub) with random weights "
+        "instead of ImageNet ones (offline machines, smoke tests; never for reported "
+        "numbers): the runs get hparams dgq_random_init=true and collect_results lists "
+        "them as '<algorithm> (random init)'",
+    )
     return parser
 
 
@@ -67,15 +77,18 @@ def locate_domainbed(path: str | None) -> Path:
         if root.name == "domainbed" and (root / "algorithms.py").is_file():
             root = root.parent
         if not (root / "domainbed" / "algorithms.py").is_file():
-            raise ConfigError(f"--domainbed {path}: no domainbed/algorithms.py there; give the root of a "
-                              "DomainBed checkout (git clone https://github.com/facebookresearch/DomainBed)")
+            raise ConfigError(
+                f"--domainbed {path}: no domainbed/algorithms.py there; give the root of a "
+                "DomainBed checkout (git clone https://github.com/facebookresearch/DomainBed)"
+            )
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         return root
     spec = importlib.util.find_spec("domainbed")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("cannot import domainbed: run from a DomainBed checkout, put it on PYTHONPATH, "
-                          "or pass --domainbed PATH")
+        raise ConfigError(
+            "cannot import domainbed: run from a DomainBed checkout, put it on PYTHONPATH, or pass --domainbed PATH"
+        )
     return Path(next(iter(spec.submodule_search_locations))).resolve().parent
 
 
@@ -90,7 +103,7 @@ def job_prefix(root: Path, no_pretrained: bool) -> str:
 def rewrite_command(command: str, prefix: str) -> str:
     """Send one of sweep.py's job commands through ``prefix``; other commands pass unchanged."""
     if command.startswith(TRAIN_COMMAND + " ") or command == TRAIN_COMMAND:
-        return prefix + command[len(TRAIN_COMMAND):]
+        return prefix + command[len(TRAIN_COMMAND) :]
     return command
 
 
@@ -148,9 +161,13 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     if command in ("train", "sweep"):
         script_args, random_init = mark_random_init(script_args, no_pretrained)
     if random_init:
-        print(f"dg-quant: --no-pretrained: backbones start from RANDOM weights, not ImageNet ones; the runs carry "
-              f"hparams {RANDOM_INIT_HPARAM}=true and collect_results lists them as "
-              f"'<algorithm>{RANDOM_INIT_SUFFIX}' (never report these numbers)", file=sys.stderr, flush=True)
+        print(
+            f"dg-quant: --no-pretrained: backbones start from RANDOM weights, not ImageNet ones; the runs carry "
+            f"hparams {RANDOM_INIT_HPARAM}=true and collect_results lists them as "
+            f"'<algorithm>{RANDOM_INIT_SUFFIX}' (never report these numbers)",
+            file=sys.stderr,
+            flush=True,
+        )
     register()
     if command == "train" and not random_init:
         saved_argv = sys.argv

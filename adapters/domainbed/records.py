@@ -51,8 +51,10 @@ def selectable_records(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str
 def _load_records(load: Callable[[str], Any], path: str) -> Any:
     records = load(path)
     kept, dropped, renamed = selectable_records(records)
-    print(f"dg-quant: {dropped} full-precision evaluations of runs that were quantized later left out of "
-          f"model selection; {renamed} records of --no-pretrained runs listed as '<algorithm>{RANDOM_INIT_SUFFIX}'")
+    print(
+        f"dg-quant: {dropped} full-precision evaluations of runs that were quantized later left out of "
+        f"model selection; {renamed} records of --no-pretrained runs listed as '<algorithm>{RANDOM_INIT_SUFFIX}'"
+    )
     return type(records)(kept)
 
 

@@ -46,8 +46,10 @@ def _hub_without_weights(load: Callable[..., Any], *args: Any, **kwargs: Any) ->
         return load(*args, **kwargs)
     except RuntimeError as exc:
         if "no internet connection" in str(exc):
-            raise ConfigError(f"torch.hub.load{args[:2]}: {exc}; --no-pretrained skips the weights, not the "
-                              "model code: copy the hub repository into torch.hub.get_dir() on this machine") from None
+            raise ConfigError(
+                f"torch.hub.load{args[:2]}: {exc}; --no-pretrained skips the weights, not the "
+                "model code: copy the hub repository into torch.hub.get_dir() on this machine"
+            ) from None
         raise
 
 
@@ -55,8 +57,10 @@ def _patches() -> list[tuple[Any, str, Callable[..., Any]]]:
     import timm
     import torchvision.models
 
-    patches = [(torchvision.models, name, functools.partial(_without_weights, getattr(torchvision.models, name)))
-               for name in ("resnet18", "resnet50")]
+    patches = [
+        (torchvision.models, name, functools.partial(_without_weights, getattr(torchvision.models, name)))
+        for name in ("resnet18", "resnet50")
+    ]
     patches.append((timm, "create_model", functools.partial(_timm_without_weights, timm.create_model)))
     patches.append((torch.hub, "load", functools.partial(_hub_without_weights, torch.hub.load)))
     return patches
@@ -79,7 +83,9 @@ def random_init_backbones() -> Iterator[None]:
 def weight_files(hparams: Mapping[str, Any]) -> list[str]:
     """The pretrained files DomainBed's image featurizer loads for ``hparams`` (its own logic)."""
     if hparams.get("vit") and hparams.get("dinov2"):
-        return [f"the torch.hub repository facebookresearch/dinov2 and dinov2_vitb14_pretrain.pth in {torch.hub.get_dir()}"]
+        return [
+            f"the torch.hub repository facebookresearch/dinov2 and dinov2_vitb14_pretrain.pth in {torch.hub.get_dir()}"
+        ]
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     resnet = "resnet18-f37072fd.pth" if hparams.get("resnet18") else "resnet50-0676ba61.pth"
     files = [f"{checkpoints / resnet} (torchvision)"]
@@ -100,8 +106,9 @@ def train_hparams(argv: Sequence[str], registry: Any, misc: Any) -> tuple[str, d
     if args.hparams_seed == 0:
         hparams = registry.default_hparams(args.algorithm, args.dataset)
     else:
-        hparams = registry.random_hparams(args.algorithm, args.dataset,
-                                          misc.seed_hash(args.hparams_seed, args.trial_seed))
+        hparams = registry.random_hparams(
+            args.algorithm, args.dataset, misc.seed_hash(args.hparams_seed, args.trial_seed)
+        )
     if args.hparams:
         hparams.update(json.loads(args.hparams))
     return args.dataset, hparams

@@ -28,20 +28,31 @@ SUFFIX = {"text": ".txt", "markdown": ".md", "csv": ".csv", "latex": ".tex"}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--which", choices=("best", "last"), default="best",
-                        help="checkpoint: best in-domain validation (best_model.pt) or last step (model.pt)")
+    parser.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint: best in-domain validation (best_model.pt) or last step (model.pt)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch_size", type=int, default=256, help="evaluation batch size")
-    parser.add_argument("--max_batches", type=int, default=None,
-                        help="evaluate on at most this many batches per split (faster, noisier)")
+    parser.add_argument(
+        "--max_batches",
+        type=int,
+        default=None,
+        help="evaluate on at most this many batches per split (faster, noisier)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     _add_out(parser)
 
 
 def _add_out(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None,
-                        help="output folder for the PNG and CSV files (default: analysis/ in the run folder, "
-                             "or in the folder that holds all the runs)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for the PNG and CSV files (default: analysis/ in the run folder, "
+        "or in the folder that holds all the runs)",
+    )
 
 
 def output_folder(out: str | None, runs: Sequence[str]) -> Path:
@@ -61,56 +72,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    table = sub.add_parser("table", help="DomainBed-style result tables over seeds",
-                           formatter_class=HelpFormatter)
+    table = sub.add_parser("table", help="DomainBed-style result tables over seeds", formatter_class=HelpFormatter)
     table.add_argument("runs", nargs="+", help="run folders, or folders that hold them")
-    table.add_argument("--format", choices=FORMATS + ("all",), default="text",
-                       help="output format; all prints every one (and writes every one with --out)")
-    table.add_argument("--selection", nargs="+", default=["training_domain", "last", "oracle"],
-                       choices=("training_domain", "last", "oracle"), help="model-selection rules")
-    table.add_argument("--metric", default=None,
-                       help="record key reported in the cells (default: each run's own test_metric, the "
-                            "dataset's official metric, e.g. test/10th_percentile_acc for Amazon)")
-    table.add_argument("--by", nargs="+", default=[], metavar="SETTING",
-                       help="config settings that tell methods apart (e.g. bits lr)")
+    table.add_argument(
+        "--format",
+        choices=FORMATS + ("all",),
+        default="text",
+        help="output format; all prints every one (and writes every one with --out)",
+    )
+    table.add_argument(
+        "--selection",
+        nargs="+",
+        default=["training_domain", "last", "oracle"],
+        choices=("training_domain", "last", "oracle"),
+        help="model-selection rules",
+    )
+    table.add_argument(
+        "--metric",
+        default=None,
+        help="record key reported in the cells (default: each run's own test_metric, the "
+        "dataset's official metric, e.g. test/10th_percentile_acc for Amazon)",
+    )
+    table.add_argument(
+        "--by", nargs="+", default=[], metavar="SETTING", help="config settings that tell methods apart (e.g. bits lr)"
+    )
     table.add_argument("--out", default=None, help="also write results.{txt,md,csv,tex} into this folder")
 
-    flat = sub.add_parser("flatness", help="SWAD local flatness F_gamma over radii",
-                          formatter_class=HelpFormatter)
+    flat = sub.add_parser("flatness", help="SWAD local flatness F_gamma over radii", formatter_class=HelpFormatter)
     flat.add_argument("runs", nargs="+", help="run folders")
-    flat.add_argument("--radii", type=float, nargs="+", default=[0, 1, 2, 4, 6, 8, 10],
-                      help="L2 radii gamma of the whole-parameter perturbation (SWAD used up to 60 for ResNet-50)")
+    flat.add_argument(
+        "--radii",
+        type=float,
+        nargs="+",
+        default=[0, 1, 2, 4, 6, 8, 10],
+        help="L2 radii gamma of the whole-parameter perturbation (SWAD used up to 60 for ResNet-50)",
+    )
     flat.add_argument("--directions", type=int, default=100, help="Monte-Carlo directions")
-    flat.add_argument("--splits", nargs="+", default=["id_val", "test"],
-                      help="source (id_val, train) and target (test, val) splits")
+    flat.add_argument(
+        "--splits", nargs="+", default=["id_val", "test"], help="source (id_val, train) and target (test, val) splits"
+    )
     flat.add_argument("--include_steps", action="store_true", help="perturb LSQ step sizes too")
     _add_model_options(flat)
 
-    surf = sub.add_parser("surface", help="filter-normalised 1-D or 2-D loss surface",
-                          formatter_class=HelpFormatter)
+    surf = sub.add_parser("surface", help="filter-normalised 1-D or 2-D loss surface", formatter_class=HelpFormatter)
     surf.add_argument("runs", nargs="+", help="run folders (2-D: one figure per run)")
-    surf.add_argument("--dims", type=int, choices=(1, 2), default=1,
-                      help="1: one random direction, all runs in one figure; 2: two directions, a figure per run")
+    surf.add_argument(
+        "--dims",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: one random direction, all runs in one figure; 2: two directions, a figure per run",
+    )
     surf.add_argument("--points", type=int, default=21, help="grid points per axis")
     surf.add_argument("--span", type=float, default=1.0, help="coefficients in [-span, span]")
     surf.add_argument("--split", default="test", help="split the loss is computed on")
-    surf.add_argument("--steps_only", action="store_true",
-                      help="perturb only the LSQ step sizes (the FQAT author's disturb_s)")
+    surf.add_argument(
+        "--steps_only", action="store_true", help="perturb only the LSQ step sizes (the FQAT author's disturb_s)"
+    )
     _add_model_options(surf)
 
-    noise = sub.add_parser("noise", help="per-layer weights, quantization noise and KL to uniform",
-                           formatter_class=HelpFormatter)
+    noise = sub.add_parser(
+        "noise", help="per-layer weights, quantization noise and KL to uniform", formatter_class=HelpFormatter
+    )
     noise.add_argument("run", help="run folder")
-    noise.add_argument("--bits", type=int, default=None,
-                       help="simulate this bit width (default: the run's own quantizers, else 7)")
+    noise.add_argument(
+        "--bits", type=int, default=None, help="simulate this bit width (default: the run's own quantizers, else 7)"
+    )
     noise.add_argument("--bins", type=int, default=100, help="histogram bins")
     noise.add_argument("--layer", default=None, help="layer for the Fig. 2 panels (default: the largest)")
-    noise.add_argument("--which", choices=("best", "last"), default="best",
-                       help="checkpoint: best in-domain validation (best_model.pt) or last step (model.pt)")
+    noise.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint: best in-domain validation (best_model.pt) or last step (model.pt)",
+    )
     _add_out(noise)
 
-    stab = sub.add_parser("stability", help="in-domain validation vs OOD over steps",
-                          formatter_class=HelpFormatter)
+    stab = sub.add_parser("stability", help="in-domain validation vs OOD over steps", formatter_class=HelpFormatter)
     stab.add_argument("runs", nargs="+", help="run folders")
     stab.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     stab.add_argument("--ood_metric", default="test/acc_avg", help="out-of-domain metric plotted")
@@ -127,8 +165,10 @@ def cmd_table(args: argparse.Namespace) -> None:
     frame = tables.collect(args.runs, metric=args.metric, selections=args.selection, group_by=args.by)
     summary = tables.summarize(frame)
     wide = tables.wide_tables(summary)
-    outputs = {fmt: summary.to_csv(index=False) if fmt == "csv" else tables.render(wide, fmt)
-               for fmt in (FORMATS if args.format == "all" else (args.format,))}
+    outputs = {
+        fmt: summary.to_csv(index=False) if fmt == "csv" else tables.render(wide, fmt)
+        for fmt in (FORMATS if args.format == "all" else (args.format,))
+    }
     for text in outputs.values():
         print(text, end="" if text.endswith("\n") else "\n")
     if args.out:
@@ -145,8 +185,12 @@ def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict
     unknown = [s for s in splits if s not in dataset.split_dict]
     if unknown:
         raise ConfigError(f"unknown split(s) {', '.join(unknown)}; this dataset has {', '.join(dataset.split_dict)}")
-    return {s: batch_evaluator(cached_batches(eval_loader(dataset, s, loaded.model, args.batch_size),
-                                              args.device, args.max_batches)) for s in splits}
+    return {
+        s: batch_evaluator(
+            cached_batches(eval_loader(dataset, s, loaded.model, args.batch_size), args.device, args.max_batches)
+        )
+        for s in splits
+    }
 
 
 def cmd_flatness(args: argparse.Namespace) -> None:
@@ -159,8 +203,14 @@ def cmd_flatness(args: argparse.Namespace) -> None:
     summaries, samples = [], []
     for run in args.runs:
         loaded = load_run_model(run, args.which, args.device)
-        raw = local_flatness(loaded.model, _evaluators(loaded, args.splits, args), args.radii,
-                             n_directions=args.directions, include_steps=args.include_steps, seed=args.seed)
+        raw = local_flatness(
+            loaded.model,
+            _evaluators(loaded, args.splits, args),
+            args.radii,
+            n_directions=args.directions,
+            include_steps=args.include_steps,
+            seed=args.seed,
+        )
         samples.append(raw.assign(label=Path(run).name))
         summaries.append(flatness_summary(raw).assign(label=Path(run).name))
     summary = pd.concat(summaries, ignore_index=True)
@@ -186,12 +236,16 @@ def cmd_surface(args: argparse.Namespace) -> None:
         evaluate = _evaluators(loaded, [args.split], args)[args.split]
         label = Path(run).name
         if args.dims == 1:
-            frames.append(loss_surface_1d(loaded.model, evaluate, coefs, args.seed, args.steps_only).assign(label=label))
+            frames.append(
+                loss_surface_1d(loaded.model, evaluate, coefs, args.seed, args.steps_only).assign(label=label)
+            )
             continue
         frame = loss_surface_2d(loaded.model, evaluate, coefs, coefs, args.seed, args.steps_only).assign(label=label)
         png, csv = plot_surface_2d(frame, out / f"surface2d_{label}")
-        print(f"{label}: loss at the centre {float(frame.loc[(frame.alpha == 0) & (frame.beta == 0), 'loss'].mean()):.4f}, "
-              f"max {frame['loss'].max():.4f}")
+        print(
+            f"{label}: loss at the centre {float(frame.loc[(frame.alpha == 0) & (frame.beta == 0), 'loss'].mean()):.4f}, "
+            f"max {frame['loss'].max():.4f}"
+        )
         _report([png, csv])
     if frames:
         frame = pd.concat(frames, ignore_index=True)
@@ -233,8 +287,13 @@ def cmd_stability(args: argparse.Namespace) -> None:
     _report([png, csv, summary_csv])
 
 
-COMMANDS = {"table": cmd_table, "flatness": cmd_flatness, "surface": cmd_surface, "noise": cmd_noise,
-            "stability": cmd_stability}
+COMMANDS = {
+    "table": cmd_table,
+    "flatness": cmd_flatness,
+    "surface": cmd_surface,
+    "noise": cmd_noise,
+    "stability": cmd_stability,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,9 +75,7 @@ def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
     return model
 
 
-def load_run_model(
-    run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"
-) -> LoadedRun:
+def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the model of ``run_dir`` at its best-validation (``best``) or last (``last``) state.
 
     The model is in eval mode on ``device``; ``load_dataset()`` builds the run's dataset (same
@@ -129,21 +127,28 @@ def split_metrics(dataset: Any, split: str, logits: torch.Tensor, y: torch.Tenso
     from the split (WILDS reports them as 0) are left out, as ``wilds_run`` does."""
     results, _ = dataset.eval(logits.argmax(dim=1), y, meta)
     empty = {k.split("count_", 1)[1] for k, v in results.items() if k.startswith("count_") and not v}
-    record = {f"{split}/{k}": (v.item() if hasattr(v, "item") else v) for k, v in results.items()
-              if not (":" in k and k.split("_", 1)[1] in empty)}
+    record = {
+        f"{split}/{k}": (v.item() if hasattr(v, "item") else v)
+        for k, v in results.items()
+        if not (":" in k and k.split("_", 1)[1] in empty)
+    }
     record[f"{split}/loss"] = float(nn.functional.cross_entropy(logits, y))
     return record
 
 
 def evaluate_splits(
-    model: nn.Module, dataset: Any, splits: Iterable[str], device: str | torch.device = "cpu",
+    model: nn.Module,
+    dataset: Any,
+    splits: Iterable[str],
+    device: str | torch.device = "cpu",
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Flat ``<split>/<metric>`` record (as in ``results.jsonl``) from the dataset's own ``eval``."""
     record: dict[str, Any] = {}
     for split in splits:
-        record.update(split_metrics(dataset, split, *predict(model, eval_loader(dataset, split, model, batch_size),
-                                                             device)))
+        record.update(
+            split_metrics(dataset, split, *predict(model, eval_loader(dataset, split, model, batch_size), device))
+        )
     return record
 
 

@@ -46,90 +46,175 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate on a WILDS dataset with dg-quant plugins (quantization, flatness).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
-                        help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; "
-                             "none means ERM")
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="YAML (or a run's config.json) of settings, keys named as the flags; "
-                             "flags on the command line override it")
+    parser.add_argument(
+        "--plugin",
+        "-p",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"method plugin to load (repeatable); known: {', '.join(known_plugins())}; none means ERM",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML (or a run's config.json) of settings, keys named as the flags; "
+        "flags on the command line override it",
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", "-d", default=DEFAULT_DATASET,
-                      help="dataset: rotated_digits (embedded); pacs, vlcs, office_home, terra_incognita, "
-                           "domain_net or image_folder (DomainBed layout); camelyon17, amazon, ... (WILDS)")
-    data.add_argument("--root_dir", default="data",
-                      help="folder that holds the dataset folders (camelyon17_v1.0/, PACS/, ...)")
+    data.add_argument(
+        "--dataset",
+        "-d",
+        default=DEFAULT_DATASET,
+        help="dataset: rotated_digits (embedded); pacs, vlcs, office_home, terra_incognita, "
+        "domain_net or image_folder (DomainBed layout); camelyon17, amazon, ... (WILDS)",
+    )
+    data.add_argument(
+        "--root_dir", default="data", help="folder that holds the dataset folders (camelyon17_v1.0/, PACS/, ...)"
+    )
     data.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     data.add_argument("--split_scheme", default=None, help="WILDS split scheme (dataset default if unset)")
     data.add_argument("--groupby_fields", nargs="+", default=None, help="metadata fields that define groups")
-    data.add_argument("--test_domain", default=None,
-                      help="held-out domain(s), comma separated, for leave-domain-out datasets")
-    data.add_argument("--holdout_fraction", type=float, default=0.2,
-                      help="fraction of each domain held out for validation")
+    data.add_argument(
+        "--test_domain", default=None, help="held-out domain(s), comma separated, for leave-domain-out datasets"
+    )
+    data.add_argument(
+        "--holdout_fraction", type=float, default=0.2, help="fraction of each domain held out for validation"
+    )
     data.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation split")
     data.add_argument("--frac", type=float, default=1.0, help="fraction of each split to use (quick runs)")
     data.add_argument("--eval_splits", nargs="+", default=None, help="splits to evaluate (default: all but train)")
     data.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
-    data.add_argument("--transform", choices=TRANSFORMS, default=None,
-                      help="input transform: DomainBed's augmentation, WILDS' resize, the backbone's own "
-                           "(tokenizer) or none (dataset preset if unset)")
+    data.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        default=None,
+        help="input transform: DomainBed's augmentation, WILDS' resize, the backbone's own "
+        "(tokenizer) or none (dataset preset if unset)",
+    )
     data.add_argument("--image_size", type=int, default=None, help="image side in pixels for the transform")
-    data.add_argument("--max_token_length", type=int, default=None,
-                      help="tokenizer length for text backbones that take one")
-    data.add_argument("--train_loader", choices=("standard", "group"), default=None,
-                      help="WILDS training loader: shuffled, or n_groups_per_batch groups per batch")
+    data.add_argument(
+        "--max_token_length", type=int, default=None, help="tokenizer length for text backbones that take one"
+    )
+    data.add_argument(
+        "--train_loader",
+        choices=("standard", "group"),
+        default=None,
+        help="WILDS training loader: shuffled, or n_groups_per_batch groups per batch",
+    )
     data.add_argument("--n_groups_per_batch", type=int, default=None, help="groups per batch (group loader)")
-    data.add_argument("--uniform_over_groups", action=argparse.BooleanOptionalAction, default=None,
-                      help="sample groups uniformly rather than by size (loader default if unset)")
+    data.add_argument(
+        "--uniform_over_groups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample groups uniformly rather than by size (loader default if unset)",
+    )
 
     model = parser.add_argument_group("model and optimisation", preset_summary())
-    model.add_argument("--model", default=None,
-                       help="backbone: a bundled name (resnet50, mobilenet_v2, ...), an entry point of the group "
-                            "dg_quant.backbones, or package.module:factory (docs/backbones.md); dataset preset if unset")
-    model.add_argument("--weights", default=None,
-                       help="pretrained weights: a local file (or model folder), or 'default' for the library's "
-                            "own, found in its cache or an installed weights package before any download")
-    model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None,
-                       help="optimizer (dataset preset if unset); adamw skips decay on biases and LayerNorm")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="backbone: a bundled name (resnet50, mobilenet_v2, ...), an entry point of the group "
+        "dg_quant.backbones, or package.module:factory (docs/backbones.md); dataset preset if unset",
+    )
+    model.add_argument(
+        "--weights",
+        default=None,
+        help="pretrained weights: a local file (or model folder), or 'default' for the library's "
+        "own, found in its cache or an installed weights package before any download",
+    )
+    model.add_argument(
+        "--optimizer",
+        choices=("adam", "adamw", "sgd"),
+        default=None,
+        help="optimizer (dataset preset if unset); adamw skips decay on biases and LayerNorm",
+    )
     model.add_argument("--lr", type=float, default=None, help="learning rate (dataset preset if unset)")
     model.add_argument("--weight_decay", type=float, default=None, help="weight decay (dataset preset if unset)")
     model.add_argument("--momentum", type=float, default=None, help="SGD momentum (dataset preset if unset)")
-    model.add_argument("--batch_size", type=int, default=None,
-                       help="training examples per step (dataset preset if unset)")
-    model.add_argument("--eval_batch_size", type=int, default=None,
-                       help="examples per evaluation batch (if unset: twice --batch_size)")
-    model.add_argument("--n_epochs", type=int, default=None,
-                       help="passes over the training split (dataset preset if unset; --n_steps wins)")
-    model.add_argument("--n_steps", type=int, default=None,
-                       help="train for this many steps (overrides epochs; dataset preset if unset)")
+    model.add_argument(
+        "--batch_size", type=int, default=None, help="training examples per step (dataset preset if unset)"
+    )
+    model.add_argument(
+        "--eval_batch_size", type=int, default=None, help="examples per evaluation batch (if unset: twice --batch_size)"
+    )
+    model.add_argument(
+        "--n_epochs",
+        type=int,
+        default=None,
+        help="passes over the training split (dataset preset if unset; --n_steps wins)",
+    )
+    model.add_argument(
+        "--n_steps",
+        type=int,
+        default=None,
+        help="train for this many steps (overrides epochs; dataset preset if unset)",
+    )
     model.add_argument("--max_grad_norm", type=float, default=None, help="clip the gradient norm to this")
-    model.add_argument("--scheduler", choices=("none", "linear"), default=None,
-                       help="learning-rate schedule: constant, or linear decay to 0 (no warmup)")
+    model.add_argument(
+        "--scheduler",
+        choices=("none", "linear"),
+        default=None,
+        help="learning-rate schedule: constant, or linear decay to 0 (no warmup)",
+    )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--eval_every", type=int, default=None,
-                     help="evaluate every N steps (if unset: the preset's, else once per epoch, or 5 times "
-                          "in a run given in steps)")
+    run.add_argument(
+        "--eval_every",
+        type=int,
+        default=None,
+        help="evaluate every N steps (if unset: the preset's, else once per epoch, or 5 times in a run given in steps)",
+    )
     run.add_argument("--val_metric", default=None, help="'<split>/<metric>' used to pick the best checkpoint")
-    run.add_argument("--test_metric", default=None,
-                     help="'<split>/<metric>' reported at the best-validation and the last checkpoint")
-    run.add_argument("--group_logging", action=argparse.BooleanOptionalAction, default=None,
-                     help="keep per-group accuracies in results.jsonl")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seed of the model initialisation and the data order (not of the split: --split_seed)")
-    run.add_argument("--log_dir", default=None, help="output folder, locked while the run lives (default: "
-                          "runs/<dataset>[_<test_domain>]_<model>_<method>[_w<bits>]_seed<seed>)")
+    run.add_argument(
+        "--test_metric", default=None, help="'<split>/<metric>' reported at the best-validation and the last checkpoint"
+    )
+    run.add_argument(
+        "--group_logging",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep per-group accuracies in results.jsonl",
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the model initialisation and the data order (not of the split: --split_seed)",
+    )
+    run.add_argument(
+        "--log_dir",
+        default=None,
+        help="output folder, locked while the run lives (default: "
+        "runs/<dataset>[_<test_domain>]_<model>_<method>[_w<bits>]_seed<seed>)",
+    )
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    run.add_argument("--save_every", type=int, default=None,
-                     help="also write last.pt every N training steps (0: only at evaluations; dataset preset if unset)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from log_dir/last.pt; every setting that changes results must be the same")
-    run.add_argument("--logger", nargs="+", choices=LOGGERS, default=[],
-                     help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard) "
-                          "and/or CSV (log_dir/results.csv)")
+    run.add_argument(
+        "--save_every",
+        type=int,
+        default=None,
+        help="also write last.pt every N training steps (0: only at evaluations; dataset preset if unset)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from log_dir/last.pt; every setting that changes results must be the same",
+    )
+    run.add_argument(
+        "--logger",
+        nargs="+",
+        choices=LOGGERS,
+        default=[],
+        help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard) "
+        "and/or CSV (log_dir/results.csv)",
+    )
     run.add_argument("--no_progress", action="store_true", help="hide the progress bars")
-    run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (if unset: $OMP_NUM_THREADS, else the CPUs this process may "
-                          "use minus the machine's load, at least 1; see docs/wilds.md)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (if unset: $OMP_NUM_THREADS, else the CPUs this process may "
+        "use minus the machine's load, at least 1; see docs/wilds.md)",
+    )
     return parser
 
 
@@ -143,8 +228,10 @@ def preset_summary() -> str:
     for p, names in seen.items():
         length = f"{p.n_steps} steps" if p.n_steps else f"{p.n_epochs} epochs"
         every = f", eval every {p.eval_every}" if p.eval_every else ""
-        lines.append(f"  {', '.join(names)}: {p.model}, {p.optimizer} lr {p.lr:g}, weight decay "
-                     f"{p.weight_decay:g}, batch {p.batch_size}, {length}{every}")
+        lines.append(
+            f"  {', '.join(names)}: {p.model}, {p.optimizer} lr {p.lr:g}, weight decay "
+            f"{p.weight_decay:g}, batch {p.batch_size}, {length}{every}"
+        )
     return "\n".join(lines)
 
 
@@ -165,10 +252,16 @@ def parse_config(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plugin
 
 
 def _check(config: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    positive = {"batch_size": config.batch_size, "lr": config.lr, "n_steps": config.n_steps or 1,
-                "n_epochs": config.n_epochs or 1, "eval_every": config.eval_every or 1,
-                "image_size": config.image_size or 1, "n_groups_per_batch": config.n_groups_per_batch,
-                "max_token_length": config.max_token_length or 1}
+    positive = {
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "n_steps": config.n_steps or 1,
+        "n_epochs": config.n_epochs or 1,
+        "eval_every": config.eval_every or 1,
+        "image_size": config.image_size or 1,
+        "n_groups_per_batch": config.n_groups_per_batch,
+        "max_token_length": config.max_token_length or 1,
+    }
     for name, value in positive.items():
         if value is not None and value <= 0:
             parser.error(f"--{name} must be positive; got {value}")

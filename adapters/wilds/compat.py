@@ -17,7 +17,9 @@ import torch
 
 def avg_over_groups(v: torch.Tensor, g: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``v`` per group id in ``g`` (empty groups give 0) and the group counts."""
-    counts = torch.zeros(n_groups, device=g.device, dtype=torch.float).index_add_(0, g, torch.ones_like(g, dtype=torch.float))
+    counts = torch.zeros(n_groups, device=g.device, dtype=torch.float).index_add_(
+        0, g, torch.ones_like(g, dtype=torch.float)
+    )
     sums = torch.zeros(n_groups, device=v.device, dtype=v.dtype).index_add_(0, g, v)
     return sums / counts.clamp_min(1).to(v.dtype), counts
 
@@ -35,7 +37,11 @@ def import_wilds() -> ModuleType:
                 del sys.modules["outdated"]
     wilds = sys.modules["wilds"]
     if importlib.util.find_spec("torch_scatter") is None:
-        for name in ("wilds.common.utils", "wilds.common.metrics.metric", "wilds.common.metrics.all_metrics",
-                     "wilds.common.metrics.loss"):
+        for name in (
+            "wilds.common.utils",
+            "wilds.common.metrics.metric",
+            "wilds.common.metrics.all_metrics",
+            "wilds.common.metrics.loss",
+        ):
             importlib.import_module(name).avg_over_groups = avg_over_groups
     return wilds

@@ -71,8 +71,10 @@ def _unknown(key: str, actions: dict[str, argparse.Action], source: str | Path) 
     known = [k for k in actions if k not in NOT_IN_FILE]
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"did you mean {' or '.join(close)}?" if close else "see wilds_run --help for the settings"
-    return (f"{source}: unknown key {key!r}; {hint} "
-            "(a plugin's options are known once the file or --plugin loads that plugin)")
+    return (
+        f"{source}: unknown key {key!r}; {hint} "
+        "(a plugin's options are known once the file or --plugin loads that plugin)"
+    )
 
 
 def _flags(action: argparse.Action, value: Any, source: str | Path) -> list[str]:

@@ -51,8 +51,11 @@ def _image_folders(config: argparse.Namespace):
     from dg_quant.adapters.wilds.folders import DomainFolderDataset
 
     return DomainFolderDataset(
-        config.root_dir, name=canonical_name(config.dataset), test_domains=config.test_domain,
-        holdout_fraction=config.holdout_fraction, seed=config.split_seed,
+        config.root_dir,
+        name=canonical_name(config.dataset),
+        test_domains=config.test_domain,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.split_seed,
     )
 
 
@@ -66,8 +69,10 @@ def _missing_release_hint(root_dir: str, name: str) -> str:
     for data_dir in sorted(Path(root_dir).glob(f"{name}_v*")):
         version = data_dir.name.rsplit("_v", 1)[1]
         if data_dir.is_dir() and not (data_dir / f"RELEASE_v{version}.txt").exists():
-            return (f"{data_dir} has no RELEASE_v{version}.txt, so WILDS takes the dataset as absent; "
-                    "finish or redo the download (or create that file if the data is complete)")
+            return (
+                f"{data_dir} has no RELEASE_v{version}.txt, so WILDS takes the dataset as absent; "
+                "finish or redo the download (or create that file if the data is complete)"
+            )
     return f"{name} data not found under {root_dir!r}; expected {root_dir}/{name}_v<version>/ (or pass --download)"
 
 

@@ -44,19 +44,36 @@ RESERVED = ("--seed", "--log_dir", "--resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), allow_abbrev=False,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=plain_text(__doc__), allow_abbrev=False, formatter_class=HelpFormatter
+    )
     parser.add_argument("--members", "-E", type=int, default=5, help="ensemble size E (QT-DoG: 5)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="member seeds (overrides --members); None means 0..E-1")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="member seeds (overrides --members); None means 0..E-1"
+    )
     parser.add_argument("--log_dir", required=True, help="ensemble folder; members go to member<i>/ inside")
-    parser.add_argument("--parallel", type=int, default=1,
-                        help="train this many members at once in separate processes (1: in this process)")
-    parser.add_argument("--devices", nargs="+", default=None,
-                        help="devices dealt round-robin to members (e.g. cuda:0 cuda:1)")
-    parser.add_argument("--from_runs", nargs="+", default=None, metavar="RUN",
-                        help="ensemble these finished runs instead of training members")
-    parser.add_argument("--which", choices=("best", "last"), default="best",
-                        help="member state: best in-domain validation (paper) or last step")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="train this many members at once in separate processes (1: in this process)",
+    )
+    parser.add_argument(
+        "--devices", nargs="+", default=None, help="devices dealt round-robin to members (e.g. cuda:0 cuda:1)"
+    )
+    parser.add_argument(
+        "--from_runs",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="ensemble these finished runs instead of training members",
+    )
+    parser.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="member state: best in-domain validation (paper) or last step",
+    )
     parser.add_argument("--splits", nargs="+", default=None, help="splits to evaluate (default: all but train)")
     parser.add_argument("--device", default="cpu", help="device for the ensemble evaluation")
     parser.add_argument("--eval_batch_size", type=int, default=256, help="batch size of the ensemble's evaluation")
@@ -73,8 +90,9 @@ def member_argv(base: Sequence[str], seed: int, log_dir: Path, device: str | Non
     return argv
 
 
-def train_members(base: Sequence[str], seeds: Sequence[int], log_dir: Path, parallel: int,
-                  devices: Sequence[str] | None) -> list[Path]:
+def train_members(
+    base: Sequence[str], seeds: Sequence[int], log_dir: Path, parallel: int, devices: Sequence[str] | None
+) -> list[Path]:
     """Train (or finish) every member; finished members are reused as they are."""
     from dg_quant.adapters.wilds.cli import main as wilds_main
 
@@ -96,8 +114,10 @@ def train_members(base: Sequence[str], seeds: Sequence[int], log_dir: Path, para
     failed = [(i, argv) for (i, _), argv, rc in zip(todo, jobs, codes) if rc != 0]
     if failed:
         i, argv = failed[0]
-        raise ConfigError(f"{len(failed)} member(s) failed, e.g. member {i}: wilds_run {' '.join(argv)} "
-                          f"(its log: {log_dir / '.submitit'})")
+        raise ConfigError(
+            f"{len(failed)} member(s) failed, e.g. member {i}: wilds_run {' '.join(argv)} "
+            f"(its log: {log_dir / '.submitit'})"
+        )
     return dirs
 
 
@@ -112,8 +132,9 @@ def check_same_data(configs: Sequence[argparse.Namespace], runs: Sequence[Path])
 
 
 @torch.no_grad()
-def evaluate_ensemble(members: Sequence[torch.nn.Module], dataset: Any, splits: Sequence[str],
-                      device: str, batch_size: int) -> dict[str, Any]:
+def evaluate_ensemble(
+    members: Sequence[torch.nn.Module], dataset: Any, splits: Sequence[str], device: str, batch_size: int
+) -> dict[str, Any]:
     """Metrics of each member and of their logit mean, computed from the same member logits."""
     results: dict[str, Any] = {"members": [{} for _ in members], "ensemble": {}}
     for split in splits:
@@ -161,8 +182,14 @@ def run_eoq(args: argparse.Namespace, wilds_args: Sequence[str]) -> dict[str, An
     members = [lr.model for lr in loaded]
     results = evaluate_ensemble(members, dataset, splits, args.device, args.eval_batch_size)
     size = ensemble_size(members)
-    summary = {"members": [str(r) for r in runs], "which": args.which, "splits": list(splits),
-               "member_results": results["members"], "ensemble": results["ensemble"], "size": size.to_dict()}
+    summary = {
+        "members": [str(r) for r in runs],
+        "which": args.which,
+        "splits": list(splits),
+        "member_results": results["members"],
+        "ensemble": results["ensemble"],
+        "size": size.to_dict(),
+    }
     atomic_write_json(log_dir / "eoq.json", summary)
     export(log_dir / "eoq_model.pt", runs, args.which)
     return summary
@@ -173,12 +200,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     for split in summary["splits"]:
         key = f"{split}/acc_avg"
         accs = [m.get(key) for m in summary["member_results"]]
-        lines.append(f"{split:<7} ensemble {summary['ensemble'][key]:.4f} | members "
-                     + " ".join(f"{a:.4f}" for a in accs)
-                     + f" (mean {sum(accs) / len(accs):.4f})")
+        lines.append(
+            f"{split:<7} ensemble {summary['ensemble'][key]:.4f} | members "
+            + " ".join(f"{a:.4f}" for a in accs)
+            + f" (mean {sum(accs) / len(accs):.4f})"
+        )
     s = summary["size"]
-    lines.append(f"EoQ of {s['members']}: {s['ensemble_packed_mb']:.3f} MiB packed vs one FP32 model "
-                 f"{s['fp_model_mb']:.3f} MiB ({s['ensemble_over_fp']:.2f}x)")
+    lines.append(
+        f"EoQ of {s['members']}: {s['ensemble_packed_mb']:.3f} MiB packed vs one FP32 model "
+        f"{s['fp_model_mb']:.3f} MiB ({s['ensemble_over_fp']:.2f}x)"
+    )
     return "\n".join(lines)
 
 
@@ -186,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         cut = argv.index("--")
-        own, wilds_args = argv[:cut], argv[cut + 1:]
+        own, wilds_args = argv[:cut], argv[cut + 1 :]
         args = build_parser().parse_args(own)
     else:
         args, wilds_args = build_parser().parse_known_args(argv)

@@ -33,19 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
     parser.add_argument("-o", "--output", required=True, help="the file to write (e.g. model.dgq)")
-    parser.add_argument("--checkpoint", default="best",
-                        help="best (best_model.pt), last (model.pt) or the path of a model file such as ptq_obc_w7.pt")
-    parser.add_argument("--verify", action="store_true",
-                        help="reload the file and check its outputs equal the checkpoint's on a test batch "
-                             "(onnx: run it in onnxruntime and compare logits and top-1)")
-    parser.add_argument("--format", choices=("dgq", "onnx"), default="dgq",
-                        help="dgq: dg-quant's bit-packed file; onnx: an ONNX QDQ graph (needs dg-quant[onnx])")
-    parser.add_argument("--no_fold_batchnorm", action="store_true",
-                        help="onnx: keep BatchNorm as its own op (the fake-quant arithmetic op for op, "
-                             "but no int8 kernels for the convolution before it)")
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best (best_model.pt), last (model.pt) or the path of a model file such as ptq_obc_w7.pt",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the file and check its outputs equal the checkpoint's on a test batch "
+        "(onnx: run it in onnxruntime and compare logits and top-1)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("dgq", "onnx"),
+        default="dgq",
+        help="dgq: dg-quant's bit-packed file; onnx: an ONNX QDQ graph (needs dg-quant[onnx])",
+    )
+    parser.add_argument(
+        "--no_fold_batchnorm",
+        action="store_true",
+        help="onnx: keep BatchNorm as its own op (the fake-quant arithmetic op for op, "
+        "but no int8 kernels for the convolution before it)",
+    )
     parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
-    parser.add_argument("--verify_only", action="store_true",
-                        help="onnx: do not export; verify the existing file -o against the run's checkpoint")
+    parser.add_argument(
+        "--verify_only",
+        action="store_true",
+        help="onnx: do not export; verify the existing file -o against the run's checkpoint",
+    )
     return parser
 
 
@@ -75,11 +91,20 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(state, config).eval()
     if getattr(args, "format", "dgq") == "onnx":
         return _export_onnx(args, model, config)
-    meta = {"backbone": state["backbone"], "num_classes": int(state["num_classes"]), "source": str(path),
-            "plugins": config.plugins, "backbone_kwargs": adapter_kwargs(config, reload=True)}
+    meta = {
+        "backbone": state["backbone"],
+        "num_classes": int(state["num_classes"]),
+        "source": str(path),
+        "plugins": config.plugins,
+        "backbone_kwargs": adapter_kwargs(config, reload=True),
+    }
     report = export_model(model, args.output, meta)
-    out = {**report.to_dict(), "fp32_torch_save_bytes": torch_save_bytes(model), "output": args.output,
-           "table": report.table()}
+    out = {
+        **report.to_dict(),
+        "fp32_torch_save_bytes": torch_save_bytes(model),
+        "output": args.output,
+        "table": report.table(),
+    }
     if args.verify:
         x = _test_batch(model, config)
         with torch.no_grad():
@@ -96,8 +121,12 @@ def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argpa
     verify_only = getattr(args, "verify_only", False)
     batches = _test_batches(model, config, max(args.verify_images, 1) if args.verify or verify_only else 1)
     if verify_only:
-        out = {"format": "onnx", "output": args.output, "verify_only": True,
-               "verification": verify_onnx(args.output, model, batches).to_dict()}
+        out = {
+            "format": "onnx",
+            "output": args.output,
+            "verify_only": True,
+            "verification": verify_onnx(args.output, model, batches).to_dict(),
+        }
         return out
     report = export_onnx(model, batches[0][:1], args.output, fold_batchnorm=not args.no_fold_batchnorm)
     out = {**report.to_dict(), "format": "onnx", "output": args.output}
@@ -120,7 +149,7 @@ def _test_batches(model: torch.nn.Module, config: argparse.Namespace, images: in
     split = "test" if "test" in present_splits(dataset) else present_splits(dataset, exclude=())[0]
     batches, seen = [], 0
     for x, _y, _meta in eval_loader(dataset, split, model, batch_size=16):
-        batches.append(x[:images - seen])
+        batches.append(x[: images - seen])
         seen += len(batches[-1])
         if seen >= images:
             break
@@ -137,12 +166,16 @@ def _print_export(out: dict) -> None:
         _print_onnx(out)
         return
     print(out["table"])
-    print(f"torch.save of the FP32 model: {out['fp32_torch_save_bytes'] / 2**20:.3f} MiB "
-          f"(file is {out['file_bytes'] / max(out['fp32_torch_save_bytes'], 1):.3f} of it)")
+    print(
+        f"torch.save of the FP32 model: {out['fp32_torch_save_bytes'] / 2**20:.3f} MiB "
+        f"(file is {out['file_bytes'] / max(out['fp32_torch_save_bytes'], 1):.3f} of it)"
+    )
     if out["escape_params"]:
-        print(f"note: {out['escape_params']} INQ weights were still training in this checkpoint (an "
-              "unfinished partition) and are stored in FP32; export --checkpoint last for the fully "
-              "quantized model")
+        print(
+            f"note: {out['escape_params']} INQ weights were still training in this checkpoint (an "
+            "unfinished partition) and are stored in FP32; export --checkpoint last for the fully "
+            "quantized model"
+        )
     if "verified_on" in out:
         print(f"verified: outputs equal on a test batch of shape {tuple(out['verified_on'])}")
     print(f"wrote {out['output']}")
@@ -154,13 +187,17 @@ def _print_onnx(out: dict) -> None:
         return
     acts = sum(1 for t in out["layers"] if t["kind"] == "activation")
     bits = sorted({t["bits"] for t in out["layers"]})
-    print(f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors ({out['int_weight_params']:,} weights, "
-          f"bits {bits or 'none'}), {acts} activation quantize/dequantize pairs, "
-          f"{out['float_params']:,} float parameters, {out['folded_batchnorms']} BatchNorms folded; "
-          f"{out['file_bytes'] / 2**20:.3f} MiB")
+    print(
+        f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors ({out['int_weight_params']:,} weights, "
+        f"bits {bits or 'none'}), {acts} activation quantize/dequantize pairs, "
+        f"{out['float_params']:,} float parameters, {out['folded_batchnorms']} BatchNorms folded; "
+        f"{out['file_bytes'] / 2**20:.3f} MiB"
+    )
     if not out["layers"]:
-        print("note: this checkpoint has no active quantizers (saved before quantization started?); "
-              "the graph is all float")
+        print(
+            "note: this checkpoint has no active quantizers (saved before quantization started?); "
+            "the graph is all float"
+        )
     if out.get("verification"):
         _print_verification(out["verification"])
     print(f"wrote {out['output']}")
@@ -168,10 +205,15 @@ def _print_onnx(out: dict) -> None:
 
 def _print_verification(v: dict) -> None:
     print(f"verified in onnxruntime on {v['images']} test images (largest logit {v['max_logit']:.3g}):")
-    for key, label in (("optimized", "as deployed (graph optimizations on)"), ("op_for_op", "op for op (optimizations off)")):
+    for key, label in (
+        ("optimized", "as deployed (graph optimizations on)"),
+        ("op_for_op", "op for op (optimizations off)"),
+    ):
         a = v[key]
-        print(f"  {label}: top-1 agreement {100 * a['top1_agreement']:.2f}%, "
-              f"max |logit difference| {a['max_abs_diff']:.3g} (mean {a['mean_abs_diff']:.3g})")
+        print(
+            f"  {label}: top-1 agreement {100 * a['top1_agreement']:.2f}%, "
+            f"max |logit difference| {a['max_abs_diff']:.3g} (mean {a['mean_abs_diff']:.3g})"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ class TensorBoardLogger:
             self.writer = SummaryWriter(str(self.folder), purge_step=int(records[-1]["step"]))
             new = records[-1:]
         else:
-            new = records[self.sent:]
+            new = records[self.sent :]
         for record in new:
             step = int(record["step"])
             for key, value in record.items():

@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="a finished wilds_run folder")
     parser.add_argument("--method", choices=("obc", "gptq"), default=defaults.ptq_method, help=helps["ptq_method"])
     parser.add_argument("--bits", type=int, default=defaults.bits, help=helps["bits"])
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="best_model.pt (best validation) or model.pt (last step)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="best_model.pt (best validation) or model.pt (last step)",
+    )
     parser.add_argument("--samples", type=int, default=defaults.ptq_samples, help="calibration images")
     parser.add_argument("--batch_size", type=int, default=defaults.ptq_batch_size, help=helps["ptq_batch_size"])
     parser.add_argument("--obq_max_cols", type=int, default=defaults.ptq_obq_max_cols, help=helps["ptq_obq_max_cols"])
@@ -88,31 +92,44 @@ def ptq_run(args: argparse.Namespace) -> dict[str, Any]:
     import_wilds()
     device = torch.device(args.device)
     model, config, load_dataset = load_run_model(args.run_dir, args.checkpoint, device)
-    settings = {"bits": args.bits, "ptq_method": args.method, "ptq_samples": args.samples,
-                "ptq_batch_size": args.batch_size, "ptq_obq_max_cols": args.obq_max_cols, "ptq_damp": args.damp,
-                "ptq_bn_reestimate": args.bn_reestimate, "ptq_quantize_head": args.quantize_head}
+    settings = {
+        "bits": args.bits,
+        "ptq_method": args.method,
+        "ptq_samples": args.samples,
+        "ptq_batch_size": args.batch_size,
+        "ptq_obq_max_cols": args.obq_max_cols,
+        "ptq_damp": args.damp,
+        "ptq_bn_reestimate": args.bn_reestimate,
+        "ptq_quantize_head": args.quantize_head,
+    }
     options = read_options(ObcOptions, argparse.Namespace(**settings))
     dataset = load_dataset()
-    train_transform, _ = build_transforms(getattr(config, "transform", "model"), getattr(config, "image_size", None),
-                                          model)
+    train_transform, _ = build_transforms(
+        getattr(config, "transform", "model"), getattr(config, "image_size", None), model
+    )
     train = dataset.get_subset("train", frac=getattr(config, "frac", 1.0), transform=train_transform)
     splits = [] if args.no_eval else present_splits(dataset)
     before = evaluate_splits(model, dataset, splits, device) if splits else {}
     attach_disabled_quantizers(model, options.ptq)  # the layout the obc plugin rebuilds on load
-    results = ptq_(model, lambda: calibration_batches(train, args.samples, args.batch_size, device, args.seed),
-                   options.ptq)
+    results = ptq_(
+        model, lambda: calibration_batches(train, args.samples, args.batch_size, device, args.seed), options.ptq
+    )
     after = evaluate_splits(model, dataset, splits, device) if splits else {}
     stem = f"ptq_{args.method}_w{args.bits}"
     run_dir = Path(args.run_dir)
     saved = vars(config) | settings
     saved["plugins"] = list(dict.fromkeys(list(config.plugins) + [PTQ_PLUGIN]))
-    atomic_torch_save(run_dir / f"{stem}.pt", {
-        "model": model.state_dict(), "backbone": config.model, "num_classes": int(dataset.n_classes),
-        "config": {k: v for k, v in saved.items() if _plain(v)},
-        "source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name,
-    })
-    extra = {"source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name,
-             "before": before, "after": after}
+    atomic_torch_save(
+        run_dir / f"{stem}.pt",
+        {
+            "model": model.state_dict(),
+            "backbone": config.model,
+            "num_classes": int(dataset.n_classes),
+            "config": {k: v for k, v in saved.items() if _plain(v)},
+            "source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name,
+        },
+    )
+    extra = {"source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name, "before": before, "after": after}
     return write_results(run_dir / f"{stem}.json", options, results, extra) | {"file": str(run_dir / f"{stem}.pt")}
 
 
@@ -123,11 +140,14 @@ def _plain(value: Any) -> bool:
 def format_result(record: dict[str, Any]) -> str:
     width = max(len(row["layer"]) for row in record["layers"])
     lines = [f"{'layer':<{width}}  solver  {'error':>11}  {'RTN error':>11}"]
-    lines += [f"{r['layer']:<{width}}  {r['method']:>6}  {r['error']:11.4g}  {r['rtn_error']:11.4g}"
-              for r in record["layers"]]
-    lines.append(f"{record['ptq/layers_better_than_rtn']}/{record['ptq/layers']} layers below round-to-nearest; "
-                 f"mean relative error {record['ptq/relative_error_mean']:.3g} "
-                 f"(RTN {record['ptq/relative_rtn_error_mean']:.3g})")
+    lines += [
+        f"{r['layer']:<{width}}  {r['method']:>6}  {r['error']:11.4g}  {r['rtn_error']:11.4g}" for r in record["layers"]
+    ]
+    lines.append(
+        f"{record['ptq/layers_better_than_rtn']}/{record['ptq/layers']} layers below round-to-nearest; "
+        f"mean relative error {record['ptq/relative_error_mean']:.3g} "
+        f"(RTN {record['ptq/relative_rtn_error_mean']:.3g})"
+    )
     for key in sorted(k for k in record["after"] if k.endswith("acc_avg")):
         lines.append(f"{key}: {record['before'].get(key, float('nan')):.4f} -> {record['after'][key]:.4f}")
     lines.append(f"wrote {record['file']}")

@@ -23,12 +23,28 @@ from dg_quant.errors import CheckpointError, ConfigError, OutputError
 
 # Settings a resumed run may change: they move the run or change its speed, not what it computes
 # (a change of device, precision or worker count can change the last digits, not the method).
-RESUME_MAY_CHANGE = frozenset({
-    "resume", "log_dir", "root_dir", "download", "no_progress", "device", "num_workers", "eval_batch_size",
-    "precision", "channels_last", "compile", "quant_kernels", "save_every", "weights", "plugin", "config",
-    "logger",  # the record sinks (TensorBoard, CSV) do not change results
-    "threads",  # how fast, not what
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "log_dir",
+        "root_dir",
+        "download",
+        "no_progress",
+        "device",
+        "num_workers",
+        "eval_batch_size",
+        "precision",
+        "channels_last",
+        "compile",
+        "quant_kernels",
+        "save_every",
+        "weights",
+        "plugin",
+        "config",
+        "logger",  # the record sinks (TensorBoard, CSV) do not change results
+        "threads",  # how fast, not what
+    }
+)
 
 
 def default_log_dir(config: argparse.Namespace, plugin_names: list[str]) -> str:
@@ -71,8 +87,9 @@ class RunFolder:
         except FileExistsError:
             raise ConfigError(f"--log_dir {self.path} is a file; choose a folder") from None
         except OSError as exc:
-            raise OutputError(f"cannot create --log_dir {self.path}: {exc.strerror}; choose a writable folder") \
-                from None
+            raise OutputError(
+                f"cannot create --log_dir {self.path}: {exc.strerror}; choose a writable folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -47,6 +47,7 @@ def build_run_model(config: argparse.Namespace, num_classes: int, *, reload: boo
     trainer, a rebuild through ``checkpoints.build_model``.
     """
     model = create_adapter(config.model, num_classes=num_classes, **adapter_kwargs(config, reload=reload))
-    model.transform = build_transforms(getattr(config, "transform", None) or "model",
-                                       getattr(config, "image_size", None), model)[1]
+    model.transform = build_transforms(
+        getattr(config, "transform", None) or "model", getattr(config, "image_size", None), model
+    )[1]
     return model

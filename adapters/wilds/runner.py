@@ -55,8 +55,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -102,9 +106,7 @@ def make_scheduler(config: argparse.Namespace):
     if config.scheduler in (None, "none"):
         return None
     total = max(int(config.total_steps), 1)
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, (total - step) / total)
-    )
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
 
 
 class ClipGradients:
@@ -142,8 +144,10 @@ class Run:
         guard_inputs(self.dataset, config.dataset)  # missing files: one line now, not at the first evaluation
         unknown = [f for f in config.groupby_fields if f not in self.dataset.metadata_fields]
         if unknown:
-            raise ConfigError(f"--groupby_fields {' '.join(unknown)}: not metadata of {config.dataset}; "
-                              f"choose from {', '.join(self.dataset.metadata_fields)}")
+            raise ConfigError(
+                f"--groupby_fields {' '.join(unknown)}: not metadata of {config.dataset}; "
+                f"choose from {', '.join(self.dataset.metadata_fields)}"
+            )
         self.grouper = CombinatorialGrouper(self.dataset, list(config.groupby_fields))
         self.model = self._build_model()
         train_transform, eval_transform = build_transforms(config.transform, config.image_size, self.model)
@@ -161,24 +165,26 @@ class Run:
         self._get_train_loader = get_train_loader
         steps_per_epoch = len(self._train_loader())
         self.eval_loaders = {
-            split: get_eval_loader("standard", self.dataset.get_subset(split, frac=config.frac,
-                                                                       transform=eval_transform),
-                                   batch_size=config.eval_batch_size or 2 * config.batch_size,
-                                   num_workers=config.num_workers)
+            split: get_eval_loader(
+                "standard",
+                self.dataset.get_subset(split, frac=config.frac, transform=eval_transform),
+                batch_size=config.eval_batch_size or 2 * config.batch_size,
+                num_workers=config.num_workers,
+            )
             for split in self._eval_splits()
         }
         config.total_steps = config.n_steps if config.n_steps else config.n_epochs * steps_per_epoch
         config.steps_per_epoch = steps_per_epoch
         # WILDS evaluates once per epoch; a run given in steps evaluates five times.
         config.eval_every = config.eval_every or (
-            steps_per_epoch if not config.n_steps else max(config.total_steps // 5, 1))
+            steps_per_epoch if not config.n_steps else max(config.total_steps // 5, 1)
+        )
         host.configure(config)
         if config.max_grad_norm:
             host.register(ClipGradients(config.max_grad_norm), name="wilds_run.clip_grad_norm")
         self.model.to(self.device)
         loss = nn.CrossEntropyLoss()
-        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss,
-                                     make_scheduler(config))
+        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss, make_scheduler(config))
         self.records: list[dict[str, Any]] = []
         self.loggers = RecordLoggers(getattr(config, "logger", None), self.log_dir)
         self.best: dict[str, Any] | None = None
@@ -194,12 +200,17 @@ class Run:
     def _train_loader(self):
         """A fresh WILDS training loader (standard or group); its order follows the global RNG."""
         config = self.config
-        common = {"batch_size": config.batch_size, "num_workers": config.num_workers,
-                  "uniform_over_groups": config.uniform_over_groups, "grouper": self.grouper}
+        common = {
+            "batch_size": config.batch_size,
+            "num_workers": config.num_workers,
+            "uniform_over_groups": config.uniform_over_groups,
+            "grouper": self.grouper,
+        }
         try:
             if config.train_loader == "group":
-                return self._get_train_loader("group", self.train_data, n_groups_per_batch=config.n_groups_per_batch,
-                                              **common)
+                return self._get_train_loader(
+                    "group", self.train_data, n_groups_per_batch=config.n_groups_per_batch, **common
+                )
             return self._get_train_loader("standard", self.train_data, drop_last=True, **common)
         except ValueError as exc:  # batch not divisible by groups, too few groups
             raise ConfigError(f"--train_loader {config.train_loader}: {exc}") from None
@@ -262,8 +273,13 @@ class Run:
         was_training = model.training
         model.eval()
         record: dict[str, Any] = {}
-        bar = progress_bar(sum(len(loader) for loader in self.eval_loaders.values()), "eval", "batch",
-                           disable=self.config.no_progress, leave=False)
+        bar = progress_bar(
+            sum(len(loader) for loader in self.eval_loaders.values()),
+            "eval",
+            "batch",
+            disable=self.config.no_progress,
+            leave=False,
+        )
         for split, loader in self.eval_loaders.items():
             bar.set_postfix_str(split, refresh=False)
             preds, ys, metas = [], [], []
@@ -275,8 +291,11 @@ class Run:
                 metas.append(meta)
                 bar.update(1)
             results, _ = self.dataset.eval(torch.cat(preds), torch.cat(ys), torch.cat(metas))
-            results = _drop_empty_groups(results) if self.config.group_logging is not False else {
-                k: v for k, v in results.items() if ":" not in k}
+            results = (
+                _drop_empty_groups(results)
+                if self.config.group_logging is not False
+                else {k: v for k, v in results.items() if ":" not in k}
+            )
             record.update({f"{split}/{k}": _metric_value(k, v) for k, v in results.items()})
         bar.close()
         record.update({k: _to_float(v) for k, v in self.trainer.evaluation_extras().items()})
@@ -285,16 +304,24 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint(self, window: list[dict[str, Any]], rng: dict[str, Any] | None,
-                    pending_eval: bool) -> dict[str, Any]:
+    def _checkpoint(
+        self, window: list[dict[str, Any]], rng: dict[str, Any] | None, pending_eval: bool
+    ) -> dict[str, Any]:
         # window: the step metrics since the last evaluation (a --save_every checkpoint falls
         # between evaluations); pending_eval: the evaluation at this step has yet to run
-        return {"trainer": self.trainer.state_dict(), "rng": rng or rng_state(), "records": self.records,
-                "best": self.best, "config": _jsonable(vars(self.config)),
-                "window": [scalar_metrics(m) for m in window], "pending_eval": pending_eval}
+        return {
+            "trainer": self.trainer.state_dict(),
+            "rng": rng or rng_state(),
+            "records": self.records,
+            "best": self.best,
+            "config": _jsonable(vars(self.config)),
+            "window": [scalar_metrics(m) for m in window],
+            "pending_eval": pending_eval,
+        }
 
-    def save_checkpoint(self, window: list[dict[str, Any]] = (), rng: dict[str, Any] | None = None,
-                        pending_eval: bool = False) -> None:
+    def save_checkpoint(
+        self, window: list[dict[str, Any]] = (), rng: dict[str, Any] | None = None, pending_eval: bool = False
+    ) -> None:
         """``last.pt`` (and ``results.jsonl``) at the current step, refused if training went non-finite."""
         self._check_finite(window)
         atomic_torch_save(self.log_dir / "last.pt", self._checkpoint(list(window), rng, pending_eval))
@@ -307,10 +334,14 @@ class Run:
             check_finite(window, self.model, self.trainer.step - len(window))
         except TrainingError as exc:
             kept = self.log_dir / "last.pt"
-            where = (f"the last good checkpoint {kept} (step {self.saved_step}) is kept"
-                     if kept.is_file() else "no checkpoint was written")
-            raise TrainingError(f"{exc}; {where}; lower --lr or set --max_grad_norm and start again in "
-                                "another --log_dir") from None
+            where = (
+                f"the last good checkpoint {kept} (step {self.saved_step}) is kept"
+                if kept.is_file()
+                else "no checkpoint was written"
+            )
+            raise TrainingError(
+                f"{exc}; {where}; lower --lr or set --max_grad_norm and start again in another --log_dir"
+            ) from None
 
     def _write_results(self) -> None:
         """``results.jsonl`` and the ``--logger`` sinks (TensorBoard, CSV) get the same records."""
@@ -364,8 +395,10 @@ class Run:
             if trainer.step % config.eval_every == 0 or trainer.step == total:
                 self._log_eval(window)
                 window = []
-                bar.set_postfix({k: f"{v:.3f}" for k, v in self.records[-1].items()
-                                 if k in ("train/loss", config.val_metric)}, refresh=False)
+                bar.set_postfix(
+                    {k: f"{v:.3f}" for k, v in self.records[-1].items() if k in ("train/loss", config.val_metric)},
+                    refresh=False,
+                )
             elif (save_every and trainer.step % save_every == 0) or self.stop.requested:
                 self.save_checkpoint(window)
             if self.stop.requested:
@@ -376,7 +409,10 @@ class Run:
     def _log_eval(self, window: list[dict[str, Any]]) -> None:
         config = self.config
         losses = [scalar_metrics(m) for m in window]
-        record: dict[str, Any] = {"step": self.trainer.step, "epoch": epoch_of(self.trainer.step, config.steps_per_epoch)}
+        record: dict[str, Any] = {
+            "step": self.trainer.step,
+            "epoch": epoch_of(self.trainer.step, config.steps_per_epoch),
+        }
         for key in losses[0] if losses else []:
             record[f"train/{key}"] = float(np.mean([m[key] for m in losses if key in m]))
         self._check_finite(window)  # before the model is evaluated or saved as the best
@@ -408,8 +444,13 @@ class Run:
         self.save_checkpoint()
 
     def _model_file(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "step": self.trainer.step, "backbone": self.config.model,
-                "num_classes": self.dataset.n_classes, "config": _jsonable(vars(self.config))}
+        return {
+            "model": self.model.state_dict(),
+            "step": self.trainer.step,
+            "backbone": self.config.model,
+            "num_classes": self.dataset.n_classes,
+            "config": _jsonable(vars(self.config)),
+        }
 
     def calibration_batches(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
         """Shuffled inputs of the training split (source domains only) for post-training calibration."""

@@ -44,8 +44,7 @@ POINT_FILE = "sweep_point.yaml"
 STATE_FILE = "sweep_state.json"
 LOG_FILE = "sweep.log"
 INDEX_FILE = "sweep_points.json"
-SWEEP_KEYS = frozenset({"name", "output", "fixed", "methods", "test_domains", "seeds", "grid", "random",
-                        "launcher"})
+SWEEP_KEYS = frozenset({"name", "output", "fixed", "methods", "test_domains", "seeds", "grid", "random", "launcher"})
 LAUNCHER_KEYS = frozenset({"executor", "parallel", "partition", "gpus", "time", "cpus", "mem_gb", "slurm"})
 # Distributions of the random search: name -> draw(rng, arguments).
 DISTRIBUTIONS: dict[str, Callable[[np.random.RandomState, list], Any]] = {
@@ -165,8 +164,10 @@ def draw(ranges: dict[str, Any], seed: int, trial: int, source: Path) -> dict[st
     values = {}
     for name, spec in sorted(ranges.items()):
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(f"{source}: random.{name} must be one of "
-                              f"{', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}; got {spec!r}")
+            raise ConfigError(
+                f"{source}: random.{name} must be one of "
+                f"{', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}; got {spec!r}"
+            )
         kind, args = next(iter(spec.items()))
         args = _as_list(args)
         if kind != "choice" and len(args) != 2:
@@ -279,8 +280,17 @@ class _Tee(io.TextIOBase):
 def _write_state(folder: Path, state: str, **extra: Any) -> None:
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id else os.environ.get("SLURM_JOB_ID")
-    atomic_write_json(folder / STATE_FILE, {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
-                                            "time": time.time(), "job_id": job_id, **extra})
+    atomic_write_json(
+        folder / STATE_FILE,
+        {
+            "state": state,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "job_id": job_id,
+            **extra,
+        },
+    )
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -353,8 +363,9 @@ def format_status(sweep: Sweep, by_state: dict[str, list[tuple[str, str]]]) -> s
         for name, detail in by_state[state]:
             lines.append(f"  {state:<8} {name}  {detail}".rstrip())
     if by_state["killed"] or by_state["failed"] or by_state["pending"]:
-        lines.append(f"  launch again to run the pending, resume the killed and retry the failed: "
-                     f"{PROG} launch {sweep.output}")
+        lines.append(
+            f"  launch again to run the pending, resume the killed and retry the failed: {PROG} launch {sweep.output}"
+        )
     if by_state["done"]:
         lines.append(f"  table: dgq_analyze table {sweep.output}")
     return "\n".join(lines)
@@ -415,9 +426,14 @@ def make_executor(sweep: Sweep):
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     except RuntimeError as exc:  # submitit looks for srun
         raise ConfigError(f"--executor slurm: {exc}; launch from a Slurm login node, or use --executor local") from None
-    params: dict[str, Any] = {"timeout_min": launcher.time, "gpus_per_node": launcher.gpus,
-                              "slurm_array_parallelism": launcher.parallel, "name": f"dgq_{sweep.name}",
-                              "nodes": 1, "tasks_per_node": 1}
+    params: dict[str, Any] = {
+        "timeout_min": launcher.time,
+        "gpus_per_node": launcher.gpus,
+        "slurm_array_parallelism": launcher.parallel,
+        "name": f"dgq_{sweep.name}",
+        "nodes": 1,
+        "tasks_per_node": 1,
+    }
     if launcher.partition:
         params["slurm_partition"] = launcher.partition
     if launcher.cpus:
@@ -434,8 +450,11 @@ def launch(sweep: Sweep, poll_s: float = 2.0) -> dict[str, list[tuple[str, str]]
     todo = prepare(sweep)
     skipped = len(sweep.points) - len(todo)
     resumed = sum((sweep.output / p.name / "last.pt").exists() for p in todo)
-    print(f"{PROG}: {sweep.name}: {len(sweep.points)} runs, launching {len(todo)} "
-          f"({resumed} resumed), {skipped} finished or running", file=sys.stderr)
+    print(
+        f"{PROG}: {sweep.name}: {len(sweep.points)} runs, launching {len(todo)} "
+        f"({resumed} resumed), {skipped} finished or running",
+        file=sys.stderr,
+    )
     dirs = [str(sweep.output / p.name) for p in todo]
     if not dirs:
         return sweep_status(sweep)
@@ -444,15 +463,19 @@ def launch(sweep: Sweep, poll_s: float = 2.0) -> dict[str, list[tuple[str, str]]
         jobs = executor.map_array(run_point, dirs)
         for run_dir, job in zip(dirs, jobs):  # so that a launch before they start does not submit them again
             _write_state(Path(run_dir), "queued", job_id=job.job_id)
-        print(f"{PROG}: submitted Slurm array {jobs[0].job_id.split('_')[0] if jobs else '-'}; "
-              f"watch it with: {PROG} status {sweep.output}", file=sys.stderr)
+        print(
+            f"{PROG}: submitted Slurm array {jobs[0].job_id.split('_')[0] if jobs else '-'}; "
+            f"watch it with: {PROG} status {sweep.output}",
+            file=sys.stderr,
+        )
     else:
         run_waves(executor, run_point, dirs, max(sweep.launcher.parallel, 1), poll_s)
     return sweep_status(sweep)
 
 
-def run_waves(executor: Any, fn: Callable[[Any], Any], items: Sequence[Any], parallel: int,
-              poll_s: float = 2.0) -> list[Any]:
+def run_waves(
+    executor: Any, fn: Callable[[Any], Any], items: Sequence[Any], parallel: int, poll_s: float = 2.0
+) -> list[Any]:
     """``fn(item)`` as submitit jobs, at most ``parallel`` at once (the local executor would start
     them all); the jobs' results in the order of ``items``."""
     pending, running, results = list(enumerate(items)), [], [None] * len(items)
@@ -526,25 +549,38 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    go = sub.add_parser("launch", help="run every point that is not finished (resumes killed ones)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    go = sub.add_parser(
+        "launch",
+        help="run every point that is not finished (resumes killed ones)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     go.add_argument("sweep", help="sweep file (YAML), or a folder launched into before")
-    go.add_argument("--output", default=None, help="output folder (default: the file's output, "
-                                                   "else runs/sweeps/<name>)")
-    go.add_argument("--executor", choices=EXECUTORS, default=None,
-                    help="local: this machine; slurm: a cluster; debug: in this process (default: the file's, else local)")
+    go.add_argument(
+        "--output", default=None, help="output folder (default: the file's output, else runs/sweeps/<name>)"
+    )
+    go.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=None,
+        help="local: this machine; slurm: a cluster; debug: in this process (default: the file's, else local)",
+    )
     go.add_argument("--parallel", type=int, default=None, help="runs at once (local) or Slurm array parallelism")
     go.add_argument("--partition", default=None, help="Slurm partition")
     go.add_argument("--gpus", type=int, default=None, help="GPUs per run")
     go.add_argument("--time", type=int, default=None, help="minutes per run (Slurm time limit)")
     go.add_argument("--cpus", type=int, default=None, help="CPUs per run (Slurm)")
     go.add_argument("--mem_gb", type=float, default=None, help="memory per run in GB (Slurm)")
-    go.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="override or add fixed wilds_run settings (e.g. root_dir=/data weights=/w.pth); "
-                         "saved with the sweep")
+    go.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override or add fixed wilds_run settings (e.g. root_dir=/data weights=/w.pth); saved with the sweep",
+    )
     go.add_argument("--dry_run", action="store_true", help="list the runs and their state, launch nothing")
     st = sub.add_parser("status", help="done / running / failed / killed / pending runs")
     st.add_argument("sweep", help="sweep file (YAML), or the sweep's output folder")
@@ -567,8 +603,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
         return
     sweep.output.mkdir(parents=True, exist_ok=True)
     # the sweep as launched (with --set values), so `launch`/`status OUTPUT` find it again
-    atomic_write_text(sweep.output / "sweep.yaml", yaml.safe_dump({**spec, "output": str(sweep.output)},
-                                                                   sort_keys=False))
+    atomic_write_text(
+        sweep.output / "sweep.yaml", yaml.safe_dump({**spec, "output": str(sweep.output)}, sort_keys=False)
+    )
     print(format_status(sweep, launch(sweep)))
 
 

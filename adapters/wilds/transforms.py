@@ -47,13 +47,15 @@ def resize_transform(size: int) -> T.Compose:
 def domainbed_train_transform(size: int) -> T.Compose:
     """DomainBed's ``augment_transform`` at ``size`` pixels."""
     T = _tv()
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.7, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-        T.RandomGrayscale(),
-        *_normalize(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            T.RandomGrayscale(),
+            *_normalize(),
+        ]
+    )
 
 
 def build_transforms(kind: str, image_size: int | None, model: Any) -> tuple[Transform | None, Transform | None]:

@@ -62,8 +62,16 @@ def local_flatness(
                 with offset(params, [direction], [float(radius)]):
                     results = {split: evaluate(model) for split, evaluate in evaluators.items()}
             for split, metrics in results.items():
-                rows.append({"split": split, "direction": i, "radius": float(radius), "loss": metrics["loss"],
-                             "acc": metrics.get("acc"), "delta": metrics["loss"] - base[split]["loss"]})
+                rows.append(
+                    {
+                        "split": split,
+                        "direction": i,
+                        "radius": float(radius),
+                        "loss": metrics["loss"],
+                        "acc": metrics.get("acc"),
+                        "delta": metrics["loss"] - base[split]["loss"],
+                    }
+                )
     check_unchanged(model, before)
     return pd.DataFrame(rows)
 
@@ -71,8 +79,13 @@ def local_flatness(
 def flatness_summary(samples: pd.DataFrame) -> pd.DataFrame:
     """F_gamma per split and radius: mean loss increase with its standard error over directions."""
     grouped = samples.groupby(["split", "radius"], sort=True)
-    summary = grouped.agg(f_gamma=("delta", "mean"), f_std=("delta", "std"), loss=("loss", "mean"),
-                          acc=("acc", "mean"), directions=("delta", "size")).reset_index()
+    summary = grouped.agg(
+        f_gamma=("delta", "mean"),
+        f_std=("delta", "std"),
+        loss=("loss", "mean"),
+        acc=("acc", "mean"),
+        directions=("delta", "size"),
+    ).reset_index()
     summary["f_std"] = summary["f_std"].fillna(0.0)
     summary["f_stderr"] = summary["f_std"] / summary["directions"] ** 0.5
     return summary

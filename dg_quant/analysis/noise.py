@@ -59,8 +59,9 @@ def layer_noise(model: nn.Module, bits: int | None = None, granularity: str = "p
             w = latent_weight(module, tensor_name).detach().float().cpu()
             if not q.enabled:  # still in the FP phase: the step the switch-on would set
                 q = _fresh_quantizer(q.config, w)
-            yield LayerNoise(f"{name}.{tensor_name}", w, _quantize_with(q, w.to(q.step.device)).cpu(),
-                             q.step.detach().cpu(), q.bits)
+            yield LayerNoise(
+                f"{name}.{tensor_name}", w, _quantize_with(q, w.to(q.step.device)).cpu(), q.step.detach().cpu(), q.bits
+            )
         return
     config = LSQConfig(bits=bits or 7, mode="signed", granularity=granularity)
     modules = dict(model.named_modules())
@@ -70,7 +71,12 @@ def layer_noise(model: nn.Module, bits: int | None = None, granularity: str = "p
         for tensor_name in weight_names(modules[name]):
             module = modules[name]
             quantized = parametrize.is_parametrized(module, tensor_name)
-            w = (latent_weight(module, tensor_name) if quantized else getattr(module, tensor_name)).detach().float().cpu()
+            w = (
+                (latent_weight(module, tensor_name) if quantized else getattr(module, tensor_name))
+                .detach()
+                .float()
+                .cpu()
+            )
             q = _fresh_quantizer(config, w)
             yield LayerNoise(f"{name}.{tensor_name}", w, _quantize_with(q, w), q.step.detach().cpu(), config.bits)
 
@@ -120,24 +126,46 @@ def noise_tables(
         half = np.broadcast_to(layer.step.numpy(), layer.weight.shape).ravel() / 2
         inside = np.abs(e) <= half * (1 + 1e-6)
         unit = e[inside] / (2 * half[inside])  # in [-1/2, 1/2] whatever the channel's step
-        stats.append({
-            "layer": layer.name, "numel": w.size, "bits": layer.bits, "step_mean": float(step.mean()),
-            "weight_mean": float(w.mean()), "weight_std": float(w.std()), "weight_skew": _skewness(w),
-            "noise_min": float(e.min()), "noise_max": float(e.max()), "noise_std": float(e.std()),
-            "uniform_std": float((e.max() - e.min()) / np.sqrt(12)),
-            "clipped_fraction": float(1 - inside.mean()),
-            "kl_uniform": kl_to_uniform(e, bins),
-            "kl_uniform_unit": kl_to_uniform(unit, bins) if unit.size else None,
-        })
+        stats.append(
+            {
+                "layer": layer.name,
+                "numel": w.size,
+                "bits": layer.bits,
+                "step_mean": float(step.mean()),
+                "weight_mean": float(w.mean()),
+                "weight_std": float(w.std()),
+                "weight_skew": _skewness(w),
+                "noise_min": float(e.min()),
+                "noise_max": float(e.max()),
+                "noise_std": float(e.std()),
+                "uniform_std": float((e.max() - e.min()) / np.sqrt(12)),
+                "clipped_fraction": float(1 - inside.mean()),
+                "kl_uniform": kl_to_uniform(e, bins),
+                "kl_uniform_unit": kl_to_uniform(unit, bins) if unit.size else None,
+            }
+        )
         top = float(np.abs(w).max()) or 1.0
-        for kind, values, span in (("weight", w, None), ("noise", e, None), ("noise_unit", unit, (-0.5, 0.5)),
-                                   ("abs_pos", w[w > 0], (0.0, top)), ("abs_neg", -w[w < 0], (0.0, top))):
+        for kind, values, span in (
+            ("weight", w, None),
+            ("noise", e, None),
+            ("noise_unit", unit, (-0.5, 0.5)),
+            ("abs_pos", w[w > 0], (0.0, top)),
+            ("abs_neg", -w[w < 0], (0.0, top)),
+        ):
             if values.size == 0:
                 continue
             counts, edges = np.histogram(values, bins=bins, range=span)
             width = edges[1] - edges[0]
             density = counts / max(counts.sum() * width, 1e-30)
-            hists += [{"layer": layer.name, "kind": kind, "bin_left": float(a), "bin_right": float(b),
-                       "count": int(c), "density": float(d)}
-                      for a, b, c, d in zip(edges[:-1], edges[1:], counts, density)]
+            hists += [
+                {
+                    "layer": layer.name,
+                    "kind": kind,
+                    "bin_left": float(a),
+                    "bin_right": float(b),
+                    "count": int(c),
+                    "density": float(d),
+                }
+                for a, b, c, d in zip(edges[:-1], edges[1:], counts, density)
+            ]
     return pd.DataFrame(stats), pd.DataFrame(hists)

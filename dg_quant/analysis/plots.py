@@ -44,8 +44,9 @@ def plot_flatness(summary: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
         group = group.sort_values("radius")
         name = " / ".join(map(str, key if isinstance(key, tuple) else (key,)))
         ax.plot(group["radius"], group["f_gamma"], marker="o", label=name)
-        ax.fill_between(group["radius"], group["f_gamma"] - group["f_stderr"],
-                        group["f_gamma"] + group["f_stderr"], alpha=0.2)
+        ax.fill_between(
+            group["radius"], group["f_gamma"] - group["f_stderr"], group["f_gamma"] + group["f_stderr"], alpha=0.2
+        )
     ax.set_xlabel("radius gamma")
     ax.set_ylabel("local flatness F_gamma (loss increase)")
     ax.legend(fontsize="small")
@@ -61,8 +62,7 @@ def plot_surface_1d(frame: pd.DataFrame, stem: str | Path) -> tuple[Path, Path]:
     groups = frame.groupby("label", sort=False) if "label" in frame else [("", frame)]
     for label, group in groups:
         line = ax.plot(group["alpha"], group["loss"], label=f"{label} loss".strip())[0]
-        acc_ax.plot(group["alpha"], group["acc"], linestyle="--", color=line.get_color(),
-                    label=f"{label} acc".strip())
+        acc_ax.plot(group["alpha"], group["acc"], linestyle="--", color=line.get_color(), label=f"{label} acc".strip())
     ax.set_xlabel("alpha (filter-normalised direction)")
     ax.set_ylabel("loss")
     acc_ax.set_ylabel("accuracy (dashed)")

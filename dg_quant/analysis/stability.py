@@ -31,8 +31,10 @@ def stability_frame(
         usable = [r for r in records if r.get(metric) is not None and r.get(ood_metric) is not None]
         if not usable:
             raise DataError(f"{run_dir} has no records with both {metric!r} and {ood_metric!r}")
-        rows += [{"label": label, "run": str(run_dir), "step": r["step"], "id_val": r[metric],
-                  "ood": r[ood_metric]} for r in usable]
+        rows += [
+            {"label": label, "run": str(run_dir), "step": r["step"], "id_val": r[metric], "ood": r[ood_metric]}
+            for r in usable
+        ]
     return pd.DataFrame(rows)
 
 
@@ -46,8 +48,16 @@ def stability_summary(frame: pd.DataFrame, after_step: int = 0) -> pd.DataFrame:
         ood, idv = group["ood"].to_numpy(float), group["id_val"].to_numpy(float)
         at_best = float(ood[int(np.argmax(idv))])
         corr = float(np.corrcoef(idv, ood)[0, 1]) if len(group) > 1 and idv.std() > 0 and ood.std() > 0 else None
-        rows.append({"label": label, "evals": len(group), "ood_std": float(ood.std()),
-                     "ood_range": float(ood.max() - ood.min()), "ood_at_best_id_val": at_best,
-                     "ood_max": float(ood.max()), "selection_gap": float(ood.max()) - at_best,
-                     "id_ood_corr": corr})
+        rows.append(
+            {
+                "label": label,
+                "evals": len(group),
+                "ood_std": float(ood.std()),
+                "ood_range": float(ood.max() - ood.min()),
+                "ood_at_best_id_val": at_best,
+                "ood_max": float(ood.max()),
+                "selection_gap": float(ood.max()) - at_best,
+                "id_ood_corr": corr,
+            }
+        )
     return pd.DataFrame(rows)

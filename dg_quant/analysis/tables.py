@@ -89,9 +89,20 @@ def _ensemble_rows(path: Path, metric: str | None, selections: Sequence[str], gr
         return []
     seeds = ",".join(str(run_info(m).get("seed")) for m in members if m.exists())
     env = info["test_env"] or _test_env([summary["ensemble"]], metric)
-    return [{**info, "run": str(path.parent), "method": f"EoQ {info['method']}", "seed": seeds,
-             "test_env": env, "selection": rule, "step": None, "val": summary["ensemble"].get(info["val_metric"]),
-             "metric": metric, "value": float(value)}]
+    return [
+        {
+            **info,
+            "run": str(path.parent),
+            "method": f"EoQ {info['method']}",
+            "seed": seeds,
+            "test_env": env,
+            "selection": rule,
+            "step": None,
+            "val": summary["ensemble"].get(info["val_metric"]),
+            "metric": metric,
+            "value": float(value),
+        }
+    ]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -143,8 +154,7 @@ def oracle_metric(metric: str) -> str:
 def _test_env(records: list[dict[str, Any]], metric: str) -> str:
     """Test domains named in the records' per-group keys (``test/acc_domain:rot75``)."""
     split = metric.split("/", 1)[0]
-    groups = sorted({k.split(":", 1)[1] for r in records for k in r
-                     if k.startswith(f"{split}/acc_") and ":" in k})
+    groups = sorted({k.split(":", 1)[1] for r in records for k in r if k.startswith(f"{split}/acc_") and ":" in k})
     return ",".join(groups) if groups else split
 
 
@@ -191,8 +201,16 @@ def collect(
             if record is None or record.get(reported) is None:
                 continue
             val_key = _selection_key(rule, info["val_metric"], reported)
-            rows.append({**info, "selection": rule, "step": record["step"], "metric": reported,
-                         "val": record.get(val_key) if val_key else None, "value": float(record[reported])})
+            rows.append(
+                {
+                    **info,
+                    "selection": rule,
+                    "step": record["step"],
+                    "metric": reported,
+                    "val": record.get(val_key) if val_key else None,
+                    "value": float(record[reported]),
+                }
+            )
     for path in find_ensembles(paths):
         rows += _ensemble_rows(path, metric, selections, group_by)
     columns = ["selection", *ROW_KEYS, "test_env", "seed", "run", "step", "val", "value", "val_metric"]

@@ -55,8 +55,9 @@ class OnnxExport:
         return asdict(self)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
-                fold_batchnorm: bool = True, opset: int = OPSET) -> OnnxExport:
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, fold_batchnorm: bool = True, opset: int = OPSET
+) -> OnnxExport:
     """Write ``model`` (fake-quantized or FP) to ``path`` as an ONNX QDQ graph with a dynamic batch.
 
     ``example`` is one input batch (its shape past the batch dimension is fixed in the graph).
@@ -69,13 +70,22 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
-            torch.onnx.export(deployable, (example,), buffer, dynamo=False,
-                              input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+            torch.onnx.export(
+                deployable,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                opset_version=opset,
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
     except Exception as exc:  # noqa: BLE001 - the exporter's errors are long and varied
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ConfigError(f"ONNX export failed ({type(exc).__name__}: {first}); "
-                          "this model has a layer the TorchScript ONNX exporter cannot write") from None
+        raise ConfigError(
+            f"ONNX export failed ({type(exc).__name__}: {first}); "
+            "this model has a layer the TorchScript ONNX exporter cannot write"
+        ) from None
     graph = onnx.load_from_string(buffer.getvalue())
     folded = fold_batchnorms(graph) if fold_batchnorm else 0
     data = graph.SerializeToString()
@@ -95,9 +105,14 @@ def describe(graph: Any, path: str = "", file_bytes: int = 0) -> OnnxExport:
     ints = [i for name, i in inits.items() if name in dq_inputs and i.data_type in int_types]
     floats = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT]
     q_on_acts = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
-    return OnnxExport(path=path, file_bytes=file_bytes, int_weights=len(ints),
-                      int_weight_params=sum(int(np.prod(i.dims)) for i in ints),
-                      float_params=sum(int(np.prod(i.dims)) for i in floats), activation_qdq=len(q_on_acts))
+    return OnnxExport(
+        path=path,
+        file_bytes=file_bytes,
+        int_weights=len(ints),
+        int_weight_params=sum(int(np.prod(i.dims)) for i in ints),
+        float_params=sum(int(np.prod(i.dims)) for i in floats),
+        activation_qdq=len(q_on_acts),
+    )
 
 
 def fold_batchnorms(graph: Any) -> int:
@@ -120,7 +135,12 @@ def fold_batchnorms(graph: Any) -> int:
     for conv in [n for n in g.node if n.op_type == "Conv"]:
         users = consumers.get(conv.output[0], [])
         dq = producers.get(conv.input[1])
-        if len(users) != 1 or users[0].op_type != "BatchNormalization" or dq is None or dq.op_type != "DequantizeLinear":
+        if (
+            len(users) != 1
+            or users[0].op_type != "BatchNormalization"
+            or dq is None
+            or dq.op_type != "DequantizeLinear"
+        ):
             continue
         bn = users[0]
         if any(name not in inits for name in [*bn.input[1:5], *dq.input[:2]]):
@@ -138,7 +158,11 @@ def fold_batchnorms(graph: Any) -> int:
         channels = codes.shape[0]
         new_scale = np.broadcast_to(scale, (channels,)) * np.abs(factor)
         new_codes = np.where(negative.reshape((-1,) + (1,) * (codes.ndim - 1)), -codes, codes).astype(codes.dtype)
-        bias = onnx.numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        bias = (
+            onnx.numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else 0.0
+        )
         new_bias = (bias - mean) * factor + beta
         key = conv.name or conv.output[0]
         dq.input[0] = _add_init(g, inits, f"{key}.weight_codes", new_codes)
@@ -173,8 +197,11 @@ def _bypass_identities(g: Any) -> None:
     """Point the users of ``Identity(initializer)`` (the exporter's de-duplication) at the initializer."""
     inits = {i.name for i in g.initializer}
     outputs = {o.name for o in g.output}
-    alias = {n.output[0]: n.input[0] for n in g.node
-             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in g.node
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs
+    }
     for n in g.node:
         for k, name in enumerate(n.input):
             if name in alias:
@@ -218,8 +245,9 @@ class Verification:
         return asdict(self)
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True,
-                 config: dict[str, str] | None = None) -> Any:
+def onnx_session(
+    path: str | os.PathLike, threads: int | None = None, optimize: bool = True, config: dict[str, str] | None = None
+) -> Any:
     """An onnxruntime CPU session; a missing, corrupt or foreign file is a one-line ``CheckpointError``.
 
     ``config`` holds onnxruntime session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``,
@@ -250,8 +278,9 @@ def run_onnx(session: Any, x: torch.Tensor, path: str = "the ONNX model") -> np.
     spec = session.get_inputs()[0]
     expected = spec.shape[1:]
     if len(spec.shape) != x.dim() or any(isinstance(d, int) and d != n for d, n in zip(expected, x.shape[1:])):
-        raise CheckpointError(f"{path} takes inputs of shape {spec.shape} but the data has "
-                              f"{list(x.shape)}; export it from this run")
+        raise CheckpointError(
+            f"{path} takes inputs of shape {spec.shape} but the data has {list(x.shape)}; export it from this run"
+        )
     x = x.detach().to(torch.float32) if x.is_floating_point() else x.detach()
     return session.run(None, {spec.name: x.numpy()})[0]
 
@@ -274,8 +303,10 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: list[torch.T
         for x, want in zip(batches, wants):
             got = run_onnx(session, x, str(path))
             if got.shape != want.shape:
-                raise CheckpointError(f"{path} gives outputs of shape {list(got.shape)} but the model gives "
-                                      f"{list(want.shape)}; it was exported from another model")
+                raise CheckpointError(
+                    f"{path} gives outputs of shape {list(got.shape)} but the model gives "
+                    f"{list(want.shape)}; it was exported from another model"
+                )
             d = np.abs(got.astype(np.float64) - want)
             diffs.append(float(d.max()))
             total += float(d.mean(-1).sum())

@@ -61,8 +61,12 @@ class IntegerWeight(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("codes", codes.to(torch.int8))
-        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1) if scale.numel() > 1
-                             else scale.detach().to(torch.float32).reshape(()))
+        self.register_buffer(
+            "scale",
+            scale.detach().to(torch.float32).reshape(-1)
+            if scale.numel() > 1
+            else scale.detach().to(torch.float32).reshape(()),
+        )
 
     def forward(self, _latent: torch.Tensor) -> torch.Tensor:
         return _DequantizeWeight.apply(self.codes, self.scale, 0)
@@ -80,8 +84,12 @@ class _QuantizeDequantize(torch.autograd.Function):
         q = g.op("QuantizeLinear", x, scale, zero)
         info = torch.iinfo(dtype)
         if (qmin, qmax) != (info.min, info.max):  # below 8 bits: QuantizeLinear only saturates at 8
-            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
-                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
+            q = g.op(
+                "Clip",
+                q,
+                g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
+                g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)),
+            )
         return g.op("DequantizeLinear", q, scale, zero)
 
 
@@ -100,12 +108,16 @@ class QuantizeDequantize(nn.Module):
 
 def _check_quantizer(q: LSQQuantizer, label: str) -> None:
     if not q.initialized:
-        raise ConfigError(f"{label}: its quantizer was never initialized (no step learned); "
-                          "export a checkpoint saved after quantization started")
+        raise ConfigError(
+            f"{label}: its quantizer was never initialized (no step learned); "
+            "export a checkpoint saved after quantization started"
+        )
     step = q.step.detach()
     if not bool(torch.isfinite(step).all()) or not bool((step > 0).all()):
-        raise ConfigError(f"{label}: its quantization step is not a positive finite number, so it cannot "
-                          "be an ONNX scale; export another checkpoint")
+        raise ConfigError(
+            f"{label}: its quantization step is not a positive finite number, so it cannot "
+            "be an ONNX scale; export another checkpoint"
+        )
     qn, qp = q.bounds
     if -qn < -128 or qp > (255 if not q.signed else 127):
         raise ConfigError(f"{label}: a {q.bits}-bit {q.config.mode} grid does not fit an 8-bit container")
@@ -152,4 +164,3 @@ def integer_model(model: nn.Module) -> tuple[nn.Module, list[QuantizedTensor]]:
         setattr(module, ACT_QUANTIZER, QuantizeDequantize(q.step, -qn, qp))
         plan.append(QuantizedTensor(label, "activation", q.bits, "int8" if qn else "uint8", -qn, qp, False))
     return model, plan
-

@@ -142,8 +142,10 @@ def _call_quantized_out_projections(modules: dict[str, nn.Module], decisions: di
     to get an activation quantizer, make the attention a ``QuantizableMHA``, which calls it (before
     parametrization, which subclasses the module's class)."""
     for name, module in modules.items():
-        if type(module) is nn.MultiheadAttention and decisions.get(f"{name}.out_proj" if name else "out_proj",
-                                                                    (False, False))[1]:
+        if (
+            type(module) is nn.MultiheadAttention
+            and decisions.get(f"{name}.out_proj" if name else "out_proj", (False, False))[1]
+        ):
             module.__class__ = QuantizableMHA
 
 

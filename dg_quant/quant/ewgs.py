@@ -79,14 +79,21 @@ def _capture_outputs(quantizers: list[LSQQuantizer]) -> tuple[list[Any], dict[in
     def hook(index: int):
         def fn(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             captured.setdefault(index, output)
+
         return fn
 
     handles = [q.register_forward_hook(hook(i)) for i, q in enumerate(quantizers)]
     return handles, captured
 
 
-def _batch_deltas(model: nn.Module, quantizers: list[LSQQuantizer], batch: tuple[Any, torch.Tensor],
-                  loss_fn: Any, max_iter: int, tol: float) -> dict[int, float]:
+def _batch_deltas(
+    model: nn.Module,
+    quantizers: list[LSQQuantizer],
+    batch: tuple[Any, torch.Tensor],
+    loss_fn: Any,
+    max_iter: int,
+    tol: float,
+) -> dict[int, float]:
     x, y = batch
     handles, captured = _capture_outputs(quantizers)
     try:

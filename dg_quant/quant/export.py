@@ -56,7 +56,7 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     out = []
     for start in range(0, codes.size, CHUNK):
-        chunk = codes[start:start + CHUNK]
+        chunk = codes[start : start + CHUNK]
         planes = np.unpackbits(chunk[:, None], axis=1, bitorder="little")[:, :bits]
         out.append(np.packbits(planes.reshape(-1), bitorder="little").tobytes())
     return b"".join(out)
@@ -69,8 +69,8 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     chunk_bytes = CHUNK * bits // 8
     for i, start in enumerate(range(0, count, CHUNK)):
         n = min(CHUNK, count - start)
-        planes = np.unpackbits(raw[i * chunk_bytes:], count=n * bits, bitorder="little").reshape(n, bits)
-        out[start:start + n] = np.packbits(planes, axis=1, bitorder="little").reshape(-1)
+        planes = np.unpackbits(raw[i * chunk_bytes :], count=n * bits, bitorder="little").reshape(n, bits)
+        out[start : start + n] = np.packbits(planes, axis=1, bitorder="little").reshape(-1)
     return out
 
 
@@ -118,17 +118,25 @@ class SizeReport:
 
     def table(self) -> str:
         mib = 2**20
-        return "\n".join([
-            f"file            {self.file_bytes / mib:10.3f} MiB  (real size on disk)",
-            f"  packed codes  {self.packed_weight_bytes / mib:10.3f} MiB  "
-            f"({self.quantized_params} weights at {'/'.join(map(str, sorted(set(self.bits)))) or '-'} bits)",
-            f"  scales        {self.scale_bytes / mib:10.3f} MiB",
-            *([f"  INQ unfrozen  {self.escape_bytes / mib:10.3f} MiB  ({self.escape_params} weights not on a "
-               f"level yet, stored exactly)"] if self.escape_params else []),
-            f"  FP remainder  {self.fp_bytes / mib:10.3f} MiB  ({self.fp_params} values)",
-            f"  header        {self.header_bytes / mib:10.3f} MiB",
-            f"FP32 model      {self.fp32_bytes / mib:10.3f} MiB  -> x{self.ratio:.2f} smaller",
-        ])
+        return "\n".join(
+            [
+                f"file            {self.file_bytes / mib:10.3f} MiB  (real size on disk)",
+                f"  packed codes  {self.packed_weight_bytes / mib:10.3f} MiB  "
+                f"({self.quantized_params} weights at {'/'.join(map(str, sorted(set(self.bits)))) or '-'} bits)",
+                f"  scales        {self.scale_bytes / mib:10.3f} MiB",
+                *(
+                    [
+                        f"  INQ unfrozen  {self.escape_bytes / mib:10.3f} MiB  ({self.escape_params} weights not on a "
+                        f"level yet, stored exactly)"
+                    ]
+                    if self.escape_params
+                    else []
+                ),
+                f"  FP remainder  {self.fp_bytes / mib:10.3f} MiB  ({self.fp_params} values)",
+                f"  header        {self.header_bytes / mib:10.3f} MiB",
+                f"FP32 model      {self.fp32_bytes / mib:10.3f} MiB  -> x{self.ratio:.2f} smaller",
+            ]
+        )
 
 
 def _quantizer_keys(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str, LSQQuantizer]], set[str]]:
@@ -147,8 +155,7 @@ def _act_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, module in model.named_modules():
         q = getattr(module, ACT_QUANTIZER, None)
         if isinstance(q, LSQQuantizer):
-            out[name] = {"bits": q.bits, "mode": q.config.mode, "init": q.config.init,
-                         **q.get_extra_state()}
+            out[name] = {"bits": q.bits, "mode": q.config.mode, "init": q.config.init, **q.get_extra_state()}
     return out
 
 
@@ -176,27 +183,60 @@ def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
         if key in skip or not isinstance(value, torch.Tensor):
             continue
         off, n = add(_tensor_bytes(value))
-        entries.append({"name": key, "kind": "fp", "dtype": str(value.dtype).removeprefix("torch."),
-                        "shape": list(value.shape), "offset": off, "nbytes": n})
+        entries.append(
+            {
+                "name": key,
+                "kind": "fp",
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape),
+                "offset": off,
+                "nbytes": n,
+            }
+        )
     for key, (module, tensor, q) in quantized.items():
         latent = latent_weight(module, tensor).detach()
         if not q.enabled:  # a disabled quantizer is the identity: the weight is FP
             off, n = add(_tensor_bytes(latent))
-            entries.append({"name": key, "kind": "fp", "dtype": str(latent.dtype).removeprefix("torch."),
-                            "shape": list(latent.shape), "offset": off, "nbytes": n})
+            entries.append(
+                {
+                    "name": key,
+                    "kind": "fp",
+                    "dtype": str(latent.dtype).removeprefix("torch."),
+                    "shape": list(latent.shape),
+                    "offset": off,
+                    "nbytes": n,
+                }
+            )
             continue
         qn, _qp = q.bounds
         codes = (q.integers(latent) + qn).to(torch.int64).cpu().numpy().astype(np.uint8)
         off, n = add(pack_bits(codes, q.bits))
         step = q.step.detach().to(torch.float32)
         s_off, s_n = add(_tensor_bytes(step))
-        entries.append({"name": key, "kind": "packed", "dtype": str(latent.dtype).removeprefix("torch."),
-                        "shape": list(latent.shape), "offset": off, "nbytes": n, "bits": q.bits, "qn": qn,
-                        "step_shape": list(step.shape), "step_offset": s_off, "step_nbytes": s_n})
+        entries.append(
+            {
+                "name": key,
+                "kind": "packed",
+                "dtype": str(latent.dtype).removeprefix("torch."),
+                "shape": list(latent.shape),
+                "offset": off,
+                "nbytes": n,
+                "bits": q.bits,
+                "qn": qn,
+                "step_shape": list(step.shape),
+                "step_offset": s_off,
+                "step_nbytes": s_n,
+            }
+        )
     for key, layer in inq.items():
         entries.append(_inq_entry(key, layer, add))
-    header = {"format": "dg-quant packed model", "version": VERSION, **(meta or {}),
-              "act_quantizers": _act_quantizers(model), "entries": entries}
+    header = {
+        "format": "dg-quant packed model",
+        "version": VERSION,
+        **(meta or {}),
+        "act_quantizers": _act_quantizers(model),
+        "entries": entries,
+    }
     header_bytes = json.dumps(header, sort_keys=True, default=str).encode()
     payload = b"".join(chunks)
     crc = zlib.crc32(payload, zlib.crc32(header_bytes))
@@ -242,10 +282,21 @@ def _inq_entry(key: str, layer: InqLayer, add: Callable[[bytes], tuple[int, int]
             off, n = add(packed)
             m_off, m_n = add(mask)
             v_off, v_n = add(values)
-            return {**entry, "kind": "pow2", "offset": off, "nbytes": n, "bits": layer.bits,
-                    "n1": layer.n1, "n2": layer.n2, "partitions_applied": layer.partitions_applied,
-                    "escapes": int(escaped.sum()), "escape_mask_offset": m_off, "escape_mask_nbytes": m_n,
-                    "escape_value_offset": v_off, "escape_value_nbytes": v_n}
+            return {
+                **entry,
+                "kind": "pow2",
+                "offset": off,
+                "nbytes": n,
+                "bits": layer.bits,
+                "n1": layer.n1,
+                "n2": layer.n2,
+                "partitions_applied": layer.partitions_applied,
+                "escapes": int(escaped.sum()),
+                "escape_mask_offset": m_off,
+                "escape_mask_nbytes": m_n,
+                "escape_value_offset": v_off,
+                "escape_value_nbytes": v_n,
+            }
     off, n = add(raw)
     return {**entry, "kind": "fp", "offset": off, "nbytes": n}
 
@@ -260,7 +311,9 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
         raise CheckpointError(f"{path} does not exist; export a run first with dgq_export")
     data = path.read_bytes()
     if len(data) < PREAMBLE.size:
-        raise CheckpointError(f"{path} is truncated ({len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble)")
+        raise CheckpointError(
+            f"{path} is truncated ({len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble)"
+        )
     magic, version, _flags, header_len, payload_len, crc = PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise CheckpointError(f"{path} is not a dg-quant export (bad magic {magic!r}); export it with dgq_export")
@@ -271,8 +324,8 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
         raise CheckpointError(f"{path} is truncated: {len(data)} of {expected} bytes; export it again")
     if len(data) > expected:
         raise CheckpointError(f"{path} is corrupt: {len(data) - expected} unexpected trailing bytes; export it again")
-    header_bytes = data[PREAMBLE.size:PREAMBLE.size + header_len]
-    payload = data[PREAMBLE.size + header_len:]
+    header_bytes = data[PREAMBLE.size : PREAMBLE.size + header_len]
+    payload = data[PREAMBLE.size + header_len :]
     if zlib.crc32(payload, zlib.crc32(header_bytes)) != crc:
         raise CheckpointError(f"{path} is corrupt (checksum mismatch); export it again")
     try:
@@ -285,7 +338,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
 def _segment(payload: bytes, offset: int, nbytes: int, name: str) -> bytes:
     if offset < 0 or offset + nbytes > len(payload):
         raise CheckpointError(f"corrupt export: entry {name} points outside the payload")
-    return payload[offset:offset + nbytes]
+    return payload[offset : offset + nbytes]
 
 
 def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, torch.Tensor]:
@@ -301,8 +354,9 @@ def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, tor
             continue
         count = int(np.prod(e["shape"]))
         codes = torch.from_numpy(unpack_bits(data, e["bits"], count).astype(np.int64))
-        step = _tensor_from(_segment(payload, e["step_offset"], e["step_nbytes"], e["name"]), "float32",
-                            e["step_shape"])
+        step = _tensor_from(
+            _segment(payload, e["step_offset"], e["step_nbytes"], e["name"]), "float32", e["step_shape"]
+        )
         ints = (codes - e["qn"]).to(torch.float32).reshape(e["shape"])
         state[e["name"]] = (ints * step).to(getattr(torch, e["dtype"]))
     return state
@@ -329,8 +383,9 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         from dg_quant.registry import create_adapter
 
         # backbone_kwargs: the adapter settings that shape the network (e.g. a ViT's img_size)
-        model = create_adapter(header["backbone"], num_classes=int(header["num_classes"]),
-                               **header.get("backbone_kwargs", {}))
+        model = create_adapter(
+            header["backbone"], num_classes=int(header["num_classes"]), **header.get("backbone_kwargs", {})
+        )
     _attach_act_quantizers(model, header.get("act_quantizers", {}))
     state = exported_state_dict(header, payload)
     for name, spec in header.get("act_quantizers", {}).items():
@@ -341,7 +396,9 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise CheckpointError(f"{path} does not match the model ({first}); pass the backbone it was exported from") from None
+        raise CheckpointError(
+            f"{path} does not match the model ({first}); pass the backbone it was exported from"
+        ) from None
     return model.eval()
 
 
@@ -353,8 +410,11 @@ def _attach_act_quantizers(model: nn.Module, specs: dict[str, dict[str, Any]]) -
         by_config.setdefault((spec["bits"], spec["mode"], spec["init"]), set()).add(name)
     for (bits, mode, init), names in by_config.items():
         act = LSQConfig(bits=bits, mode=mode, granularity="per_tensor", init=init)
-        quantize_(model, QuantConfig(weight=None, activation=act, quantize_head=True),
-                  filter_fn=lambda _m, n, names=names: n in names)
+        quantize_(
+            model,
+            QuantConfig(weight=None, activation=act, quantize_head=True),
+            filter_fn=lambda _m, n, names=names: n in names,
+        )
 
 
 def size_report(path: str | os.PathLike) -> SizeReport:

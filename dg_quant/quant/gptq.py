@@ -50,9 +50,16 @@ class LayerResult:
         return self.rtn_error / max(self.output_energy, 1e-30)
 
     def to_dict(self) -> dict:
-        return {"layer": self.name, "method": self.method, "rows": self.rows, "cols": self.cols,
-                "error": self.error, "rtn_error": self.rtn_error, "relative_error": self.relative_error,
-                "relative_rtn_error": self.relative_rtn_error}
+        return {
+            "layer": self.name,
+            "method": self.method,
+            "rows": self.rows,
+            "cols": self.cols,
+            "error": self.error,
+            "rtn_error": self.rtn_error,
+            "relative_error": self.relative_error,
+            "relative_rtn_error": self.relative_rtn_error,
+        }
 
 
 def layer_groups(layer: nn.Module) -> int:
@@ -70,8 +77,9 @@ def inverse_hessian(H: torch.Tensor, name: str) -> torch.Tensor:
     try:
         return torch.cholesky_inverse(torch.linalg.cholesky(H))
     except torch.linalg.LinAlgError:
-        raise ConfigError(f"{name}: the calibration Hessian is singular; raise the damping "
-                          "(--ptq-damp / PTQConfig.damp)") from None
+        raise ConfigError(
+            f"{name}: the calibration Hessian is singular; raise the damping (--ptq-damp / PTQConfig.damp)"
+        ) from None
 
 
 def solver_weight(layer: nn.Module) -> torch.Tensor:
@@ -132,8 +140,15 @@ class LayerSolver:
         H.diagonal(dim1=-2, dim2=-1).add_(self.damp * torch.mean(diagonal(H), dim=-1, keepdim=True))
         Q = self._solve(W_solve, H).reshape(W.shape)
         Q = self.fake_quant(Q)  # exactly on the grid (the solvers already are, up to float noise)
-        result = LayerResult(self.name, self.method, W.shape[0], self.cols, self.error(W, Q),
-                             self.error(W, self.fake_quant(W)), self.energy(W))
+        result = LayerResult(
+            self.name,
+            self.method,
+            W.shape[0],
+            self.cols,
+            self.error(W, Q),
+            self.error(W, self.fake_quant(W)),
+            self.energy(W),
+        )
         with torch.no_grad():
             self.weight.copy_(Q.reshape(self.weight.shape).to(self.weight.dtype))
         return result
@@ -154,8 +169,10 @@ class LayerSolver:
     def _group_chunks(self, inp: torch.Tensor) -> list[tuple[int, int]]:
         """Group ranges whose unfolded inputs fit ``GROUP_CHUNK_ELEMENTS`` (at least one group each)."""
         layer = self.layer
-        out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
-                  zip(inp.shape[-2:], layer.padding, layer.dilation, layer.kernel_size, layer.stride)]
+        out_hw = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(inp.shape[-2:], layer.padding, layer.dilation, layer.kernel_size, layer.stride)
+        ]
         per_group = self.cols * inp.shape[0] * out_hw[0] * out_hw[1]
         chunk = max(1, GROUP_CHUNK_ELEMENTS // max(per_group, 1))
         return [(g, min(g + chunk, self.groups)) for g in range(0, self.groups, chunk)]
@@ -165,7 +182,7 @@ class LayerSolver:
         layer = self.layer
         per_group = layer.in_channels // self.groups
         unfold = nn.Unfold(layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-        patches = unfold(inp[:, g1 * per_group:g2 * per_group])  # [N, (g2-g1)*cols, L], group-major
+        patches = unfold(inp[:, g1 * per_group : g2 * per_group])  # [N, (g2-g1)*cols, L], group-major
         n, _, length = patches.shape
         return patches.reshape(n, g2 - g1, self.cols, length).permute(1, 2, 0, 3).reshape(g2 - g1, self.cols, -1)
 
@@ -202,8 +219,15 @@ class GPTQ(LayerSolver):
 
     method = "gptq"
 
-    def __init__(self, layer: nn.Module, bits: int, name: str = "", damp: float = 0.01,
-                 blocksize: int = 128, act_order: bool = False) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        bits: int,
+        name: str = "",
+        damp: float = 0.01,
+        blocksize: int = 128,
+        act_order: bool = False,
+    ) -> None:
         super().__init__(layer, bits, name, damp)
         self.blocksize, self.act_order = blocksize, act_order
 
@@ -221,11 +245,11 @@ class GPTQ(LayerSolver):
             W1, U1 = W[..., i1:i2].clone(), U[..., i1:i2, i1:i2]
             Err1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
-                w = W1[..., i:i + 1]
+                w = W1[..., i : i + 1]
                 q = self.fake_quant(w, step)
                 Q[..., i1 + i] = q[..., 0]
-                err = (w - q) / U1[..., i:i + 1, i:i + 1]
-                W1[..., i:] -= err @ U1[..., i:i + 1, i:]
+                err = (w - q) / U1[..., i : i + 1, i : i + 1]
+                W1[..., i:] -= err @ U1[..., i : i + 1, i:]
                 Err1[..., i] = err[..., 0]
             W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
         if perm is not None:

@@ -34,8 +34,9 @@ def _best_of(rows: torch.Tensor, candidates: torch.Tensor, qn: int, qp: int) -> 
     return errors, candidates
 
 
-def _lloyd(rows: torch.Tensor, step: torch.Tensor, err: torch.Tensor, qn: int, qp: int,
-           rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lloyd(
+    rows: torch.Tensor, step: torch.Tensor, err: torch.Tensor, qn: int, qp: int, rounds: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternate codes = round(clip(x/s)) and s = Σxq/Σq² (least squares for fixed codes).
 
     Each half-step minimises the error over one of the two, so a round never raises it; a row

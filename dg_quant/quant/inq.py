@@ -99,7 +99,9 @@ def parse_partitions(spec: str | Sequence[float]) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in (spec.split(",") if isinstance(spec, str) else spec))
     except ValueError:
-        raise ConfigError(f"INQ partitions must be comma-separated numbers like 0.5,0.75,0.875,1; got {spec!r}") from None
+        raise ConfigError(
+            f"INQ partitions must be comma-separated numbers like 0.5,0.75,0.875,1; got {spec!r}"
+        ) from None
     if not values or any(not 0 < v <= 1 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
         raise ConfigError(f"INQ partitions must increase within (0, 1]; got {spec!r}")
     if values[-1] != 1.0:
@@ -148,8 +150,7 @@ def iter_inq_layers(model: nn.Module) -> Iterator[InqLayer]:
     for name, module in model.named_modules():
         if all(hasattr(module, b) for b in INQ_BUFFERS):
             n1, n2 = (int(v) for v in getattr(module, EXPONENTS_BUFFER))
-            yield InqLayer(name, module, n1, n2, int(getattr(module, APPLIED_BUFFER)),
-                           getattr(module, FROZEN_BUFFER))
+            yield InqLayer(name, module, n1, n2, int(getattr(module, APPLIED_BUFFER)), getattr(module, FROZEN_BUFFER))
 
 
 def inq_code_bits(n1: int, n2: int) -> int:

@@ -122,8 +122,11 @@ class PTQConfig:
 
 def ptq_layers(model: nn.Module, config: PTQConfig) -> dict[str, nn.Module]:
     """The Conv2d/Linear layers the policy quantizes (head FP unless asked; grouped convs included)."""
-    policy = QuantConfig(weight=LSQConfig(bits=config.bits), quantize_head=config.quantize_head,
-                         first_layer="fp" if config.first_layer_fp else "full")
+    policy = QuantConfig(
+        weight=LSQConfig(bits=config.bits),
+        quantize_head=config.quantize_head,
+        first_layer="fp" if config.first_layer_fp else "full",
+    )
     modules = dict(model.named_modules())
     layers = {}
     for name, (weights, _acts) in plan(model, policy).items():
@@ -162,6 +165,7 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def _collect(model: nn.Module, solvers: dict[str, LayerSolver], calibration: Calibration, stop: bool) -> None:
     """Run the calibration batches, feeding each solver its layer's inputs."""
+
     def hook_for(solver: LayerSolver):
         def hook(_module, inp, out):
             solver.add_batch(inp[0], out)
@@ -224,8 +228,16 @@ def ptq_(model: nn.Module, calibration: Calibration, config: PTQConfig | None = 
         results.append(r)
         steps[r.name] = solver.step
         solver.free()
-        log.info("ptq %d/%d %s %s: error %.4g (RTN %.4g), %.0f s", len(results), len(layers), r.name, r.method,
-                 r.error, r.rtn_error, time.monotonic() - start)
+        log.info(
+            "ptq %d/%d %s %s: error %.4g (RTN %.4g), %.0f s",
+            len(results),
+            len(layers),
+            r.name,
+            r.method,
+            r.error,
+            r.rtn_error,
+            time.monotonic() - start,
+        )
 
     try:
         if config.is_sequential:

@@ -114,7 +114,10 @@ def compression_report(model: nn.Module, include_disabled: bool = False) -> Comp
         report.layers.append(LayerBits(f"{layer.name}.weight", weight.numel(), layer.bits, 0, unfrozen))
     step_ids = {id(q.step) for _, q in iter_quantizers(model)}
     act_ids = {
-        id(p) for _, m in model.named_modules() if hasattr(m, ACT_QUANTIZER) for p in getattr(m, ACT_QUANTIZER).parameters()
+        id(p)
+        for _, m in model.named_modules()
+        if hasattr(m, ACT_QUANTIZER)
+        for p in getattr(m, ACT_QUANTIZER).parameters()
     }
     for p in model.parameters():
         if id(p) in quantized_ids:

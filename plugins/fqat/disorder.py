@@ -89,8 +89,9 @@ def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]
     return diff
 
 
-def observe_all(windows: list[Window], task: list[torch.Tensor | None], flat: list[torch.Tensor | None],
-                signal: str) -> None:
+def observe_all(
+    windows: list[Window], task: list[torch.Tensor | None], flat: list[torch.Tensor | None], signal: str
+) -> None:
     """``observe`` for every scale factor of a step at once, in place; bit for bit the same counts.
 
     Runs a fixed handful of multi-tensor ops per step instead of about five ops per scale factor

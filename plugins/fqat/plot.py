@@ -1,7 +1,7 @@
 """Read and plot ``fqat_disorder.jsonl``: per-layer disorder and frozen state over training.
 
-    from dg_quant.plugins.fqat.plot import plot_disorder
-    plot_disorder("runs/my_fqat_run")          # writes runs/my_fqat_run/fqat_disorder.png
+from dg_quant.plugins.fqat.plot import plot_disorder
+plot_disorder("runs/my_fqat_run")          # writes runs/my_fqat_run/fqat_disorder.png
 """
 
 from __future__ import annotations
@@ -45,8 +45,15 @@ def plot_disorder(log_dir: str | Path, out: str | Path | None = None, tau: float
     steps = frozen.index.to_numpy()
     width = float(steps[1] - steps[0]) if len(steps) > 1 else 1.0
     edges = list(steps) + [steps[-1] + width]
-    bottom.pcolormesh(edges, range(len(frozen.columns) + 1), frozen.T.to_numpy(dtype=float), cmap="Blues",
-                      vmin=0, vmax=1, shading="flat")
+    bottom.pcolormesh(
+        edges,
+        range(len(frozen.columns) + 1),
+        frozen.T.to_numpy(dtype=float),
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        shading="flat",
+    )
     bottom.set_yticks([i + 0.5 for i in range(len(frozen.columns))], frozen.columns, fontsize=6)
     bottom.invert_yaxis()
     bottom.set_xlabel("step (end of window)")

@@ -51,11 +51,13 @@ def scale_gradients(
     """``scale_gradient`` for every scale factor of a step; the unfrozen ones (most of them) in
     multi-tensor ops, the frozen ones one by one. Bit for bit the same gradients."""
     if update_mode == "alternate":
-        return [scale_gradient(g, f, None, weight=weight, update_mode=update_mode, step=step)
-                for g, f in zip(task, flat)]
+        return [
+            scale_gradient(g, f, None, weight=weight, update_mode=update_mode, step=step) for g, f in zip(task, flat)
+        ]
     out = combine_all(task, flat, weight)
     for i, mask in enumerate(frozen):
         if mask is not None:
-            out[i] = scale_gradient(task[i], flat[i], mask, weight=weight, freeze_mode=freeze_mode,
-                                    update_mode=update_mode, step=step)
+            out[i] = scale_gradient(
+                task[i], flat[i], mask, weight=weight, freeze_mode=freeze_mode, update_mode=update_mode, step=step
+            )
     return out

@@ -105,8 +105,9 @@ class FQATRun:
         optimizer.add_param_group({"params": steps, "lr": self.options.scale_lr})
 
     @hookimpl
-    def dgq_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                       config: argparse.Namespace) -> None:
+    def dgq_step_start(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
+    ) -> None:
         self._follow_scales()
         if step >= start_step_for(config, self.options, 0) and not is_quantization_enabled(model):
             switch_on(model, compat=False)
@@ -114,8 +115,9 @@ class FQATRun:
     # -- the step ---------------------------------------------------------------------------
 
     @hookimpl
-    def dgq_compute_gradients(self, model: nn.Module, batch: tuple, loss_fn: Any, step: int,
-                              config: argparse.Namespace) -> dict[str, Any]:
+    def dgq_compute_gradients(
+        self, model: nn.Module, batch: tuple, loss_fn: Any, step: int, config: argparse.Namespace
+    ) -> dict[str, Any]:
         o = self.options
         if o.quantizer == "ewgs" and o.ewgs_hessian and is_quantization_enabled(model):
             every = o.ewgs_update_every or getattr(config, "steps_per_epoch", None) or DEFAULT_EWGS_EVERY
@@ -130,14 +132,19 @@ class FQATRun:
         pairs = [grads.pop(id(self.scales[label]), (None, None)) for label in labels]
         task, flat = [g for g, _ in pairs], [f for _, f in pairs]
         observe_all([self.windows[label] for label in labels], task, flat, o.disorder_signal)
-        routed = scale_gradients(task, flat, [self.frozen.get(label) for label in labels],
-                                 weight=o.combine_weight, freeze_mode=o.freeze_mode,
-                                 update_mode=o.update_mode, step=step)
+        routed = scale_gradients(
+            task,
+            flat,
+            [self.frozen.get(label) for label in labels],
+            weight=o.combine_weight,
+            freeze_mode=o.freeze_mode,
+            update_mode=o.update_mode,
+            step=step,
+        )
         for label, grad in zip(labels, routed):
             self.scales[label].grad = grad
         others = [p for p in result.params if id(p) in grads]
-        combined = combine_all([grads[id(p)][0] for p in others], [grads[id(p)][1] for p in others],
-                               o.combine_weight)
+        combined = combine_all([grads[id(p)][0] for p in others], [grads[id(p)][1] for p in others], o.combine_weight)
         for p, grad in zip(others, combined):
             p.grad = grad
         metrics = result.metrics()
@@ -168,13 +175,17 @@ class FQATRun:
                 self.frozen.pop(label, None)
             else:
                 self.frozen[label] = mask
-            self.rows.append({
-                "step": steps_done, "scale": label, "kind": self.kinds[label],
-                "disorder": None if disorder is None else float(disorder.float().mean()),
-                "frozen": bool(mask is not None and mask.any()),
-                "frozen_fraction": 0.0 if mask is None else float(mask.float().mean()),
-                "ewgs_delta": self.deltas.get(label),
-            })
+            self.rows.append(
+                {
+                    "step": steps_done,
+                    "scale": label,
+                    "kind": self.kinds[label],
+                    "disorder": None if disorder is None else float(disorder.float().mean()),
+                    "frozen": bool(mask is not None and mask.any()),
+                    "frozen_fraction": 0.0 if mask is None else float(mask.float().mean()),
+                    "ewgs_delta": self.deltas.get(label),
+                }
+            )
 
     # -- observability and resume -------------------------------------------------------------
 
@@ -206,8 +217,12 @@ class FQATRun:
 
     def state_dict(self) -> dict[str, Any]:
         """Open windows, frozen masks, EWGS deltas and log rows: plain tensors and containers."""
-        return {"frozen": dict(self.frozen), "deltas": dict(self.deltas), "rows": list(self.rows),
-                "windows": {k: w.state_dict() for k, w in self.windows.items()}}
+        return {
+            "frozen": dict(self.frozen),
+            "deltas": dict(self.deltas),
+            "rows": list(self.rows),
+            "windows": {k: w.state_dict() for k, w in self.windows.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.frozen = dict(state["frozen"])
@@ -224,7 +239,8 @@ class FQATRun:
             return
         device = next(iter(self.quantizers.values())).step.device
         if all(m.device == device for m in self.frozen.values()) and all(
-                _window_device(w) in (None, device) for w in self.windows.values()):
+            _window_device(w) in (None, device) for w in self.windows.values()
+        ):
             return
         self.frozen = {k: m.to(device) for k, m in self.frozen.items()}
         self.windows = {k: _window_to(w, device) for k, w in self.windows.items()}

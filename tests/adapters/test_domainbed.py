@@ -340,8 +340,9 @@ def _hparams(registry, name: str, **overrides) -> dict:
 
 def _minibatches(n_domains: int = 2, batch: int = 4, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 3, (batch,), generator=g))
-            for _ in range(n_domains)]
+    return [
+        (torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, 3, (batch,), generator=g)) for _ in range(n_domains)
+    ]
 
 
 # -- registration and hparams ---------------------------------------------------------------
@@ -417,8 +418,7 @@ def test_adding_an_hparam_does_not_shift_the_others(fake_root):
     import domainbed.hparams_registry as registry
     import domainbed.lib.misc as misc
 
-    specs = {"A": {"x": HParam(1, lambda r: int(r.randint(0, 10**6))),
-                   "z": HParam(0.5, lambda r: float(r.uniform()))}}
+    specs = {"A": {"x": HParam(1, lambda r: int(r.randint(0, 10**6))), "z": HParam(0.5, lambda r: float(r.uniform()))}}
     extend_registry(registry, specs, misc.seed_hash)
     before = [registry.random_hparams("A", "Toy", s) for s in range(1, 6)]
     specs["A"]["y"] = HParam(2, lambda r: int(r.randint(0, 10**6)))
@@ -532,6 +532,7 @@ def test_fqat_model_pkl_reloads_the_frozen_set_and_open_windows(domainbed, tmp_p
         assert torch.equal(again.windows[label].events, window.events)
     assert clone.update(_minibatches(seed=9))["fqat/frozen_scales"] == len(run.scales)
 
+
 def test_deepcopy_rebuilds_an_independent_equal_algorithm(domainbed):
     algorithms, registry, _ = domainbed
     algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", quant_start_step=1))
@@ -608,9 +609,14 @@ def test_speed_hparams_reach_training_and_prediction(domainbed):
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [(["--steps", "300", "--dataset", "LongToy"], 300), (["--dataset", "LongToy"], 12),
-     (["--dataset=LongToy", "--algorithm", "INQ"], 12), (["--dataset", "Toy"], None), ([], None),
-     (["--steps", "x"], None)],
+    [
+        (["--steps", "300", "--dataset", "LongToy"], 300),
+        (["--dataset", "LongToy"], 12),
+        (["--dataset=LongToy", "--algorithm", "INQ"], 12),
+        (["--dataset", "Toy"], None),
+        ([], None),
+        (["--steps", "x"], None),
+    ],
 )
 def test_run_length_is_read_as_train_py_reads_it(fake_root, argv, expected):
     from dg_quant.adapters.domainbed.runlength import run_length
@@ -654,7 +660,10 @@ def test_qtdog_switch_step_follows_the_paper_per_dataset(fake_root, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "DomainNet", "--steps", "15001"])
     assert registry.default_hparams("QTDoG", "DomainNet")["quant_start_step"] == 8000  # of 15,000
     assert {registry.random_hparams("QTDoG", "DomainNet", s)["quant_start_step"] for s in range(1, 30)} == {
-        4000, 8000, 12000}
+        4000,
+        8000,
+        12000,
+    }
     assert registry.default_hparams("QTDoG", "Toy")["quant_start_step"] == 2000  # of 5,000
     monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "DomainNet"])  # N_STEPS: 5001
     assert registry.default_hparams("QTDoG", "DomainNet")["quant_start_step"] == round(5001 * 8000 / 15000)
@@ -679,8 +688,21 @@ def test_rewrite_command_sends_train_jobs_through_the_launcher():
 def test_launcher_train_runs_domainbed_script_with_registered_algorithm(fake_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    code = launcher.main(["train", "--domainbed", str(fake_root), "--algorithm", "QTDoG", "--steps", "3",
-                          "--hparams", '{"quant_start_step": 1}', "--output_dir", str(out)])
+    code = launcher.main(
+        [
+            "train",
+            "--domainbed",
+            str(fake_root),
+            "--algorithm",
+            "QTDoG",
+            "--steps",
+            "3",
+            "--hparams",
+            '{"quant_start_step": 1}',
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["quantized"] for r in records] == [0.0, 1.0, 1.0]
@@ -688,8 +710,7 @@ def test_launcher_train_runs_domainbed_script_with_registered_algorithm(fake_roo
 
 
 def test_launcher_sweep_jobs_come_back_through_the_launcher(fake_root, capsys):
-    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained",
-                          "--command_launcher", "dummy"])
+    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained", "--command_launcher", "dummy"])
     assert code == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
     assert any("--algorithm QTDoG" in line for line in lines)
@@ -721,8 +742,23 @@ def test_missing_pretrained_weights_fail_at_once_in_one_line(fake_root, tmp_path
     import domainbed.datasets as datasets
 
     _offline(monkeypatch, tmp_path)
-    code = launcher.main(["train", "--domainbed", str(fake_root), "--dataset", "Toy224", "--algorithm", "QTDoG",
-                          "--steps", "2", "--output_dir", str(tmp_path / "out"), "--hparams", '{"resnet18": true}'])
+    code = launcher.main(
+        [
+            "train",
+            "--domainbed",
+            str(fake_root),
+            "--dataset",
+            "Toy224",
+            "--algorithm",
+            "QTDoG",
+            "--steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--hparams",
+            '{"resnet18": true}',
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
     assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "URLError" in err
@@ -732,8 +768,20 @@ def test_missing_pretrained_weights_fail_at_once_in_one_line(fake_root, tmp_path
 def test_no_pretrained_runs_are_marked_everywhere(fake_root, tmp_path, monkeypatch, capsys):
     _offline(monkeypatch, tmp_path)
     sweep = tmp_path / "sweep"
-    assert _train(fake_root, sweep / "random", "QTDoG", "--steps", "2", "--no-pretrained", "--dataset", "Toy224",
-                  quant_start_step=1) == 0
+    assert (
+        _train(
+            fake_root,
+            sweep / "random",
+            "QTDoG",
+            "--steps",
+            "2",
+            "--no-pretrained",
+            "--dataset",
+            "Toy224",
+            quant_start_step=1,
+        )
+        == 0
+    )
     assert "RANDOM weights" in capsys.readouterr().err
     records = [json.loads(line) for line in (sweep / "random" / "results.jsonl").read_text().splitlines()]
     assert all(r["hparams"]["dgq_random_init"] is True for r in records)
@@ -744,8 +792,21 @@ def test_no_pretrained_runs_are_marked_everywhere(fake_root, tmp_path, monkeypat
     rows = {line.split("|")[0] for line in capsys.readouterr().out.splitlines() if "|" in line}
     assert rows == {"QTDoG", "QTDoG (random init)"}  # never mixed with runs from ImageNet weights
     # A sweep passes the mark to every job in --hparams, which DomainBed hashes into the job folder.
-    assert launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained", "--command_launcher", "dummy",
-                          "--hparams", '{"bits": 4}']) == 0
+    assert (
+        launcher.main(
+            [
+                "sweep",
+                "--domainbed",
+                str(fake_root),
+                "--no-pretrained",
+                "--command_launcher",
+                "dummy",
+                "--hparams",
+                '{"bits": 4}',
+            ]
+        )
+        == 0
+    )
     jobs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
     assert jobs and all('"dgq_random_init": true' in line and '"bits": 4' in line for line in jobs)
 
@@ -762,12 +823,24 @@ def test_load_algorithm_rebuilds_offline_without_downloading(fake_root, tmp_path
     with random_init_backbones():
         trained = algorithms.QTDoG((3, 224, 224), 2, 2, hparams)
     path = tmp_path / "model.pkl"
-    torch.save({"args": {"algorithm": "QTDoG"}, "model_input_shape": (3, 224, 224), "model_num_classes": 2,
-                "model_num_domains": 2, "model_hparams": hparams, "model_dict": trained.state_dict()}, path)
+    torch.save(
+        {
+            "args": {"algorithm": "QTDoG"},
+            "model_input_shape": (3, 224, 224),
+            "model_num_classes": 2,
+            "model_num_domains": 2,
+            "model_hparams": hparams,
+            "model_dict": trained.state_dict(),
+        },
+        path,
+    )
     _offline(monkeypatch, tmp_path)
     reloaded = load_algorithm(str(path))
-    pairs = [(a, b) for a, b in zip(reloaded.state_dict().values(), trained.state_dict().values())
-             if isinstance(a, torch.Tensor)]
+    pairs = [
+        (a, b)
+        for a, b in zip(reloaded.state_dict().values(), trained.state_dict().values())
+        if isinstance(a, torch.Tensor)
+    ]
     assert len(pairs) > 100 and all(torch.equal(a, b) for a, b in pairs)  # ResNet-18 included
     with pytest.raises(Exception, match="offline"):  # the plain recipe would download (and fail offline)
         algorithms.QTDoG((3, 224, 224), 2, 2, hparams)
@@ -794,8 +867,20 @@ def test_no_pretrained_covers_torch_hub_backbones(monkeypatch):
 
 
 def _train(root: Path, out: Path, algorithm: str, *extra: str, **hparams) -> int:
-    return launcher.main(["train", "--domainbed", str(root), "--algorithm", algorithm, "--output_dir", str(out),
-                          "--hparams", json.dumps(hparams), *extra])
+    return launcher.main(
+        [
+            "train",
+            "--domainbed",
+            str(root),
+            "--algorithm",
+            algorithm,
+            "--output_dir",
+            str(out),
+            "--hparams",
+            json.dumps(hparams),
+            *extra,
+        ]
+    )
 
 
 def _load(path: Path) -> dict:
@@ -806,8 +891,9 @@ def _rebuild(saved: dict):
     import domainbed.algorithms as algorithms
 
     cls = algorithms.get_algorithm_class(saved["args"]["algorithm"])
-    algorithm = cls(saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"],
-                    saved["model_hparams"])
+    algorithm = cls(
+        saved["model_input_shape"], saved["model_num_classes"], saved["model_num_domains"], saved["model_hparams"]
+    )
     algorithm.load_state_dict(saved["model_dict"])
     return algorithm
 
@@ -872,8 +958,14 @@ def test_calibration_draws_training_in_splits_only_seeded(fake_root):
 
     from dg_quant.adapters.domainbed.finish import DomainBedCalibration
 
-    args = {"dataset": "Toy", "data_dir": "unused", "test_envs": [0], "holdout_fraction": 0.2,
-            "trial_seed": 1, "seed": 3}
+    args = {
+        "dataset": "Toy",
+        "data_dir": "unused",
+        "test_envs": [0],
+        "holdout_fraction": 0.2,
+        "trial_seed": 1,
+        "seed": 3,
+    }
     calibration = DomainBedCalibration(args, {"data_augmentation": True}, torch.device("cpu"))
     assert datasets.BUILT == []  # nothing is loaded until a plugin asks
     first = torch.cat(list(calibration(40, 16)))
@@ -959,8 +1051,8 @@ def test_a_damaged_model_pkl_is_one_line_not_finished(fake_root, tmp_path, monke
     with zipfile.ZipFile(path) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
-    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
-    start += int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    start += int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
     raw[start + info.file_size // 2] ^= 0x04
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="model.pkl is damaged"):
@@ -977,13 +1069,42 @@ def test_real_domainbed_train_and_collect_results(tmp_path):
     if not root:
         pytest.skip("set DGQ_DOMAINBED to the root of a DomainBed checkout")
     out = tmp_path / "sweep"
-    hparams = json.dumps({"resnet18": True, "resnet50_augmix": False, "freeze_bn": True,
-                          "batch_size": 4, "quant_start_step": 1})
+    hparams = json.dumps(
+        {"resnet18": True, "resnet50_augmix": False, "freeze_bn": True, "batch_size": 4, "quant_start_step": 1}
+    )
     run = [sys.executable, "-m", "dg_quant.adapters.domainbed"]
-    subprocess.run([*run, "sweep", "launch", "--domainbed", root, "--no-pretrained", "--datasets", "Debug224",
-                    "--algorithms", "QTDoG", "--n_hparams", "1", "--n_trials", "1", "--single_test_envs",
-                    "--steps", "3", "--hparams", hparams, "--data_dir", str(tmp_path), "--output_dir", str(out),
-                    "--command_launcher", "local", "--skip_confirmation"], check=True, timeout=1200)
+    subprocess.run(
+        [
+            *run,
+            "sweep",
+            "launch",
+            "--domainbed",
+            root,
+            "--no-pretrained",
+            "--datasets",
+            "Debug224",
+            "--algorithms",
+            "QTDoG",
+            "--n_hparams",
+            "1",
+            "--n_trials",
+            "1",
+            "--single_test_envs",
+            "--steps",
+            "3",
+            "--hparams",
+            hparams,
+            "--data_dir",
+            str(tmp_path),
+            "--output_dir",
+            str(out),
+            "--command_launcher",
+            "local",
+            "--skip_confirmation",
+        ],
+        check=True,
+        timeout=1200,
+    )
     runs = sorted(out.glob("*/results.jsonl"))
     assert len(runs) == 3 and all((p.parent / "done").exists() for p in runs)
     last = json.loads(runs[0].read_text().splitlines()[-1])
@@ -992,8 +1113,13 @@ def test_real_domainbed_train_and_collect_results(tmp_path):
         final = json.loads((path.parent / "dgq_final.json").read_text())
         assert final["algorithm"] == "QTDoG" and final["steps"] == 3 and final["compression_ratio"] > 1
     assert all(json.loads(line)["hparams"]["dgq_random_init"] is True for line in runs[0].read_text().splitlines())
-    table = subprocess.run([*run, "collect_results", "--domainbed", root, "--input_dir", str(out)],
-                           check=True, capture_output=True, text=True, timeout=600).stdout
+    table = subprocess.run(
+        [*run, "collect_results", "--domainbed", root, "--input_dir", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
     assert "QTDoG (random init)" in table and "full-precision evaluations" in table
 
 
@@ -1004,10 +1130,33 @@ def test_real_domainbed_inq_spreads_its_partitions_over_the_run(tmp_path):
         pytest.skip("set DGQ_DOMAINBED to the root of a DomainBed checkout")
     out = tmp_path / "inq"
     hparams = json.dumps({"resnet18": True, "resnet50_augmix": False, "freeze_bn": True, "batch_size": 2})
-    subprocess.run([sys.executable, "-m", "dg_quant.adapters.domainbed", "train", "--domainbed", root,
-                    "--no-pretrained", "--dataset", "Debug224", "--algorithm", "INQ", "--steps", "8",
-                    "--checkpoint_freq", "1", "--hparams", hparams, "--data_dir", str(tmp_path),
-                    "--output_dir", str(out)], check=True, timeout=1200)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dg_quant.adapters.domainbed",
+            "train",
+            "--domainbed",
+            root,
+            "--no-pretrained",
+            "--dataset",
+            "Debug224",
+            "--algorithm",
+            "INQ",
+            "--steps",
+            "8",
+            "--checkpoint_freq",
+            "1",
+            "--hparams",
+            hparams,
+            "--data_dir",
+            str(tmp_path),
+            "--output_dir",
+            str(out),
+        ],
+        check=True,
+        timeout=1200,
+    )
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["quantized"] for r in records] == [0.0] * 6 + [1.0] * 2  # partitions at steps 0, 2, 4, 6
     final = json.loads((out / "dgq_final.json").read_text())

@@ -59,11 +59,20 @@ def test_figures_go_beside_the_runs_and_every_file_is_listed(tiny_runs, tmp_path
     capsys.readouterr()
     assert analyze.main(["noise", str(runs / "qtdog")]) == 0
     noise_files = {p for p in (runs / "qtdog" / "analysis").iterdir()}
-    assert {p.name for p in noise_files} >= {"noise.png", "noise.csv", "noise_kl.png", "noise_kl.csv",
-                                             "noise_layers.csv"}
-    assert {str(p.resolve()) for p in noise_files} == {str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))}
+    assert {p.name for p in noise_files} >= {
+        "noise.png",
+        "noise.csv",
+        "noise_kl.png",
+        "noise_kl.csv",
+        "noise_layers.csv",
+    }
+    assert {str(p.resolve()) for p in noise_files} == {
+        str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))
+    }
     assert analyze.main(["stability", str(runs / "erm0"), str(runs / "qtdog")]) == 0
     stability_files = set((runs / "analysis").iterdir())
     assert {p.name for p in stability_files} == {"stability.png", "stability.csv", "stability_summary.csv"}
-    assert {str(p.resolve()) for p in stability_files} == {str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))}
+    assert {str(p.resolve()) for p in stability_files} == {
+        str(p.resolve()) for p in map(Path, _listed(capsys.readouterr().out))
+    }
     assert list(cwd.iterdir()) == []  # nothing in the current folder

@@ -83,8 +83,17 @@ def test_finished_members_are_reused_and_runs_can_be_ensembled(tiny_runs, tmp_pa
     assert rc == 0
     assert (reuse / "eoq.json").is_file()
     assert (tiny_runs["erm0"] / "final.json").stat().st_mtime_ns == before
-    rc = eoq.main(["--from_runs", str(tiny_runs["qtdog"]), str(tiny_runs["qtdog"]), "--log_dir", str(tmp_path),
-                   "--splits", "test"])
+    rc = eoq.main(
+        [
+            "--from_runs",
+            str(tiny_runs["qtdog"]),
+            str(tiny_runs["qtdog"]),
+            "--log_dir",
+            str(tmp_path),
+            "--splits",
+            "test",
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "eoq.json").read_text())
     assert summary["ensemble"]["test/acc_avg"] == pytest.approx(summary["member_results"][0]["test/acc_avg"])
@@ -107,9 +116,30 @@ def test_bad_eoq_input_is_a_one_line_error(tiny_runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_parallel_members_train_in_separate_processes(tmp_path):
-    rc = eoq.main(["--members", "2", "--parallel", "2", "--seeds", "5", "6", "--devices", "cpu",
-                   "--log_dir", str(tmp_path), "--splits", "test", "--", "--n_steps", "6", "--eval_every", "3",
-                   "--batch_size", "32"])
+    rc = eoq.main(
+        [
+            "--members",
+            "2",
+            "--parallel",
+            "2",
+            "--seeds",
+            "5",
+            "6",
+            "--devices",
+            "cpu",
+            "--log_dir",
+            str(tmp_path),
+            "--splits",
+            "test",
+            "--",
+            "--n_steps",
+            "6",
+            "--eval_every",
+            "3",
+            "--batch_size",
+            "32",
+        ]
+    )
     assert rc == 0
     finals = [json.loads((tmp_path / f"member{i}" / "final.json").read_text()) for i in range(2)]
     assert [f["seed"] for f in finals] == [5, 6] and all(f["steps"] == 6 for f in finals)

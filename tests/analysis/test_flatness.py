@@ -83,8 +83,10 @@ def independent_f_gamma(model: nn.Module, evaluators, radius: float, n_direction
 def test_flatness_around_a_trained_quantized_model(tiny_runs):
     loaded = load_run_model(tiny_runs["qtdog"])
     dataset = loaded.load_dataset()
-    evaluators = {s: batch_evaluator(cached_batches(eval_loader(dataset, s, loaded.model), max_batches=1))
-                  for s in ("id_val", "test")}
+    evaluators = {
+        s: batch_evaluator(cached_batches(eval_loader(dataset, s, loaded.model), max_batches=1))
+        for s in ("id_val", "test")
+    }
     before = [p.detach().clone() for p in loaded.model.parameters()]
     samples = local_flatness(loaded.model, evaluators, [0.0, 1.0, 3.0], n_directions=4, seed=1)
     summary = flatness_summary(samples).set_index(["split", "radius"])

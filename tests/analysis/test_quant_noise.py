@@ -18,7 +18,9 @@ def test_kl_is_small_for_uniform_and_large_for_gaussian_samples():
     assert kl_to_uniform(rng.normal(size=200_000)) > 0.3
     assert kl_to_uniform(np.ones(10)) == 0.0
     # Direct computation on a tiny case: half the mass in one of two bins -> KL 0; all in one -> log 2.
-    assert kl_to_uniform(np.array([0.0, 0.0, 0.0, 1.0]), bins=2) == pytest.approx(0.75 * np.log(1.5) + 0.25 * np.log(0.5))
+    assert kl_to_uniform(np.array([0.0, 0.0, 0.0, 1.0]), bins=2) == pytest.approx(
+        0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+    )
 
 
 def test_noise_of_a_quantized_run_uses_its_own_quantizers(tiny_runs):

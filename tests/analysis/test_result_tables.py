@@ -20,21 +20,45 @@ SYNTHETIC = {
 }
 
 
-def write_run(folder, plugins, test_env, seed, records, bits=None, model="m", dataset="toy", extra=None,
-              test_metric=None):
+def write_run(
+    folder, plugins, test_env, seed, records, bits=None, model="m", dataset="toy", extra=None, test_metric=None
+):
     """A run folder as wilds_run writes it; ``extra(test_acc) -> {key: value}`` adds record keys."""
     folder.mkdir(parents=True)
-    rows = [{"step": s, "id_val/acc_avg": i, "val/acc_avg": v, "test/acc_avg": t,
-             f"test/acc_domain:{test_env}": t, **(extra(i, v, t) if extra else {})} for s, i, v, t in records]
+    rows = [
+        {
+            "step": s,
+            "id_val/acc_avg": i,
+            "val/acc_avg": v,
+            "test/acc_avg": t,
+            f"test/acc_domain:{test_env}": t,
+            **(extra(i, v, t) if extra else {}),
+        }
+        for s, i, v, t in records
+    ]
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"dataset": dataset, "plugins": plugins, "seed": seed, "test_domain": test_env,
-              "val_metric": "id_val/acc_avg", "bits": bits, "model": model}
+    config = {
+        "dataset": dataset,
+        "plugins": plugins,
+        "seed": seed,
+        "test_domain": test_env,
+        "val_metric": "id_val/acc_avg",
+        "bits": bits,
+        "model": model,
+    }
     if test_metric:
         config["test_metric"] = test_metric
     (folder / "config.json").write_text(json.dumps(config))
     best = max(rows, key=lambda r: r["id_val/acc_avg"])
-    final = {"dataset": dataset, "plugins": plugins, "seed": seed, "val_metric": "id_val/acc_avg",
-             "best": best, "last": rows[-1], "model": model}
+    final = {
+        "dataset": dataset,
+        "plugins": plugins,
+        "seed": seed,
+        "val_metric": "id_val/acc_avg",
+        "best": best,
+        "last": rows[-1],
+        "model": model,
+    }
     if test_metric:
         final["test_metric"] = test_metric
     (folder / "final.json").write_text(json.dumps(final))
@@ -95,8 +119,11 @@ def test_renderers(synthetic):
 
 def test_group_by_setting_and_duplicate_seeds(tmp_path):
     # an lr sweep: same method, backbone and bits; its runs differ only in a setting of their own
-    for name, lr, record in (("a", 0.1, (10, 0.5, 0.1, 0.3)), ("b", 0.2, (10, 0.6, 0.1, 0.4)),
-                             ("c", 0.2, (10, 0.9, 0.1, 0.7))):
+    for name, lr, record in (
+        ("a", 0.1, (10, 0.5, 0.1, 0.3)),
+        ("b", 0.2, (10, 0.6, 0.1, 0.4)),
+        ("c", 0.2, (10, 0.9, 0.1, 0.7)),
+    ):
         write_run(tmp_path / name, ["dg_quant.qtdog"], "A", 0, [record], bits=8)
         config = json.loads((tmp_path / name / "config.json").read_text())
         (tmp_path / name / "config.json").write_text(json.dumps({**config, "lr": lr}))
@@ -109,8 +136,16 @@ def test_group_by_setting_and_duplicate_seeds(tmp_path):
 def test_cells_report_each_runs_official_metric(tmp_path):
     # Amazon-like: the official metric is the 10th-percentile accuracy, not the average
     tenth = lambda i, v, t: {"test/10th_percentile_acc": t - 0.2, "val/10th_percentile_acc": v - 0.2}  # noqa: E731
-    write_run(tmp_path / "amazon", [], "A", 0, [(10, 0.5, 0.5, 0.41), (20, 0.4, 0.6, 0.45)], dataset="amazon",
-              extra=tenth, test_metric="test/10th_percentile_acc")
+    write_run(
+        tmp_path / "amazon",
+        [],
+        "A",
+        0,
+        [(10, 0.5, 0.5, 0.41), (20, 0.4, 0.6, 0.45)],
+        dataset="amazon",
+        extra=tenth,
+        test_metric="test/10th_percentile_acc",
+    )
     write_run(tmp_path / "pacs", [], "A", 0, [(10, 0.5, 0.1, 0.7)], dataset="pacs")
     frame = tables.collect([tmp_path])
     amazon = frame[frame.dataset == "amazon"].set_index("selection")
@@ -134,8 +169,12 @@ def test_runs_with_different_backbones_or_bits_get_their_own_rows(tmp_path):
     frame = tables.collect([tmp_path], selections=["training_domain"])
     assert len(frame) == 4  # nothing merged away
     table = tables.wide_tables(tables.summarize(frame))[("training_domain", "toy", "test/acc_avg")]
-    assert sorted(table.index) == ["erm mobilenet_v2 fp32", "erm resnet50 fp32", "qtdog resnet50 w5",
-                                   "qtdog resnet50 w7"]
+    assert sorted(table.index) == [
+        "erm mobilenet_v2 fp32",
+        "erm resnet50 fp32",
+        "qtdog resnet50 w5",
+        "qtdog resnet50 w7",
+    ]
     assert table.loc["erm mobilenet_v2 fp32", "A"] == "60.0 +- 0.0"
     assert table.loc["erm resnet50 fp32", "A"] == "30.0 +- 0.0"
 

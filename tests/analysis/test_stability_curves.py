@@ -27,8 +27,15 @@ def test_frame_reads_every_evaluation(tiny_runs):
 
 
 def test_summary_numbers():
-    frame = pd.DataFrame({"label": ["a"] * 4, "run": ["r"] * 4, "step": [1, 2, 3, 4],
-                          "id_val": [0.5, 0.9, 0.7, 0.8], "ood": [0.2, 0.4, 0.6, 0.3]})
+    frame = pd.DataFrame(
+        {
+            "label": ["a"] * 4,
+            "run": ["r"] * 4,
+            "step": [1, 2, 3, 4],
+            "id_val": [0.5, 0.9, 0.7, 0.8],
+            "ood": [0.2, 0.4, 0.6, 0.3],
+        }
+    )
     row = stability_summary(frame).iloc[0]
     assert row["ood_at_best_id_val"] == 0.4 and row["ood_max"] == 0.6
     assert row["selection_gap"] == pytest.approx(0.2)

@@ -16,16 +16,51 @@ from onnx import numpy_helper  # noqa: E402
 @pytest.fixture(scope="module")
 def fqat_run(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("fqat") / "run"
-    assert wilds_main(["--plugin", "dg_quant.fqat", "--bits", "4", "--n_steps", "4", "--eval_every", "4",
-                       "--batch_size", "16", "--frac", "0.1", "--log_dir", str(log_dir), "--no_progress"]) == 0
+    assert (
+        wilds_main(
+            [
+                "--plugin",
+                "dg_quant.fqat",
+                "--bits",
+                "4",
+                "--n_steps",
+                "4",
+                "--eval_every",
+                "4",
+                "--batch_size",
+                "16",
+                "--frac",
+                "0.1",
+                "--log_dir",
+                str(log_dir),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     return log_dir
 
 
 def test_fqat_run_exports_and_verifies_in_onnxruntime(fqat_run, tmp_path, capsys):
     out = tmp_path / "fqat.onnx"
     capsys.readouterr()
-    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(out),
-                        "--verify", "--verify_images", "40"]) == 0
+    assert (
+        export_main(
+            [
+                str(fqat_run),
+                "--checkpoint",
+                "last",
+                "--format",
+                "onnx",
+                "-o",
+                str(out),
+                "--verify",
+                "--verify_images",
+                "40",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "3 int8 weight tensors" in printed and "4 activation quantize/dequantize pairs" in printed
     assert "on 40 test images" in printed
@@ -44,8 +79,20 @@ def test_unrepresentable_layer_is_one_line(fqat_run, tmp_path, capsys):
     state["model"]["featurizer.6.parametrizations.weight.0.step"][5] = float("nan")
     torch.save(state, tmp_path / "bad.pt")
     capsys.readouterr()
-    assert export_main([str(fqat_run), "--checkpoint", str(tmp_path / "bad.pt"), "--format", "onnx",
-                        "-o", str(tmp_path / "bad.onnx")]) == 2
+    assert (
+        export_main(
+            [
+                str(fqat_run),
+                "--checkpoint",
+                str(tmp_path / "bad.pt"),
+                "--format",
+                "onnx",
+                "-o",
+                str(tmp_path / "bad.onnx"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith("dgq_export: error: featurizer.6.weight: its quantization step is not a positive finite")
@@ -60,16 +107,39 @@ def test_verify_only_rejects_a_corrupt_or_foreign_file(fqat_run, tmp_path, capsy
     good = tmp_path / "good.onnx"
     assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(good)]) == 0
     capsys.readouterr()
-    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(good),
-                        "--verify_only", "--verify_images", "16"]) == 0
+    assert (
+        export_main(
+            [
+                str(fqat_run),
+                "--checkpoint",
+                "last",
+                "--format",
+                "onnx",
+                "-o",
+                str(good),
+                "--verify_only",
+                "--verify_images",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "op for op (optimizations off): top-1 agreement 100.00%" in capsys.readouterr().out
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(good.read_bytes()[:-500])
     foreign = tmp_path / "foreign.onnx"
-    export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval(), torch.randn(1, 3, 8, 8), foreign)
-    for path, message in ((corrupt, "corrupt.onnx is not a loadable ONNX model"),
-                          (foreign, "foreign.onnx takes inputs of shape ['batch', 3, 8, 8]")):
-        assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(path),
-                            "--verify_only"]) == 2
+    export_onnx(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval(),
+        torch.randn(1, 3, 8, 8),
+        foreign,
+    )
+    for path, message in (
+        (corrupt, "corrupt.onnx is not a loadable ONNX model"),
+        (foreign, "foreign.onnx takes inputs of shape ['batch', 3, 8, 8]"),
+    ):
+        assert (
+            export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(path), "--verify_only"])
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err

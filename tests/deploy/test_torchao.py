@@ -22,7 +22,9 @@ def _vit(act_bits: int | None) -> nn.Module:
     torch.manual_seed(0)
     model = create_adapter("test_deit", num_classes=5)
     act = default_activation_config(act_bits) if act_bits else None
-    quantize_(model, QuantConfig(weight=LSQConfig(bits=6), activation=act), filter_fn=model.quant_policy.filter_fn(model))
+    quantize_(
+        model, QuantConfig(weight=LSQConfig(bits=6), activation=act), filter_fn=model.quant_policy.filter_fn(model)
+    )
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 3, 32, 32))
@@ -42,8 +44,9 @@ def test_int8_tensors_hold_the_learned_codes_and_reproduce_the_model(act_bits):
         if name in linears:
             weight = converted.get_submodule(name).weight
             assert isinstance(weight, ao.Int8Tensor) and weight.qdata.dtype == torch.int8
-            torch.testing.assert_close(weight.qdata.to(torch.float32), q.integers(module.parametrizations.weight.original),
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                weight.qdata.to(torch.float32), q.integers(module.parametrizations.weight.original), rtol=0, atol=0
+            )
     with torch.no_grad():
         got = converted(x)
         assert torch.equal(model(x), want)  # the trained model is untouched

@@ -111,9 +111,22 @@ def pacs_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pacs_argv(pacs_mini: Path, mobilenet_file: str) -> list[str]:
     """``wilds_run`` flags of every PACS run: sketch held out, ImageNet MobileNetV2 at 32 px."""
-    return ["--dataset", "pacs", "--root_dir", str(pacs_mini), "--test_domain", "sketch",
-            "--model", "mobilenet_v2", "--weights", mobilenet_file, "--image_size", IMAGE_SIZE,
-            *STEPS, *QUIET]
+    return [
+        "--dataset",
+        "pacs",
+        "--root_dir",
+        str(pacs_mini),
+        "--test_domain",
+        "sketch",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        mobilenet_file,
+        "--image_size",
+        IMAGE_SIZE,
+        *STEPS,
+        *QUIET,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -164,10 +177,35 @@ def camelyon_run(tmp_path_factory: pytest.TempPathFactory, mobilenet_file: str) 
     root = tmp_path_factory.mktemp("camelyon")
     write_camelyon17(root / "data", patches_per_slide=4)
     log_dir = root / "runs" / "qtdog"
-    wilds_run(["--dataset", "camelyon17", "--root_dir", str(root / "data"), "--model", "mobilenet_v2",
-               "--weights", mobilenet_file, "--image_size", IMAGE_SIZE, "--n_steps", "4", "--eval_every", "2",
-               "--batch_size", "8", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant_start_step", "2",
-               "--log_dir", str(log_dir), *QUIET])
+    wilds_run(
+        [
+            "--dataset",
+            "camelyon17",
+            "--root_dir",
+            str(root / "data"),
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_file,
+            "--image_size",
+            IMAGE_SIZE,
+            "--n_steps",
+            "4",
+            "--eval_every",
+            "2",
+            "--batch_size",
+            "8",
+            "--plugin",
+            "dg_quant.qtdog",
+            "--bits",
+            "7",
+            "--quant_start_step",
+            "2",
+            "--log_dir",
+            str(log_dir),
+            *QUIET,
+        ]
+    )
     return log_dir
 
 
@@ -177,8 +215,35 @@ def amazon_run(tmp_path_factory: pytest.TempPathFactory, minilm_folder: str) -> 
     root = tmp_path_factory.mktemp("amazon")
     write_amazon(root / "data")
     log_dir = root / "runs" / "qtdog"
-    wilds_run(["--dataset", "amazon", "--root_dir", str(root / "data"), "--model", "hf_encoder",
-               "--weights", minilm_folder, "--max_token_length", "16", "--n_steps", "4", "--eval_every", "2",
-               "--batch_size", "6", "--lr", "1e-4", "--plugin", "dg_quant.qtdog", "--bits", "8",
-               "--quant_start_step", "2", "--log_dir", str(log_dir), *QUIET])
+    wilds_run(
+        [
+            "--dataset",
+            "amazon",
+            "--root_dir",
+            str(root / "data"),
+            "--model",
+            "hf_encoder",
+            "--weights",
+            minilm_folder,
+            "--max_token_length",
+            "16",
+            "--n_steps",
+            "4",
+            "--eval_every",
+            "2",
+            "--batch_size",
+            "6",
+            "--lr",
+            "1e-4",
+            "--plugin",
+            "dg_quant.qtdog",
+            "--bits",
+            "8",
+            "--quant_start_step",
+            "2",
+            "--log_dir",
+            str(log_dir),
+            *QUIET,
+        ]
+    )
     return log_dir

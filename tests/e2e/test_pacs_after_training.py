@@ -40,8 +40,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def ptq_file(pacs_runs) -> Path:
     """GPTQ at 4 bits of the ERM run's best model, calibrated on 8 training images."""
     run = pacs_runs("erm")
-    assert ptq.main([str(run), "--method", "gptq", "--bits", str(PTQ_BITS), "--samples", "8",
-                     "--batch_size", "8"]) == 0
+    assert ptq.main([str(run), "--method", "gptq", "--bits", str(PTQ_BITS), "--samples", "8", "--batch_size", "8"]) == 0
     return run / f"ptq_gptq_w{PTQ_BITS}.pt"
 
 
@@ -54,8 +53,7 @@ def exports(pacs_runs, ptq_file, tmp_path_factory) -> dict[str, Path]:
         files[method] = out / f"{method}.dgq"
         assert export.main([str(pacs_runs(method)), "-o", str(files[method]), "--verify"]) == 0
     files["ptq"] = out / "ptq.dgq"
-    assert export.main([str(pacs_runs("erm")), "-o", str(files["ptq"]), "--checkpoint", ptq_file.name,
-                        "--verify"]) == 0
+    assert export.main([str(pacs_runs("erm")), "-o", str(files["ptq"]), "--checkpoint", ptq_file.name, "--verify"]) == 0
     return files
 
 
@@ -164,7 +162,8 @@ def test_table_reports_each_rule_from_the_run_files(pacs_runs, eoq_dir, tmp_path
     got = {(r["selection"], r["method"]): float(r["value"]) for r in rows}
     # the ensemble counts once, under the rule its members were picked by, named after the first
     assert got.pop(("training_domain", "EoQ qtdog")) == pytest.approx(
-        read_json(eoq_dir / "eoq.json")["ensemble"]["test/acc_avg"])
+        read_json(eoq_dir / "eoq.json")["ensemble"]["test/acc_avg"]
+    )
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value), key
@@ -175,18 +174,37 @@ def test_table_reports_each_rule_from_the_run_files(pacs_runs, eoq_dir, tmp_path
 
 def test_flatness_starts_at_the_models_own_loss(pacs_runs, tmp_path, reloaded):
     runs = [pacs_runs("erm"), pacs_runs("qtdog")]
-    assert analyze.main(["flatness", *map(str, runs), "--radii", "0", "2", "--directions", "2",
-                         "--splits", "id_val", "test", "--out", str(tmp_path)]) == 0
+    assert (
+        analyze.main(
+            [
+                "flatness",
+                *map(str, runs),
+                "--radii",
+                "0",
+                "2",
+                "--directions",
+                "2",
+                "--splits",
+                "id_val",
+                "test",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(tmp_path / "flatness.csv")
     assert {(r["label"], r["split"], float(r["radius"])) for r in rows} == {
-        (m, s, g) for m in ("erm", "qtdog") for s in ("id_val", "test") for g in (0.0, 2.0)}
+        (m, s, g) for m in ("erm", "qtdog") for s in ("id_val", "test") for g in (0.0, 2.0)
+    }
     assert (tmp_path / "flatness.png").stat().st_size > 0
     for run in runs:
         loaded = reloaded(run, "best")
         metrics = evaluate_splits(loaded.model, loaded.load_dataset(), ["id_val", "test"])
         for split in ("id_val", "test"):
-            at_zero = next(r for r in rows if r["label"] == run.name and r["split"] == split
-                           and float(r["radius"]) == 0.0)
+            at_zero = next(
+                r for r in rows if r["label"] == run.name and r["split"] == split and float(r["radius"]) == 0.0
+            )
             assert float(at_zero["f_gamma"]) == 0.0
             assert float(at_zero["loss"]) == pytest.approx(metrics[f"{split}/loss"], rel=1e-4)
 
@@ -197,7 +215,8 @@ def test_noise_lists_every_quantized_conv_of_the_qtdog_run(pacs_runs, tmp_path):
     layers = read_csv(tmp_path / "noise_layers.csv")
     compression = read_json(run / "final.json")["compression"]
     assert {r["layer"]: int(r["numel"]) for r in layers} == {
-        layer["name"]: layer["numel"] for layer in compression["layers"]}
+        layer["name"]: layer["numel"] for layer in compression["layers"]
+    }
     assert {int(r["bits"]) for r in layers} == {7}
     for name in ("noise.png", "noise.csv", "noise_kl.png"):
         assert (tmp_path / name).stat().st_size > 0

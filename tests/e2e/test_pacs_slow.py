@@ -28,10 +28,39 @@ def test_exported_qtdog_model_beats_chance_on_the_held_out_domain(mobilenet_file
         pytest.skip(f"{PACS_TAR} not present")
     root = extract_pacs_subset(PACS_TAR, tmp_path / "pacs", per_class=20)
     run = tmp_path / "qtdog"
-    wilds_run(["--dataset", "pacs", "--root_dir", str(root), "--test_domain", "sketch", "--model", "mobilenet_v2",
-               "--weights", mobilenet_file, "--image_size", "64", "--n_steps", "60", "--eval_every", "30",
-               "--batch_size", "32", "--lr", "1e-3", "--plugin", "dg_quant.qtdog", "--bits", "7",
-               "--quant_start_step", "30", "--log_dir", str(run), *QUIET])
+    wilds_run(
+        [
+            "--dataset",
+            "pacs",
+            "--root_dir",
+            str(root),
+            "--test_domain",
+            "sketch",
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_file,
+            "--image_size",
+            "64",
+            "--n_steps",
+            "60",
+            "--eval_every",
+            "30",
+            "--batch_size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--plugin",
+            "dg_quant.qtdog",
+            "--bits",
+            "7",
+            "--quant_start_step",
+            "30",
+            "--log_dir",
+            str(run),
+            *QUIET,
+        ]
+    )
     final = read_json(run / "final.json")
     assert final["best"]["quantized"] is True and final["compression"]["quantized_layers"] == 52
 
@@ -42,7 +71,9 @@ def test_exported_qtdog_model_beats_chance_on_the_held_out_domain(mobilenet_file
     logits, y, _meta = predict(load_export(out), eval_loader(dataset, "test", loaded.model, batch_size=64))
     assert (logits.argmax(1) == y).float().mean().item() == pytest.approx(final["test_at_best"], abs=1e-6)
     balanced = balanced_accuracy_score(y.numpy(), logits.argmax(1).numpy())
-    print(f"exported 7-bit QT-DoG MobileNetV2, PACS sketch: accuracy {final['test_at_best']:.3f}, "
-          f"balanced accuracy {balanced:.3f}, file {out.stat().st_size / 2**20:.2f} MiB")
+    print(
+        f"exported 7-bit QT-DoG MobileNetV2, PACS sketch: accuracy {final['test_at_best']:.3f}, "
+        f"balanced accuracy {balanced:.3f}, file {out.stat().st_size / 2**20:.2f} MiB"
+    )
     assert balanced > CHANCE + 0.05, balanced
     assert torch.isfinite(logits).all()

@@ -65,11 +65,41 @@ def user_runs(user_code: Path, pacs_mini: Path, tmp_path_factory: pytest.TempPat
     sys.path.insert(0, str(user_code))  # what PYTHONPATH does for the console scripts
     try:
         for seed, run in zip(SEEDS, runs):
-            wilds_run(["--dataset", "pacs", "--root_dir", str(pacs_mini), "--test_domain", "sketch",
-                       "--model", MODEL, "--weights", str(user_code / "squeezenet_features.pt"),
-                       "--image_size", "32", "--n_steps", "4", "--eval_every", "2", "--batch_size", "16",
-                       "--plugin", "dg_quant.qtdog", "--bits", "6", "--quant_start_step", "2", "--seed", str(seed),
-                       "--log_dir", str(run), "--no_progress", "--device", "cpu"])
+            wilds_run(
+                [
+                    "--dataset",
+                    "pacs",
+                    "--root_dir",
+                    str(pacs_mini),
+                    "--test_domain",
+                    "sketch",
+                    "--model",
+                    MODEL,
+                    "--weights",
+                    str(user_code / "squeezenet_features.pt"),
+                    "--image_size",
+                    "32",
+                    "--n_steps",
+                    "4",
+                    "--eval_every",
+                    "2",
+                    "--batch_size",
+                    "16",
+                    "--plugin",
+                    "dg_quant.qtdog",
+                    "--bits",
+                    "6",
+                    "--quant_start_step",
+                    "2",
+                    "--seed",
+                    str(seed),
+                    "--log_dir",
+                    str(run),
+                    "--no_progress",
+                    "--device",
+                    "cpu",
+                ]
+            )
     finally:
         sys.path.remove(str(user_code))
         sys.modules.pop("my_nets", None)
@@ -94,8 +124,13 @@ def test_installed_dgq_export_rebuilds_the_user_backbone_in_a_new_process(user_r
     out = tmp_path / "user.dgq"
     script = Path(sys.executable).with_name("dgq_export")
     env = {**os.environ, "PYTHONPATH": str(user_code), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(script), str(user_runs[0]), "-o", str(out), "--checkpoint", "last", "--verify"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(script), str(user_runs[0]), "-o", str(out), "--checkpoint", "last", "--verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "verified: outputs equal" in done.stdout
 

@@ -36,8 +36,9 @@ def official_run(request) -> tuple[str, Path]:
 def official_metric_of_export(run: Path, exported: Path) -> dict[str, float]:
     """The wilds dataset's ``eval`` on the test split, with the exported file's predictions."""
     config = read_json(run / "config.json")
-    dataset = get_dataset(dataset=config["dataset"], root_dir=config["root_dir"], download=False,
-                          split_scheme=config["split_scheme"])
+    dataset = get_dataset(
+        dataset=config["dataset"], root_dir=config["root_dir"], download=False, split_scheme=config["split_scheme"]
+    )
     transform = load_run_model(run, "last").model.transform  # the run's evaluation input transform
     test = dataset.get_subset("test", transform=transform)
     logits, y, meta = predict(load_export(exported), torch.utils.data.DataLoader(test, batch_size=64))

@@ -94,10 +94,13 @@ def test_fqat_defaults_follow_the_paper() -> None:
             FQATOptions(**bad)
 
 
-@pytest.mark.parametrize(("cls", "searched"), [
-    (FQATOptions, {"bits", "freeze_steps", "freeze_tau"}),  # ρ fixed as in SAM, α per dataset
-    (SAGMOptions, {"rho", "alpha"}),
-])
+@pytest.mark.parametrize(
+    ("cls", "searched"),
+    [
+        (FQATOptions, {"bits", "freeze_steps", "freeze_tau"}),  # ρ fixed as in SAM, α per dataset
+        (SAGMOptions, {"rho", "alpha"}),
+    ],
+)
 def test_search_samplers_draw_plain_scalars(cls, searched) -> None:
     rng = np.random.RandomState(0)
     drawn = {name: fn(rng) for name, fn in option_search_space(cls).items() if fn is not None}
@@ -117,9 +120,16 @@ def test_fqat_refuses_a_second_quantizer_or_step(other: str) -> None:
 
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
 
 
 def make_run(**overrides) -> tuple[FQATRun, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -158,17 +168,21 @@ def test_frozen_scale_factors_get_only_the_flatness_gradient() -> None:
     run.frozen["3.weight"] = T([True, False, True, False]).reshape(4, 1, 1, 1)
     task, flat = reference_gradients(model, batch, 0.05, 0.001)
 
-    metrics = run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0,
-                                        config=argparse.Namespace())
+    metrics = run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0, config=argparse.Namespace())
 
     grads = {n: p.grad for n, p in model.named_parameters()}
-    steps = {"0.act": "0.act_quantizer.step", "3.weight": "3.parametrizations.weight.0.step",
-             "3.act": "3.act_quantizer.step"}
+    steps = {
+        "0.act": "0.act_quantizer.step",
+        "3.weight": "3.parametrizations.weight.0.step",
+        "3.act": "3.act_quantizer.step",
+    }
     torch.testing.assert_close(grads[steps["0.act"]], 0.5 * flat[steps["0.act"]])
     torch.testing.assert_close(grads[steps["3.act"]], 0.5 * (task[steps["3.act"]] + flat[steps["3.act"]]))
     w = steps["3.weight"]
     both, flat_only = 0.5 * (task[w] + flat[w]), 0.5 * flat[w]
-    torch.testing.assert_close(grads[w].flatten(), torch.stack([flat_only[0], both[1], flat_only[2], both[3]]).flatten())
+    torch.testing.assert_close(
+        grads[w].flatten(), torch.stack([flat_only[0], both[1], flat_only[2], both[3]]).flatten()
+    )
     assert not torch.allclose(both, flat_only)  # the task gradient is not negligible here
     for name in set(grads) - set(steps.values()):  # weights, BN, head: always the full update
         torch.testing.assert_close(grads[name], 0.5 * (task[name] + flat[name]), msg=name)
@@ -268,7 +282,8 @@ def test_state_round_trips_and_follows_the_scales_device(tmp_path) -> None:
     assert other.rows == run.rows and other.frozen.keys() == run.frozen.keys() == {"0.act", "3.weight"}
     assert all(torch.equal(other.frozen[k], m) for k, m in run.frozen.items())
     assert [(w.pairs, w.events.tolist()) for w in other.windows.values()] == [
-        (w.pairs, w.events.tolist()) for w in run.windows.values()]
+        (w.pairs, w.events.tolist()) for w in run.windows.values()
+    ]
     other.close_window(8)  # the open windows end alike
     run.close_window(8)
     assert [r["disorder"] for r in other.rows] == [r["disorder"] for r in run.rows]
@@ -284,8 +299,24 @@ def test_state_round_trips_and_follows_the_scales_device(tmp_path) -> None:
 
 
 def fqat_argv(log_dir, *extra: str) -> list[str]:
-    return ["--plugin", "dg_quant.fqat", "--n_steps", "20", "--eval_every", "10", "--freeze_steps", "5",
-            "--frac", "0.3", "--batch_size", "32", "--no_progress", "--log_dir", str(log_dir), *extra]
+    return [
+        "--plugin",
+        "dg_quant.fqat",
+        "--n_steps",
+        "20",
+        "--eval_every",
+        "10",
+        "--freeze_steps",
+        "5",
+        "--frac",
+        "0.3",
+        "--batch_size",
+        "32",
+        "--no_progress",
+        "--log_dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def test_wilds_run_with_fqat_logs_disorder_over_time(tmp_path) -> None:
@@ -352,8 +383,11 @@ def test_resume_continues_the_same_freezing_decisions(tmp_path) -> None:
 def test_quantizers_of_a_fqat_model_cover_weights_and_activations() -> None:
     run, model, _ = make_run(bits=3)
     kinds = {(n, q.is_weight, q.bits) for n, q in iter_quantizers(model)}
-    assert kinds == {("0.act_quantizer", False, 3), ("3.parametrizations.weight.0", True, 3),
-                     ("3.act_quantizer", False, 3)}
+    assert kinds == {
+        ("0.act_quantizer", False, 3),
+        ("3.parametrizations.weight.0", True, 3),
+        ("3.act_quantizer", False, 3),
+    }
 
 
 def test_scale_lr_puts_the_scale_factors_in_their_own_group() -> None:
@@ -370,13 +404,57 @@ def test_scale_lr_puts_the_scale_factors_in_their_own_group() -> None:
 @pytest.mark.slow
 def test_fqat_without_freezing_is_lsq_plus_sagm(tmp_path) -> None:
     """τ = 0 freezes nothing: FQAT must then train exactly like LSQ+SAGM with FQAT's quantizers."""
-    common = ["--n_steps", "20", "--eval_every", "10", "--frac", "0.3", "--batch_size", "32", "--bits", "4",
-              "--no_progress"]
-    assert main(["--plugin", "dg_quant.fqat", "--freeze_steps", "5", "--freeze_tau", "0", *common,
-                 "--log_dir", str(tmp_path / "fqat")]) == 0
-    assert main(["--plugin", "dg_quant.lsq", "--plugin", "dg_quant.sagm", "--act_bits", "4", "--first_layer",
-                 "activations_only", "--weight_init", "mse", "--act_init", "mse", *common,
-                 "--log_dir", str(tmp_path / "lsq_sagm")]) == 0
+    common = [
+        "--n_steps",
+        "20",
+        "--eval_every",
+        "10",
+        "--frac",
+        "0.3",
+        "--batch_size",
+        "32",
+        "--bits",
+        "4",
+        "--no_progress",
+    ]
+    assert (
+        main(
+            [
+                "--plugin",
+                "dg_quant.fqat",
+                "--freeze_steps",
+                "5",
+                "--freeze_tau",
+                "0",
+                *common,
+                "--log_dir",
+                str(tmp_path / "fqat"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--plugin",
+                "dg_quant.lsq",
+                "--plugin",
+                "dg_quant.sagm",
+                "--act_bits",
+                "4",
+                "--first_layer",
+                "activations_only",
+                "--weight_init",
+                "mse",
+                "--act_init",
+                "mse",
+                *common,
+                "--log_dir",
+                str(tmp_path / "lsq_sagm"),
+            ]
+        )
+        == 0
+    )
     a, b = read_jsonl(tmp_path / "fqat" / "results.jsonl"), read_jsonl(tmp_path / "lsq_sagm" / "results.jsonl")
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
     assert [r["id_val/acc_avg"] for r in a] == [r["id_val/acc_avg"] for r in b]
@@ -413,13 +491,20 @@ def test_observe_all_counts_exactly_like_observe_per_scale(signal: str) -> None:
     assert any(w.pairs for w in batched)
 
 
-@pytest.mark.parametrize("update_mode, freeze_mode", [("joint", "drop_task_grad"), ("joint", "freeze_s"),
-                                                      ("alternate", "drop_task_grad")])
+@pytest.mark.parametrize(
+    "update_mode, freeze_mode", [("joint", "drop_task_grad"), ("joint", "freeze_s"), ("alternate", "drop_task_grad")]
+)
 def test_scale_gradients_route_exactly_like_scale_gradient(update_mode: str, freeze_mode: str) -> None:
     n = 6
     task, flat = _random_grads(n, 0, missing={2}), _random_grads(n, 1, missing={3})
-    frozen = [None, torch.tensor([True, False, True, False]).reshape(4, 1, 1, 1), None, torch.tensor([True]),
-              torch.tensor([True, True, True, True]).reshape(4, 1, 1, 1), None]
+    frozen = [
+        None,
+        torch.tensor([True, False, True, False]).reshape(4, 1, 1, 1),
+        None,
+        torch.tensor([True]),
+        torch.tensor([True, True, True, True]).reshape(4, 1, 1, 1),
+        None,
+    ]
     kwargs = {"weight": 0.5, "freeze_mode": freeze_mode, "update_mode": update_mode, "step": 3}
     batched = scale_gradients(task, flat, frozen, **kwargs)
     single = [scale_gradient(t, f, m, **kwargs) for t, f, m in zip(task, flat, frozen)]

@@ -73,8 +73,9 @@ def test_inq_frozen_weights_never_change_and_end_on_levels(opt):
 def test_inq_partition_fractions_follow_the_schedule():
     config, host = _config(total_steps=8, inq_partitions="0.5,0.75,1")
     model = create_adapter("test_cnn", num_classes=3)
-    trainer = Trainer.build(host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.01),
-                            nn.CrossEntropyLoss())
+    trainer = Trainer.build(
+        host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.01), nn.CrossEntropyLoss()
+    )
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
     fractions = []
     for _ in range(8):
@@ -90,8 +91,25 @@ def test_inq_wilds_run_end_to_end(tmp_path):
     from dg_quant.adapters.wilds.cli import main
 
     log_dir = tmp_path / "inq"
-    rc = main(["--plugin", "dg_quant.inq", "--bits", "5", "--n_steps", "6", "--eval_every", "6",
-               "--batch_size", "16", "--frac", "0.2", "--log_dir", str(log_dir), "--no_progress"])
+    rc = main(
+        [
+            "--plugin",
+            "dg_quant.inq",
+            "--bits",
+            "5",
+            "--n_steps",
+            "6",
+            "--eval_every",
+            "6",
+            "--batch_size",
+            "16",
+            "--frac",
+            "0.2",
+            "--log_dir",
+            str(log_dir),
+            "--no_progress",
+        ]
+    )
     assert rc == 0
     final = json.loads((log_dir / "final.json").read_text())
     assert final["inq/frozen_fraction"] == 1.0
@@ -102,8 +120,20 @@ def _train_run(tmp_path, name: str, *plugin_args: str):
     from dg_quant.adapters.wilds.cli import main
 
     log_dir = tmp_path / name
-    argv = [*plugin_args, "--n_steps", "8", "--eval_every", "8", "--batch_size", "32", "--frac", "0.3",
-            "--log_dir", str(log_dir), "--no_progress"]
+    argv = [
+        *plugin_args,
+        "--n_steps",
+        "8",
+        "--eval_every",
+        "8",
+        "--batch_size",
+        "32",
+        "--frac",
+        "0.3",
+        "--log_dir",
+        str(log_dir),
+        "--no_progress",
+    ]
     assert main(argv) == 0
     return log_dir
 

@@ -133,20 +133,31 @@ def test_plugin_replaces_the_default_step_in_the_host_neutral_loop() -> None:
     assert read_options(SAGMOptions, config) == SAGMOptions(rho=0.1, alpha=0.02)
     model, (x, y) = tiny_net(), batch()
     g, g_p, _, _ = direct_sagm(model, x, y, rho=0.1, alpha=0.02)
-    trainer = Trainer.build(host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.0),
-                            nn.functional.cross_entropy)
+    trainer = Trainer.build(
+        host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.0), nn.functional.cross_entropy
+    )
     metrics = trainer.train_step((x, y))
     assert {"loss", "sagm/perturbed_loss", "sagm/grad_norm", "sagm/surrogate_gap"} <= set(metrics)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 0.5 * (g[name] + g_p[name]), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("plugins", [["dg_quant.sagm"], ["dg_quant.lsq", "dg_quant.sagm"]],
-                         ids=["fp", "lsq+sagm"])
+@pytest.mark.parametrize("plugins", [["dg_quant.sagm"], ["dg_quant.lsq", "dg_quant.sagm"]], ids=["fp", "lsq+sagm"])
 def test_wilds_run_with_sagm(tmp_path, plugins) -> None:
     argv = [a for p in plugins for a in ("--plugin", p)]
-    argv += ["--n_steps", "20", "--eval_every", "20", "--frac", "0.3", "--batch_size", "32",
-             "--no_progress", "--log_dir", str(tmp_path)]
+    argv += [
+        "--n_steps",
+        "20",
+        "--eval_every",
+        "20",
+        "--frac",
+        "0.3",
+        "--batch_size",
+        "32",
+        "--no_progress",
+        "--log_dir",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     record = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert record["train/sagm/perturbed_loss"] > 0

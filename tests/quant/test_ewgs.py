@@ -103,11 +103,22 @@ def test_ewgs_step_gradient_keeps_lsq_gradient_scale() -> None:
 
 def quantized_net(act_bits: int = 4) -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(4, 3))
-    return quantize_(net, QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(act_bits),
-                                      first_layer="activations_only"))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    return quantize_(
+        net,
+        QuantConfig(
+            weight=LSQConfig(bits=4), activation=default_activation_config(act_bits), first_layer="activations_only"
+        ),
+    )
 
 
 def test_fixed_delta_reaches_every_quantizer_in_integer_units() -> None:
@@ -141,7 +152,7 @@ def test_hessian_delta_matches_the_closed_form_on_a_quadratic() -> None:
     x = torch.diag(torch.tensor([2.0, 1.0, 3.0]))
     loss_fn = lambda out, _y: 0.5 * (out**2).sum()  # noqa: E731
     deltas = hessian_deltas(lin, [(x, None)], loss_fn)
-    (name, q), = list(iter_quantizers(lin))
+    ((name, q),) = list(iter_quantizers(lin))
     s = q.step.detach()
     w_hat = lin.weight.detach()
     g = w_hat @ (x.T @ x)

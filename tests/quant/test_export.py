@@ -48,8 +48,10 @@ def test_pack_unpack_round_trip(bits, count):
 
 def _quantized_cnn(bits: int = 7, acts: int = 0, granularity: str = "per_channel"):
     model = create_adapter("test_cnn", num_classes=5)
-    config = QuantConfig(weight=LSQConfig(bits=bits, granularity=granularity),
-                         activation=default_activation_config(acts) if acts else None)
+    config = QuantConfig(
+        weight=LSQConfig(bits=bits, granularity=granularity),
+        activation=default_activation_config(acts) if acts else None,
+    )
     quantize_(model, config)
     with torch.no_grad():  # move off the init so that steps and BN statistics are not trivial
         for p in model.parameters():
@@ -246,8 +248,12 @@ def _write_version_1(model, path, meta) -> None:
     lsq = {}
     for name, module, tensor, q in iter_quantized_weights(model):
         prefix = f"{name}.parametrizations.{tensor}"
-        lsq[f"{name}.{tensor}"] = (module, tensor, q, {f"{prefix}.original", f"{prefix}.0.step",
-                                                       f"{prefix}.0._extra_state"})
+        lsq[f"{name}.{tensor}"] = (
+            module,
+            tensor,
+            q,
+            {f"{prefix}.original", f"{prefix}.0.step", f"{prefix}.0._extra_state"},
+        )
     skip = set().union(*(keys for *_, keys in lsq.values()))
 
     def add(data: bytes) -> int:
@@ -261,20 +267,42 @@ def _write_version_1(model, path, meta) -> None:
 
     for key, value in model.state_dict().items():
         if key not in skip:  # v1 wrote every plain tensor raw, the INQ buffers included
-            entries.append({"name": key, "kind": "fp", "dtype": str(value.dtype)[6:], "shape": list(value.shape),
-                            "offset": add(raw(value)), "nbytes": len(chunks[-1])})
+            entries.append(
+                {
+                    "name": key,
+                    "kind": "fp",
+                    "dtype": str(value.dtype)[6:],
+                    "shape": list(value.shape),
+                    "offset": add(raw(value)),
+                    "nbytes": len(chunks[-1]),
+                }
+            )
     for key, (module, tensor, q, _) in lsq.items():
         latent = latent_weight(module, tensor)
         qn = q.bounds[0]
         codes = (q.integers(latent) + qn).to(torch.uint8).reshape(-1).numpy()
-        planes = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, :q.bits]
+        planes = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, : q.bits]
         packed = np.packbits(planes.reshape(-1), bitorder="little").tobytes()
         step = q.step.detach().float()
-        entries.append({"name": key, "kind": "packed", "dtype": "float32", "shape": list(latent.shape),
-                        "offset": add(packed), "nbytes": len(packed), "bits": q.bits, "qn": qn,
-                        "step_shape": list(step.shape), "step_offset": add(raw(step)), "step_nbytes": step.numel() * 4})
-    header = json.dumps({"format": "dg-quant packed model", "version": 1, **meta, "act_quantizers": {},
-                         "entries": entries}, sort_keys=True).encode()
+        entries.append(
+            {
+                "name": key,
+                "kind": "packed",
+                "dtype": "float32",
+                "shape": list(latent.shape),
+                "offset": add(packed),
+                "nbytes": len(packed),
+                "bits": q.bits,
+                "qn": qn,
+                "step_shape": list(step.shape),
+                "step_offset": add(raw(step)),
+                "step_nbytes": step.numel() * 4,
+            }
+        )
+    header = json.dumps(
+        {"format": "dg-quant packed model", "version": 1, **meta, "act_quantizers": {}, "entries": entries},
+        sort_keys=True,
+    ).encode()
     payload = b"".join(chunks)
     crc = zlib.crc32(payload, zlib.crc32(header))
     path.write_bytes(struct.pack("<4sHHIQI", b"DGQX", 1, 0, len(header), len(payload), crc) + header + payload)
@@ -300,8 +328,28 @@ def test_dgq_export_of_an_inq_run_verifies_and_reports_sizes(tmp_path, capsys):
     from dg_quant.adapters.wilds.export import main as export_main
 
     log_dir = tmp_path / "inq"
-    assert wilds_main(["--plugin", "dg_quant.inq", "--bits", "4", "--n_steps", "4", "--eval_every", "4",
-                       "--batch_size", "16", "--frac", "0.1", "--log_dir", str(log_dir), "--no_progress"]) == 0
+    assert (
+        wilds_main(
+            [
+                "--plugin",
+                "dg_quant.inq",
+                "--bits",
+                "4",
+                "--n_steps",
+                "4",
+                "--eval_every",
+                "4",
+                "--batch_size",
+                "16",
+                "--frac",
+                "0.1",
+                "--log_dir",
+                str(log_dir),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "inq.dgq"
     assert export_main([str(log_dir), "-o", str(out), "--checkpoint", "last", "--verify"]) == 0
@@ -321,9 +369,11 @@ def test_resnet50_7bit_size_numbers(tmp_path):
     report = export_model(model, path)
     fp32_file = torch_save_bytes(model)
     conv_bytes = report.quantized_params * 4
-    print(f"\nresnet50 7-bit: file {report.file_bytes} B, fp32 torch.save {fp32_file} B, ratio "
-          f"{report.file_bytes / fp32_file:.4f}; conv FP32 {conv_bytes} B -> codes {report.packed_weight_bytes} B "
-          f"({report.packed_weight_bytes / conv_bytes:.4f}); scales {report.scale_bytes} B; FP {report.fp_bytes} B")
+    print(
+        f"\nresnet50 7-bit: file {report.file_bytes} B, fp32 torch.save {fp32_file} B, ratio "
+        f"{report.file_bytes / fp32_file:.4f}; conv FP32 {conv_bytes} B -> codes {report.packed_weight_bytes} B "
+        f"({report.packed_weight_bytes / conv_bytes:.4f}); scales {report.scale_bytes} B; FP {report.fp_bytes} B"
+    )
     assert report.packed_weight_bytes / conv_bytes == pytest.approx(7 / 32, rel=1e-4)
     assert report.file_bytes == pytest.approx(7 / 32 * conv_bytes + report.scale_bytes + report.fp_bytes, rel=0.01)
     x = torch.randn(1, 3, 64, 64)

@@ -27,7 +27,7 @@ def test_forward_and_gradients_match_float64_reference(bits: int, per_channel: b
     qn, qp = integer_bounds(bits, signed=True)
     x = torch.randn(6, 5, 3, 3, dtype=torch.float64) * 0.3
     shape = (6, 1, 1, 1) if per_channel else (1,)
-    s = (torch.rand(shape, dtype=torch.float64) * 0.05 + 0.02)
+    s = torch.rand(shape, dtype=torch.float64) * 0.05 + 0.02
     g = 1 / math.sqrt(qp * x.numel())
     upstream = torch.randn_like(x)
 
@@ -90,8 +90,9 @@ def test_gradient_scale_variants(variant: str, count) -> None:
 
 def test_activation_per_channel_scale_uses_features_per_sample() -> None:
     x = torch.rand(16, 10)
-    q = LSQQuantizer(LSQConfig(bits=8, mode="unsigned", granularity="per_tensor", grad_scale="per_channel"),
-                     is_weight=False)
+    q = LSQQuantizer(
+        LSQConfig(bits=8, mode="unsigned", granularity="per_tensor", grad_scale="per_channel"), is_weight=False
+    )
     assert q.grad_scale(x) == pytest.approx(1 / math.sqrt(255 * 10))
 
 

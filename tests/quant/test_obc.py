@@ -123,8 +123,14 @@ def _feature_maps(channels: int) -> torch.Tensor:
 
 def _output_error(conv: nn.Conv2d, w0: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> float:
     """E ||conv_{w0}(x) - conv_{w}(x)||^2 per image, measured by running the (grouped) conv."""
-    diff = F.conv2d(x.double(), (w0 - w).double(), stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups)
+    diff = F.conv2d(
+        x.double(),
+        (w0 - w).double(),
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+    )
     return float((diff**2).flatten(1).sum(dim=1).mean())
 
 
@@ -174,11 +180,11 @@ def test_grouped_conv_equals_its_groups_solved_one_by_one(solver_cls, case):
     for g in range(conv.groups):
         single = nn.Conv2d(cin, rows, 3, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
         with torch.no_grad():
-            single.weight.copy_(w0[g * rows:(g + 1) * rows])
+            single.weight.copy_(w0[g * rows : (g + 1) * rows])
         one = solver_cls(single, bits=4)
-        one.add_batch(x[:, g * cin:(g + 1) * cin])
+        one.add_batch(x[:, g * cin : (g + 1) * cin])
         one.quantize()
-        assert torch.equal(single.weight, conv.weight[g * rows:(g + 1) * rows])
+        assert torch.equal(single.weight, conv.weight[g * rows : (g + 1) * rows])
 
 
 def test_gptq_act_order_permutes_each_group_on_its_own():
@@ -270,8 +276,9 @@ def test_ptq_quantizes_depthwise_convs_of_mobilenet(tmp_path):
 def _hessian(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H = 2/n Σ x xᵀ over the layer's input columns (unfolded patches for a conv), float64."""
     if isinstance(layer, nn.Conv2d):
-        cols = F.unfold(x.double(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                        stride=layer.stride)  # [N, cols, L]
+        cols = F.unfold(
+            x.double(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )  # [N, cols, L]
         cols = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
         n = x.shape[0]  # the running mean counts images
     else:
@@ -307,7 +314,7 @@ def reference_gptq(W, H, step, qn, qp, act_order=False):
         Q[:, i] = _quant(W[:, i], step, qn, qp)
         err = (W[:, i] - Q[:, i]) / Hinv[i, i]
         W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
-        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+        Hinv = Hinv - Hinv[:, i : i + 1] @ Hinv[i : i + 1, :] / Hinv[i, i]
     return Q[:, torch.argsort(order)]
 
 
@@ -328,7 +335,7 @@ def reference_obq(W, H, step, qn, qp):
             q = _quant(w[j], s, qn, qp)
             w = w - Hinv[:, j] * (w[j] - q) / Hinv[j, j]
             w[j] = q
-            Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
+            Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
             free.remove(j)
         Q[r] = w
     return Q
@@ -447,7 +454,6 @@ def test_ptq_through_disabled_quantizers_equals_plain_ptq(trained):
 # -- the real pretrained MobileNetV2 on PACS ---------------------------------------------------
 
 
-
 def _round_to_nearest_(model: nn.Module, names: list[str], bits: int) -> None:
     """The baseline: each layer's weight rounded on the same per-channel MSE grid as the solvers."""
     modules = dict(model.named_modules())
@@ -485,7 +491,9 @@ def test_real_mobilenet_v2_ptq_quantizes_every_depthwise_conv_below_rtn(pacs_roo
     with torch.no_grad():
         top1 = {k: m(held_out).argmax(1) for k, m in (("fp", fp), ("ptq", ptq), ("rtn", rtn))}
     agreement = {k: float((top1[k] == top1["fp"]).float().mean()) for k in ("ptq", "rtn")}
-    print("depthwise relative error (RTN):", ", ".join(
-        f"{rows[n].relative_error:.3g} ({rows[n].relative_rtn_error:.3g})" for n in depthwise))
+    print(
+        "depthwise relative error (RTN):",
+        ", ".join(f"{rows[n].relative_error:.3g} ({rows[n].relative_rtn_error:.3g})" for n in depthwise),
+    )
     print(f"ImageNet top-1 agreement with FP on {len(held_out)} sketch images: {agreement}")
     assert agreement["ptq"] > agreement["rtn"]

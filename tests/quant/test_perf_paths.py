@@ -102,9 +102,7 @@ def test_pure_bf16_step_uses_the_explicit_range_test() -> None:
     out.backward(torch.ones_like(out))
     assert out.tolist() == [0.0, 3.0, 254.0, 255.0, 255.0]
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
-    assert s.grad.item() == pytest.approx(
-        2 * qp
-    )  # the two clipped values; inside ones are on the grid
+    assert s.grad.item() == pytest.approx(2 * qp)  # the two clipped values; inside ones are on the grid
 
 
 def test_clamp_steps_keeps_every_step_positive() -> None:
@@ -120,9 +118,7 @@ def test_clamp_steps_keeps_every_step_positive() -> None:
 
 
 def _tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)
-    )
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
 
 
 def test_set_compiled_kernels_switches_every_quantizer() -> None:
@@ -130,20 +126,14 @@ def test_set_compiled_kernels_switches_every_quantizer() -> None:
     n = len(list(iter_quantizers(model)))
     assert n == 4  # two conv weights + two conv inputs (the head stays FP)
     assert set_compiled_kernels(model) == n and all(q.compiled for _, q in iter_quantizers(model))
-    assert set_compiled_kernels(model, False) == n and not any(
-        q.compiled for _, q in iter_quantizers(model)
-    )
+    assert set_compiled_kernels(model, False) == n and not any(q.compiled for _, q in iter_quantizers(model))
 
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager_forward_and_input_gradients() -> None:
     torch.manual_seed(3)
-    eager = quantize_(
-        _tiny_net(), QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4))
-    )
-    compiled = quantize_(
-        _tiny_net(), QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4))
-    )
+    eager = quantize_(_tiny_net(), QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4)))
+    compiled = quantize_(_tiny_net(), QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4)))
     compiled.load_state_dict(eager.state_dict())
     set_compiled_kernels(compiled)
     x = torch.randn(6, 3, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -156,9 +146,7 @@ def test_compiled_kernels_match_eager_forward_and_input_gradients() -> None:
         outs.append((out, {n: p.grad for n, p in model.named_parameters()}))
     assert torch.equal(outs[0][0], outs[1][0])
     for name, grad in outs[0][1].items():
-        rtol = (
-            1e-4 if name.endswith("step") else 1e-6
-        )  # step sums are reordered by the fused kernel
+        rtol = 1e-4 if name.endswith("step") else 1e-6  # step sums are reordered by the fused kernel
         torch.testing.assert_close(outs[1][1][name], grad, rtol=rtol, atol=1e-7, msg=name)
 
 
@@ -190,9 +178,7 @@ def test_interleaved_times_calls_every_method_equally(bench_modules) -> None:
 
         return fn
 
-    times = measure.interleaved_times(
-        {n: counter(n) for n in calls}, repeats=4, calls=3, device=torch.device("cpu")
-    )
+    times = measure.interleaved_times({n: counter(n) for n in calls}, repeats=4, calls=3, device=torch.device("cpu"))
     assert calls == {"a": 12, "b": 12, "c": 12}
     assert all(len(t) == 4 and min(t) >= 0 for t in times.values())
 
@@ -255,11 +241,31 @@ def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, t
     bench, _, _ = bench_modules
     built = []
     original = bench.Trainer.build.__func__
-    monkeypatch.setattr(bench.Trainer, "build",
-                        classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1]))
-    argv = ["--models", "digits_cnn", "--plugins", "qtdog", "--warmup", "1", "--repeats", "1",
-            "--steps", "1", "--batch-size", "8", "--threads", "1", "--amp", "bf16", "--channels-last",
-            "--no-inference", "--out", str(tmp_path)]
+    monkeypatch.setattr(
+        bench.Trainer, "build", classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1])
+    )
+    argv = [
+        "--models",
+        "digits_cnn",
+        "--plugins",
+        "qtdog",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--no-inference",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(argv) == 0
     result = json.loads((tmp_path / "cpu.json").read_text())
     assert result["meta"]["amp"] == "bf16" and result["meta"]["channels_last"] is True
@@ -284,9 +290,7 @@ def test_kernel_benchmark_prints_one_row_per_model(bench_modules, capsys) -> Non
     from benchmarks import kernels
 
     assert kernels.main(["--models", "digits_cnn", "--repeats", "1", "--threads", "1"]) == 0
-    rows = [
-        line for line in capsys.readouterr().out.splitlines() if line.startswith("| digits_cnn")
-    ]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| digits_cnn")]
     assert len(rows) == 1 and rows[0].count("x |") == 2
 
 

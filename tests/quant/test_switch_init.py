@@ -21,8 +21,12 @@ def separable_block() -> nn.Module:
     """A 3x3 depthwise conv and a 1x1 conv whose weights are shaped like MobileNetV2's: Laplace
     rows with channel scales spread over two decades (max/mean|w| 2-8 per channel, as there)."""
     g = torch.Generator().manual_seed(0)
-    block = nn.Sequential(nn.Conv2d(96, 96, 3, padding=1, groups=96, bias=False), nn.Conv2d(96, 24, 1, bias=False),
-                          nn.Flatten(), nn.Linear(24 * 4 * 4, 7))
+    block = nn.Sequential(
+        nn.Conv2d(96, 96, 3, padding=1, groups=96, bias=False),
+        nn.Conv2d(96, 24, 1, bias=False),
+        nn.Flatten(),
+        nn.Linear(24 * 4 * 4, 7),
+    )
     with torch.no_grad():
         for conv in (block[0], block[1]):
             u = torch.rand(conv.weight.shape, generator=g) - 0.5

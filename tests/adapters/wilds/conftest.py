@@ -41,8 +41,18 @@ def write_camelyon17(root: Path, patches_per_slide: int = 8, release: bool = Tru
             for i in range(patches_per_slide):
                 tumor = i % 2
                 x, y = 100 * i, 50 * center
-                rows.append({"patient": patient, "node": node, "x_coord": x, "y_coord": y, "tumor": tumor,
-                             "slide": slide, "center": center, "split": int(i >= patches_per_slide - 2)})
+                rows.append(
+                    {
+                        "patient": patient,
+                        "node": node,
+                        "x_coord": x,
+                        "y_coord": y,
+                        "tumor": tumor,
+                        "slide": slide,
+                        "center": center,
+                        "split": int(i >= patches_per_slide - 2),
+                    }
+                )
                 base = 170 if tumor else 70
                 image = np.clip(base + rng.randint(-40, 40, size=(96, 96, 3)), 0, 255)
                 name = f"patch_patient_{patient}_node_{node}_x_{x}_y_{y}.png"
@@ -54,10 +64,27 @@ def write_camelyon17(root: Path, patches_per_slide: int = 8, release: bool = Tru
 
 
 # split per user: 0 train, 1 val (OOD users), 2 id_val, 3 test (OOD users), 4 id_test, -1 dropped
-AMAZON_USERS = {"u00": 0, "u01": 0, "u02": 0, "u03": 0, "u04": 0, "u05": 0, "u06": 1, "u07": 1,
-                "u08": 3, "u09": 3, "u10": 3, "u11": -1}
-WORDS = {0: "awful, broken junk", 1: "poor and flimsy", 2: "okay, average item", 3: "good value",
-         4: "excellent, love it"}
+AMAZON_USERS = {
+    "u00": 0,
+    "u01": 0,
+    "u02": 0,
+    "u03": 0,
+    "u04": 0,
+    "u05": 0,
+    "u06": 1,
+    "u07": 1,
+    "u08": 3,
+    "u09": 3,
+    "u10": 3,
+    "u11": -1,
+}
+WORDS = {
+    0: "awful, broken junk",
+    1: "poor and flimsy",
+    2: "okay, average item",
+    3: "good value",
+    4: "excellent, love it",
+}
 
 
 def write_amazon(root: Path, per_user: int = 6) -> Path:
@@ -68,24 +95,49 @@ def write_amazon(root: Path, per_user: int = 6) -> Path:
     for u, (user, split) in enumerate(AMAZON_USERS.items()):
         for i in range(per_user):
             stars = (u + i) % 5
-            reviews.append([f"{user}", f"p{(u * 7 + i) % 9}", float(stars + 1), "01 2, 2015", 1420156800 + i,
-                            f"{WORDS[stars]}, said {user}", f"summary {i}", bool(i % 2), "Books", 2015 + i % 2])
+            reviews.append(
+                [
+                    f"{user}",
+                    f"p{(u * 7 + i) % 9}",
+                    float(stars + 1),
+                    "01 2, 2015",
+                    1420156800 + i,
+                    f"{WORDS[stars]}, said {user}",
+                    f"summary {i}",
+                    bool(i % 2),
+                    "Books",
+                    2015 + i % 2,
+                ]
+            )
             s = split
             if split == 0 and i == per_user - 1:
                 s = 2 if u % 2 else 4
             splits.append(float(s))
     with open(data_dir / "reviews.csv", "w", newline="") as handle:
         writer = csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC)
-        writer.writerow(["reviewerID", "asin", "overall", "reviewTime", "unixReviewTime", "reviewText", "summary",
-                         "verified", "category", "reviewYear"])
+        writer.writerow(
+            [
+                "reviewerID",
+                "asin",
+                "overall",
+                "reviewTime",
+                "unixReviewTime",
+                "reviewText",
+                "summary",
+                "verified",
+                "category",
+                "reviewYear",
+            ]
+        )
         writer.writerows(reviews)
     pd.DataFrame({"split": splits}).to_csv(data_dir / "splits" / "user.csv", index=False)
     (data_dir / "RELEASE_v2.1.txt").write_text("v2.1\n")
     return data_dir
 
 
-def write_image_folders(root: Path, domains=("art", "photo", "sketch"), classes=("cat", "dog"), per_class=10,
-                        size: int = 12) -> Path:
+def write_image_folders(
+    root: Path, domains=("art", "photo", "sketch"), classes=("cat", "dog"), per_class=10, size: int = 12
+) -> Path:
     """DomainBed layout ``root/<domain>/<class>/<n>.png``; class 1 brighter than class 0."""
     rng = np.random.RandomState(0)
     for d in domains:
@@ -125,8 +177,7 @@ class HashTokenizer:
 
 def tiny_text_bag(num_classes: int, max_token_length: int = 16, buckets: int = 64, dim: int = 16) -> DGModel:
     featurizer = nn.Sequential(HashedBag(buckets, dim), nn.Linear(dim, dim), nn.ReLU())
-    return DGModel(featurizer, nn.Linear(dim, num_classes), dim,
-                   transform=HashTokenizer(buckets, max_token_length))
+    return DGModel(featurizer, nn.Linear(dim, num_classes), dim, transform=HashTokenizer(buckets, max_token_length))
 
 
 if TEXT_MODEL not in list_adapters():

@@ -46,16 +46,40 @@ def pacs_subset(pacs_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def _train(root: Path, log_dir: Path, *extra: str) -> Path:
-    argv = ["--dataset", "pacs", "--root_dir", str(root), "--test_domain", "sketch", "--n_steps", "2",
-            "--batch_size", "8", "--log_dir", str(log_dir), "--no_progress", "--device", "cpu", *extra]
+    argv = [
+        "--dataset",
+        "pacs",
+        "--root_dir",
+        str(root),
+        "--test_domain",
+        "sketch",
+        "--n_steps",
+        "2",
+        "--batch_size",
+        "8",
+        "--log_dir",
+        str(log_dir),
+        "--no_progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert wilds_run(argv) == 0
     return log_dir
 
 
 @pytest.fixture(scope="module")
 def mobilenet_run(pacs_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train(pacs_subset, tmp_path_factory.mktemp("rebuild") / "mnv2", "--model", "mobilenet_v2",
-                  "--weights", str(mobilenet_weights()), "--image_size", "32")
+    return _train(
+        pacs_subset,
+        tmp_path_factory.mktemp("rebuild") / "mnv2",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        str(mobilenet_weights()),
+        "--image_size",
+        "32",
+    )
 
 
 @needs_pacs
@@ -77,8 +101,20 @@ def test_export_eoq_analyze_run_on_an_image_run(mobilenet_run: Path, tmp_path: P
     out = tmp_path / "model.dgq"
     assert export.main([str(mobilenet_run), "-o", str(out), "--verify"]) == 0
     assert out.stat().st_size > 0
-    assert eoq.main(["--from_runs", str(mobilenet_run), str(mobilenet_run), "--log_dir", str(tmp_path / "eoq"),
-                     "--splits", "test"]) == 0
+    assert (
+        eoq.main(
+            [
+                "--from_runs",
+                str(mobilenet_run),
+                str(mobilenet_run),
+                "--log_dir",
+                str(tmp_path / "eoq"),
+                "--splits",
+                "test",
+            ]
+        )
+        == 0
+    )
     ensemble = json.loads((tmp_path / "eoq" / "eoq.json").read_text())["ensemble"]
     assert 0.0 <= ensemble["test/acc_avg"] <= 1.0
     assert analyze.main(["noise", str(mobilenet_run), "--out", str(tmp_path / "noise")]) == 0
@@ -87,8 +123,18 @@ def test_export_eoq_analyze_run_on_an_image_run(mobilenet_run: Path, tmp_path: P
 
 @needs_pacs
 def test_vit_trained_at_48px_is_rebuilt_at_48px(pacs_subset: Path, tmp_path: Path) -> None:
-    run = _train(pacs_subset, tmp_path / "vit", "--model", "test_deit", "--image_size", "48", "-p", "dg_quant.qtdog",
-                 "--quant-start-step", "1")
+    run = _train(
+        pacs_subset,
+        tmp_path / "vit",
+        "--model",
+        "test_deit",
+        "--image_size",
+        "48",
+        "-p",
+        "dg_quant.qtdog",
+        "--quant-start-step",
+        "1",
+    )
     model = load_run_model(run).model
     assert model.featurizer.pos_embed.shape[1] == (48 // 8) ** 2 + 1
     assert export.main([str(run), "-o", str(tmp_path / "vit.dgq"), "--verify"]) == 0
@@ -111,7 +157,8 @@ def test_adapter_arguments_follow_the_adapter_signature(tmp_path: Path) -> None:
     assert adapter_kwargs(_config(model="test_deit")) == {"img_size": 24}
     assert adapter_kwargs(_config(model="test_deit", transform="model")) == {}
     assert adapter_kwargs(_config(model="test_distilbert", transform="model", max_token_length=12)) == {
-        "max_token_length": 12}
+        "max_token_length": 12
+    }
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
     config = _config(model="test_deit", weights=str(weights))
@@ -150,9 +197,27 @@ def user_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def user_runs(pacs_subset: Path, user_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("user_runs")
-    return [_train(pacs_subset, root / f"seed{seed}", "--model", USER_FACTORY, "--weights", str(user_weights),
-                   "--image_size", "24", "-p", "dg_quant.qtdog", "--quant-start-step", "1", "--seed", str(seed),
-                   "--lr", "1e-9") for seed in (0, 1)]
+    return [
+        _train(
+            pacs_subset,
+            root / f"seed{seed}",
+            "--model",
+            USER_FACTORY,
+            "--weights",
+            str(user_weights),
+            "--image_size",
+            "24",
+            "-p",
+            "dg_quant.qtdog",
+            "--quant-start-step",
+            "1",
+            "--seed",
+            str(seed),
+            "--lr",
+            "1e-9",
+        )
+        for seed in (0, 1)
+    ]
 
 
 @needs_pacs

@@ -22,8 +22,28 @@ def test_qtdog_selects_a_quantized_evaluation_even_when_full_precision_validated
 
     monkeypatch.setattr(runner.Run, "evaluate", evaluate)
     log_dir = tmp_path / "qtdog"
-    assert cli.main(["--plugin", "dg_quant.qtdog", "--quant_start_step", "4", "--n_steps", "8", "--eval_every", "2",
-                     "--batch_size", "32", "--frac", "0.3", "--log_dir", str(log_dir), "--no_progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "--plugin",
+                "dg_quant.qtdog",
+                "--quant_start_step",
+                "4",
+                "--n_steps",
+                "8",
+                "--eval_every",
+                "2",
+                "--batch_size",
+                "32",
+                "--frac",
+                "0.3",
+                "--log_dir",
+                str(log_dir),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (log_dir / "results.jsonl").read_text().splitlines()]
     assert [r["quantized"] for r in records] == [False, False, True, True]  # switched on at step 4
     final = json.loads((log_dir / "final.json").read_text())

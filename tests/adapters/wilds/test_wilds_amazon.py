@@ -16,8 +16,25 @@ from dg_quant.adapters.wilds.runner import ClipGradients, decay_groups
 from dg_quant.registry import create_adapter
 
 TEXT_MODEL = "test_text_bag"  # registered by this folder's conftest
-FAST = ["--dataset", "amazon", "--model", TEXT_MODEL, "--batch_size", "6", "--n_steps", "6", "--eval_every", "3",
-        "--max_token_length", "12", "--lr", "1e-2", "--no_progress", "--device", "cpu"]
+FAST = [
+    "--dataset",
+    "amazon",
+    "--model",
+    TEXT_MODEL,
+    "--batch_size",
+    "6",
+    "--n_steps",
+    "6",
+    "--eval_every",
+    "3",
+    "--max_token_length",
+    "12",
+    "--lr",
+    "1e-2",
+    "--no_progress",
+    "--device",
+    "cpu",
+]
 
 
 def _run(root, log_dir, *extra):
@@ -59,17 +76,41 @@ def test_erm_reports_10th_percentile_that_matches_the_saved_model(amazon_root, t
 
 
 def test_qtdog_with_group_loader_and_group_logging(amazon_root, tmp_path):
-    final = _run(amazon_root, tmp_path / "qtdog", "--plugin", "dg_quant.qtdog", "--bits", "4",
-                 "--quant_start_step", "0", "--train_loader", "group", "--n_groups_per_batch", "2",
-                 "--group_logging")
+    final = _run(
+        amazon_root,
+        tmp_path / "qtdog",
+        "--plugin",
+        "dg_quant.qtdog",
+        "--bits",
+        "4",
+        "--quant_start_step",
+        "0",
+        "--train_loader",
+        "group",
+        "--n_groups_per_batch",
+        "2",
+        "--group_logging",
+    )
     assert final["last"]["quantized"] is True and final["compression"]["quantized_layers"] > 0
     assert {k for k in final["last"] if k.startswith("test/acc_user:")} == {
-        "test/acc_user:u08", "test/acc_user:u09", "test/acc_user:u10"}
+        "test/acc_user:u08",
+        "test/acc_user:u09",
+        "test/acc_user:u10",
+    }
 
 
 def test_group_loader_needs_a_divisible_batch(amazon_root, tmp_path, capsys):
-    argv = [*FAST, "--root_dir", str(amazon_root), "--log_dir", str(tmp_path / "x"), "--train_loader", "group",
-            "--n_groups_per_batch", "4"]
+    argv = [
+        *FAST,
+        "--root_dir",
+        str(amazon_root),
+        "--log_dir",
+        str(tmp_path / "x"),
+        "--train_loader",
+        "group",
+        "--n_groups_per_batch",
+        "4",
+    ]
     assert main(argv) == 2
     assert "evenly divisible" in capsys.readouterr().err
 
@@ -93,8 +134,23 @@ def test_clip_gradients_bounds_the_norm():
 
 def test_distilbert_code_path_takes_the_packed_token_tensor(amazon_root, tmp_path):
     """The backbone registry's ``test_distilbert`` (tokenizer -> [L, 2] ids and mask) under QT-DoG."""
-    final = _run(amazon_root, tmp_path / "bert", "--model", "test_distilbert", "--max_token_length", "24",
-                 "--n_steps", "2", "--eval_every", "2", "--plugin", "dg_quant.qtdog", "--bits", "8",
-                 "--quant_start_step", "0")
+    final = _run(
+        amazon_root,
+        tmp_path / "bert",
+        "--model",
+        "test_distilbert",
+        "--max_token_length",
+        "24",
+        "--n_steps",
+        "2",
+        "--eval_every",
+        "2",
+        "--plugin",
+        "dg_quant.qtdog",
+        "--bits",
+        "8",
+        "--quant_start_step",
+        "0",
+    )
     assert final["model"] == "test_distilbert" and final["last"]["quantized"] is True
     assert 0.0 <= final["test_at_last"] <= 1.0

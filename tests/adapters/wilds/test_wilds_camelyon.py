@@ -14,8 +14,21 @@ from dg_quant.adapters.wilds.cli import main
 from dg_quant.adapters.wilds.transforms import resize_transform
 from dg_quant.registry import create_adapter
 
-FAST = ["--dataset", "camelyon17", "--model", "test_cnn", "--batch_size", "8", "--n_steps", "8",
-        "--eval_every", "4", "--no_progress", "--device", "cpu"]
+FAST = [
+    "--dataset",
+    "camelyon17",
+    "--model",
+    "test_cnn",
+    "--batch_size",
+    "8",
+    "--n_steps",
+    "8",
+    "--eval_every",
+    "4",
+    "--no_progress",
+    "--device",
+    "cpu",
+]
 
 
 def _run(root, log_dir, *extra):
@@ -48,19 +61,28 @@ def test_erm_reports_official_metrics_that_match_the_saved_model(camelyon_root, 
     meta = pd.read_csv(data_dir / "metadata.csv", index_col=0, dtype={"patient": str})
     test = meta[meta.center == 2]
     transform = resize_transform(96)
-    x = torch.stack([
-        transform(Image.open(data_dir / "patches" / f"patient_{r.patient}_node_{r.node}" /
-                             f"patch_patient_{r.patient}_node_{r.node}_x_{r.x_coord}_y_{r.y_coord}.png").convert("RGB"))
-        for r in test.itertuples()
-    ])
+    x = torch.stack(
+        [
+            transform(
+                Image.open(
+                    data_dir
+                    / "patches"
+                    / f"patient_{r.patient}_node_{r.node}"
+                    / f"patch_patient_{r.patient}_node_{r.node}_x_{r.x_coord}_y_{r.y_coord}.png"
+                ).convert("RGB")
+            )
+            for r in test.itertuples()
+        ]
+    )
     with torch.no_grad():
         pred = model(x).argmax(1).numpy()
     assert last["test/acc_avg"] == pytest.approx(float(np.mean(pred == test.tumor.values)), abs=1e-6)
 
 
 def test_qtdog_quantizes_and_reports(camelyon_root, tmp_path):
-    final = _run(camelyon_root, tmp_path / "qtdog", "--plugin", "dg_quant.qtdog", "--bits", "4",
-                 "--quant_start_step", "2")
+    final = _run(
+        camelyon_root, tmp_path / "qtdog", "--plugin", "dg_quant.qtdog", "--bits", "4", "--quant_start_step", "2"
+    )
     assert final["plugins"] == ["dg_quant.qtdog"]
     assert final["last"]["quantized"] is True
     assert final["compression"]["compression_ratio"] > 1.0 and final["compression"]["quantized_layers"] > 0

@@ -86,11 +86,14 @@ def test_plugin_option_needs_its_plugin(tmp_path, capsys) -> None:
     assert config.bits == 4
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr: [1, 2\n", "not valid YAML"),
-    ("- lr\n- 3\n", "expected a mapping"),
-    ("resume: maybe\n", "resume is true or false"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: [1, 2\n", "not valid YAML"),
+        ("- lr\n- 3\n", "expected a mapping"),
+        ("resume: maybe\n", "resume is true or false"),
+    ],
+)
 def test_malformed_files_fail_in_one_line(tmp_path, capsys, text, message) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(text)

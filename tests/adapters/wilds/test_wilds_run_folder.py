@@ -45,6 +45,7 @@ def digits_run(tmp_path_factory):
 
 # -- one live run per folder (item 2) ---------------------------------------------------------
 
+
 def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, capsys):
     log_dir = tmp_path / "run"
     with RunFolder(log_dir):  # another run holds it
@@ -56,9 +57,16 @@ def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, capsys):
 def test_the_lock_of_a_killed_run_is_released(tmp_path):
     log_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dg_quant.adapters.wilds.run_folder import RunFolder; "
-         f"RunFolder({str(log_dir)!r}).claim(); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dg_quant.adapters.wilds.run_folder import RunFolder; "
+            f"RunFolder({str(log_dir)!r}).claim(); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(Exception, match="in use"):
         RunFolder(log_dir).claim()
@@ -71,20 +79,25 @@ def test_the_lock_of_a_killed_run_is_released(tmp_path):
 
 def test_default_folder_names_tell_runs_apart():
     base = ["-d", "pacs", "--root_dir", "nowhere"]
-    names = {parse_config(argv)[0].log_dir for argv in (
-        [*base, "--test_domain", "sketch"],
-        [*base, "--test_domain", "photo"],
-        [*base, "--test_domain", "sketch", "--model", "resnet18"],
-        [*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "7"],
-        [*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "5"],
-        [*base, "--test_domain", "sketch", "--seed", "1"],
-    )}
+    names = {
+        parse_config(argv)[0].log_dir
+        for argv in (
+            [*base, "--test_domain", "sketch"],
+            [*base, "--test_domain", "photo"],
+            [*base, "--test_domain", "sketch", "--model", "resnet18"],
+            [*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "7"],
+            [*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "5"],
+            [*base, "--test_domain", "sketch", "--seed", "1"],
+        )
+    }
     assert len(names) == 6
-    assert parse_config([*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "5"])[0].log_dir == \
-        str(Path("runs/pacs_sketch_resnet50_qtdog_w5_seed0"))
+    assert parse_config([*base, "--test_domain", "sketch", "-p", "dg_quant.qtdog", "--bits", "5"])[0].log_dir == str(
+        Path("runs/pacs_sketch_resnet50_qtdog_w5_seed0")
+    )
 
 
 # -- file hygiene (item 11) ---------------------------------------------------------------------
+
 
 def test_files_follow_the_umask(digits_run, tmp_path):
     for name in ("config.json", "results.jsonl", "last.pt", "best_model.pt", "model.pt", "final.json"):
@@ -116,8 +129,22 @@ def test_stale_temporaries_are_removed_on_resume(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     log_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dg_quant.adapters.wilds.cli", "--n_steps", "100000", "--eval_every", "100000",
-           "--save_every", "5", "--no_progress", "--device", "cpu", "--log_dir", str(log_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dg_quant.adapters.wilds.cli",
+        "--n_steps",
+        "100000",
+        "--eval_every",
+        "100000",
+        "--save_every",
+        "5",
+        "--no_progress",
+        "--device",
+        "cpu",
+        "--log_dir",
+        str(log_dir),
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
     while not (log_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -132,14 +159,15 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
 
 # -- integrity and NaN (item 5) ------------------------------------------------------------------
 
+
 def _flip_a_byte(path: Path) -> None:
     """Flip one byte in the middle of the largest record (tensor data) of a torch.save archive."""
     with zipfile.ZipFile(path) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
     header = info.header_offset
-    name_len = int.from_bytes(raw[header + 26:header + 28], "little")
-    extra_len = int.from_bytes(raw[header + 28:header + 30], "little")
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
     raw[header + 30 + name_len + extra_len + info.file_size // 2] ^= 0x04
     path.write_bytes(bytes(raw))
 
@@ -203,13 +231,16 @@ def test_non_finite_flags_are_refused(tmp_path, capsys, value):
 
 
 def test_json_files_never_hold_bare_nan(tmp_path):
-    atomic_write_json(tmp_path / "a.json", {"x": float("nan"), "y": [float("inf"), 1.5], "z": torch.tensor(float("nan"))})
+    atomic_write_json(
+        tmp_path / "a.json", {"x": float("nan"), "y": [float("inf"), 1.5], "z": torch.tensor(float("nan"))}
+    )
     text = (tmp_path / "a.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"x": None, "y": [None, 1.5], "z": None}
 
 
 # -- one line instead of a traceback (item 9) ------------------------------------------------------
+
 
 def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, capsys):
     """A file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes writes past 1 MB fail with EFBIG, as a
@@ -249,8 +280,24 @@ def test_truncated_reviews_csv_is_one_line(tmp_path, capsys):
     data_dir = write_amazon(tmp_path / "data")
     raw = (data_dir / "reviews.csv").read_bytes()
     (data_dir / "reviews.csv").write_bytes(raw[: len(raw) // 2])
-    assert main(["-d", "amazon", "--root_dir", str(tmp_path / "data"), "--model", TEXT_MODEL,
-                 "--max_token_length", "16", *TINY, "--log_dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "-d",
+                "amazon",
+                "--root_dir",
+                str(tmp_path / "data"),
+                "--model",
+                TEXT_MODEL,
+                "--max_token_length",
+                "16",
+                *TINY,
+                "--log_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "amazon under" in _one_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -259,8 +306,22 @@ CAMELYON = ["-d", "camelyon17", "--model", "test_cnn", "--image_size", "16", "--
 
 
 def test_too_many_groups_per_batch_is_one_line(camelyon_root, tmp_path, capsys):
-    assert main([*CAMELYON, "--root_dir", str(camelyon_root), "--log_dir", str(tmp_path / "run"),
-                 "--train_loader", "group", "--n_groups_per_batch", "4"]) == 2
+    assert (
+        main(
+            [
+                *CAMELYON,
+                "--root_dir",
+                str(camelyon_root),
+                "--log_dir",
+                str(tmp_path / "run"),
+                "--train_loader",
+                "group",
+                "--n_groups_per_batch",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "--n_groups_per_batch 4: the train split has only 3 groups" in _one_line(capsys)
 
 
@@ -276,9 +337,12 @@ def test_a_missing_patch_is_named_before_training(make_camelyon17, tmp_path, cap
 
 # -- settings that would be ignored (item 10) --------------------------------------------------------
 
+
 def test_test_domain_on_an_official_wilds_split_is_refused(camelyon_root, tmp_path, capsys):
-    assert main([*CAMELYON, "--root_dir", str(camelyon_root), "--log_dir", str(tmp_path / "run"),
-                 "--test_domain", "2"]) == 2
+    assert (
+        main([*CAMELYON, "--root_dir", str(camelyon_root), "--log_dir", str(tmp_path / "run"), "--test_domain", "2"])
+        == 2
+    )
     assert "--test_domain 2: camelyon17 has WILDS' fixed split" in _one_line(capsys)
 
 

@@ -49,8 +49,13 @@ def launched(tmp_path_factory):
 
 
 def test_points_are_the_product_with_deterministic_folders(tmp_path) -> None:
-    spec = {**DIGITS, "test_domains": ["rot75", "rot60"], "seeds": 2, "grid": {"bits": [4, 7], "lr": [0.1]},
-            "methods": ["erm", "qtdog"]}
+    spec = {
+        **DIGITS,
+        "test_domains": ["rot75", "rot60"],
+        "seeds": 2,
+        "grid": {"bits": [4, 7], "lr": [0.1]},
+        "methods": ["erm", "qtdog"],
+    }
     sweep = sw.read_sweep(_write(tmp_path / "s.yaml", spec))
     names = [p.name for p in sweep.points]
     assert len(names) == len(set(names)) == 2 * 2 * 2 * 2
@@ -74,12 +79,15 @@ def test_random_search_is_seeded_per_name(tmp_path) -> None:
     assert lrs != [p.settings["lr"] for p in again.points if p.name.startswith("erm/")]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({**DIGITS, "method": {}}, "unknown sweep key 'method'; did you mean methods"),
-    ({**DIGITS, "random": {"lr": {"gauss": [0, 1]}}}, "random.lr must be one of"),
-    ({**DIGITS, "launcher": {"executor": "kubernetes"}}, "launcher.executor 'kubernetes'"),
-    ({**DIGITS, "fixed": {"n_stepz": 3}}, "erm/default/seed0: ") ,
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({**DIGITS, "method": {}}, "unknown sweep key 'method'; did you mean methods"),
+        ({**DIGITS, "random": {"lr": {"gauss": [0, 1]}}}, "random.lr must be one of"),
+        ({**DIGITS, "launcher": {"executor": "kubernetes"}}, "launcher.executor 'kubernetes'"),
+        ({**DIGITS, "fixed": {"n_stepz": 3}}, "erm/default/seed0: "),
+    ],
+)
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys, spec, message) -> None:
     path = _write(tmp_path / "s.yaml", {**spec, "output": str(tmp_path / "out")})
     assert sw.main(["launch", str(path)]) == 2
@@ -133,8 +141,7 @@ def test_relaunch_resumes_a_killed_run_and_status_shows_it(launched, tmp_path, c
         run(config, host)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a job process that is gone, as after kill -9
-    (killed / sw.STATE_FILE).write_text(json.dumps({"state": "running", "host": os.uname().nodename,
-                                                    "pid": dead.pid}))
+    (killed / sw.STATE_FILE).write_text(json.dumps({"state": "running", "host": os.uname().nodename, "pid": dead.pid}))
     assert sw.main(["status", str(path)]) == 0
     status = capsys.readouterr().out
     assert "0 done" in status and "1 killed" in status and "1 pending" in status
@@ -148,8 +155,11 @@ def test_relaunch_resumes_a_killed_run_and_status_shows_it(launched, tmp_path, c
 
 
 def test_status_names_the_failing_runs_error(tmp_path, capsys) -> None:
-    spec = {**DIGITS, "methods": {"erm": {"val_metric": "id_val/no_such_metric", "n_steps": 2}},
-            "output": str(tmp_path / "out")}
+    spec = {
+        **DIGITS,
+        "methods": {"erm": {"val_metric": "id_val/no_such_metric", "n_steps": 2}},
+        "output": str(tmp_path / "out"),
+    }
     path = _write(tmp_path / "bad.yaml", spec)
     assert sw.main(["launch", str(path)]) == 0  # the sweep ran; the run failed
     capsys.readouterr()
@@ -178,8 +188,12 @@ def _fake_slurm(bin_dir: Path) -> None:
 
 
 def test_slurm_array_gets_the_partition_gpus_time_and_parallelism(tmp_path, monkeypatch, capsys) -> None:
-    spec = {**DIGITS, "seeds": [0, 1, 2], "launcher": {"executor": "slurm", "partition": "gpu", "time": 30},
-            "output": str(tmp_path / "out")}
+    spec = {
+        **DIGITS,
+        "seeds": [0, 1, 2],
+        "launcher": {"executor": "slurm", "partition": "gpu", "time": 30},
+        "output": str(tmp_path / "out"),
+    }
     path = _write(tmp_path / "s.yaml", spec)
     assert sw.main(["launch", str(path)]) == 2  # no srun on this machine
     assert "launch from a Slurm login node" in capsys.readouterr().err
@@ -187,8 +201,13 @@ def test_slurm_array_gets_the_partition_gpus_time_and_parallelism(tmp_path, monk
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     assert sw.main(["launch", str(path), "--gpus", "1", "--parallel", "4", "--time", "90"]) == 0
     script = (tmp_path / "out" / ".submitit" / "4242" / "4242_submission.sh").read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90",
-                 "#SBATCH --array=0-5%4", "#SBATCH --job-name=dgq_digits"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=90",
+        "#SBATCH --array=0-5%4",
+        "#SBATCH --job-name=dgq_digits",
+    ):
         assert line in script
     assert "submitted Slurm array 4242" in capsys.readouterr().err
     # queued jobs count as running: launching again submits nothing
