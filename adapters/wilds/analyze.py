@@ -179,6 +179,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict:
     from dg_quant.adapters.wilds.checkpoints import eval_loader
+    from dg_quant.adapters.wilds.datasets import SubsetSpec
     from dg_quant.analysis.perturb import batch_evaluator, cached_batches
 
     dataset = loaded.load_dataset()
@@ -187,7 +188,11 @@ def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict
         raise ConfigError(f"unknown split(s) {', '.join(unknown)}; this dataset has {', '.join(dataset.split_dict)}")
     return {
         s: batch_evaluator(
-            cached_batches(eval_loader(dataset, s, loaded.model, args.batch_size), args.device, args.max_batches)
+            cached_batches(
+                eval_loader(dataset, s, loaded.model, args.batch_size, SubsetSpec.of(loaded.config)),
+                args.device,
+                args.max_batches,
+            )
         )
         for s in splits
     }

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from dg_quant.adapters.wilds.datasets import FULL_SPLITS, SubsetSpec
 from dg_quant.errors import CheckpointError
 from dg_quant.host import PluginHost
 from dg_quant.io import load_torch_file
@@ -98,11 +99,12 @@ def run_dataset(config: argparse.Namespace) -> Any:
 _load_dataset = run_dataset  # the name dgq_export imported first
 
 
-def eval_loader(dataset: Any, split: str, model: nn.Module, batch_size: int = 256, frac: float = 1.0):
-    """A WILDS standard (sequential) loader over ``split`` with the model's input transform."""
+def eval_loader(dataset: Any, split: str, model: nn.Module, batch_size: int = 256, subsets: SubsetSpec = FULL_SPLITS):
+    """A WILDS standard (sequential) loader over ``split`` (the run's ``subsets`` of it, by default
+    all of it) with the model's input transform."""
     from wilds.common.data_loaders import get_eval_loader
 
-    subset = dataset.get_subset(split, frac=frac, transform=getattr(model, "transform", None))
+    subset = subsets.subset(dataset, split, getattr(model, "transform", None))
     return get_eval_loader("standard", subset, batch_size=batch_size)
 
 
@@ -142,13 +144,14 @@ def evaluate_splits(
     splits: Iterable[str],
     device: str | torch.device = "cpu",
     batch_size: int = 256,
+    subsets: SubsetSpec = FULL_SPLITS,
 ) -> dict[str, Any]:
-    """Flat ``<split>/<metric>`` record (as in ``results.jsonl``) from the dataset's own ``eval``."""
+    """Flat ``<split>/<metric>`` record (as in ``results.jsonl``) from the dataset's own ``eval``,
+    on the examples the run evaluated when ``subsets`` is the run's (``SubsetSpec.of(config)``)."""
     record: dict[str, Any] = {}
     for split in splits:
-        record.update(
-            split_metrics(dataset, split, *predict(model, eval_loader(dataset, split, model, batch_size), device))
-        )
+        loader = eval_loader(dataset, split, model, batch_size, subsets)
+        record.update(split_metrics(dataset, split, *predict(model, loader, device)))
     return record
 
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.errors import ConfigError, DataError
@@ -25,6 +30,38 @@ FOLDER_DATASETS: dict[str, str] = {
 ALIASES = {"officehome": "office_home", "terraincognita": "terra_incognita"}
 # --root_dir itself holds the domain folders (any DomainBed-layout data set of your own).
 CUSTOM_FOLDER = "image_folder"
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """Which part of each split a run uses (``--frac``), drawn the same way by every command.
+
+    WILDS' ``get_subset(frac=...)`` samples from numpy's global generator, so the subset depended
+    on whatever had drawn before: ``dgq_ptq``, ``dgq_eoq`` and ``dgq_analyze`` scored a run on other
+    examples than the run itself. Here the draw is seeded by the split seed and the split's name.
+    """
+
+    frac: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, config: argparse.Namespace) -> SubsetSpec:
+        """The subsets of the run whose settings are ``config``."""
+        return cls(float(getattr(config, "frac", 1.0)), int(getattr(config, "split_seed", 0)))
+
+    def subset(self, dataset: Any, split: str, transform: Callable | None = None) -> Any:
+        """``split`` of ``dataset`` (all of it, or this run's ``frac`` of it) with ``transform``."""
+        if self.frac >= 1.0:
+            return dataset.get_subset(split, transform=transform)
+        saved = np.random.get_state()
+        np.random.seed(zlib.crc32(f"{self.seed}:{split}".encode()))
+        try:
+            return dataset.get_subset(split, frac=self.frac, transform=transform)
+        finally:
+            np.random.set_state(saved)
+
+
+FULL_SPLITS = SubsetSpec()
 
 
 def canonical_name(name: str) -> str | None:

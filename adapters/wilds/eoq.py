@@ -33,6 +33,7 @@ from dg_quant.adapters.wilds.checkpoints import (
     read_checkpoint,
     split_metrics,
 )
+from dg_quant.adapters.wilds.datasets import FULL_SPLITS, SubsetSpec
 from dg_quant.ensemble import LogitEnsemble, ensemble_size
 from dg_quant.errors import ConfigError, run_command
 from dg_quant.io import atomic_torch_save, atomic_write_json, load_torch_file
@@ -133,14 +134,19 @@ def check_same_data(configs: Sequence[argparse.Namespace], runs: Sequence[Path])
 
 @torch.no_grad()
 def evaluate_ensemble(
-    members: Sequence[torch.nn.Module], dataset: Any, splits: Sequence[str], device: str, batch_size: int
+    members: Sequence[torch.nn.Module],
+    dataset: Any,
+    splits: Sequence[str],
+    device: str,
+    batch_size: int,
+    subsets: SubsetSpec = FULL_SPLITS,
 ) -> dict[str, Any]:
     """Metrics of each member and of their logit mean, computed from the same member logits."""
     results: dict[str, Any] = {"members": [{} for _ in members], "ensemble": {}}
     for split in splits:
         logits = []
         for m in members:
-            out, y, meta = predict(m, eval_loader(dataset, split, m, batch_size), device)
+            out, y, meta = predict(m, eval_loader(dataset, split, m, batch_size, subsets), device)
             logits.append(out)
         for record, out in zip(results["members"], logits):
             record.update(split_metrics(dataset, split, out, y, meta))
@@ -180,7 +186,9 @@ def run_eoq(args: argparse.Namespace, wilds_args: Sequence[str]) -> dict[str, An
     dataset = loaded[0].load_dataset()
     splits = args.splits or present_splits(dataset)
     members = [lr.model for lr in loaded]
-    results = evaluate_ensemble(members, dataset, splits, args.device, args.eval_batch_size)
+    results = evaluate_ensemble(
+        members, dataset, splits, args.device, args.eval_batch_size, SubsetSpec.of(loaded[0].config)
+    )
     size = ensemble_size(members)
     summary = {
         "members": [str(r) for r in runs],

@@ -83,6 +83,7 @@ def ptq_run(args: argparse.Namespace) -> dict[str, Any]:
         present_splits,
     )
     from dg_quant.adapters.wilds.compat import import_wilds
+    from dg_quant.adapters.wilds.datasets import SubsetSpec
     from dg_quant.adapters.wilds.transforms import build_transforms
     from dg_quant.io import atomic_torch_save
     from dg_quant.options import read_options
@@ -107,14 +108,15 @@ def ptq_run(args: argparse.Namespace) -> dict[str, Any]:
     train_transform, _ = build_transforms(
         getattr(config, "transform", "model"), getattr(config, "image_size", None), model
     )
-    train = dataset.get_subset("train", frac=getattr(config, "frac", 1.0), transform=train_transform)
+    subsets = SubsetSpec.of(config)
+    train = subsets.subset(dataset, "train", train_transform)
     splits = [] if args.no_eval else present_splits(dataset)
-    before = evaluate_splits(model, dataset, splits, device) if splits else {}
+    before = evaluate_splits(model, dataset, splits, device, subsets=subsets) if splits else {}
     attach_disabled_quantizers(model, options.ptq)  # the layout the obc plugin rebuilds on load
     results = ptq_(
         model, lambda: calibration_batches(train, args.samples, args.batch_size, device, args.seed), options.ptq
     )
-    after = evaluate_splits(model, dataset, splits, device) if splits else {}
+    after = evaluate_splits(model, dataset, splits, device, subsets=subsets) if splits else {}
     stem = f"ptq_{args.method}_w{args.bits}"
     run_dir = Path(args.run_dir)
     saved = vars(config) | settings

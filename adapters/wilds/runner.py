@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dg_quant.adapters.wilds.compat import import_wilds
-from dg_quant.adapters.wilds.datasets import load_dataset
+from dg_quant.adapters.wilds.datasets import SubsetSpec, load_dataset
 from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
 from dg_quant.adapters.wilds.loggers import RecordLoggers
 from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
@@ -151,7 +151,8 @@ class Run:
         self.grouper = CombinatorialGrouper(self.dataset, list(config.groupby_fields))
         self.model = self._build_model()
         train_transform, eval_transform = build_transforms(config.transform, config.image_size, self.model)
-        self.train_data = self.dataset.get_subset("train", frac=config.frac, transform=train_transform)
+        subsets = SubsetSpec.of(config)
+        self.train_data = subsets.subset(self.dataset, "train", train_transform)
         if len(self.train_data) < config.batch_size:
             raise ConfigError(
                 f"the train split has {len(self.train_data)} examples, fewer than --batch_size {config.batch_size}; "
@@ -167,7 +168,7 @@ class Run:
         self.eval_loaders = {
             split: get_eval_loader(
                 "standard",
-                self.dataset.get_subset(split, frac=config.frac, transform=eval_transform),
+                subsets.subset(self.dataset, split, eval_transform),
                 batch_size=config.eval_batch_size or 2 * config.batch_size,
                 num_workers=config.num_workers,
             )
