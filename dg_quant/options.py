@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -100,6 +100,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         ):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every dg-quant command: a usage error is one line naming the fix.
+
+    argparse prints the whole usage block (30+ lines for ``wilds_run``) above the error, which
+    buries it; the pointer to ``--help`` says where the usage is.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def plain_text(doc: str) -> str:

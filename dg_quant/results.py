@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dg_quant.errors import DataError, run_command
+from dg_quant.options import CommandParser
 
 SPLIT_ORDER = ("train", "id_val", "val", "test", "id_test")
 
@@ -184,7 +184,7 @@ def _cell(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="dgq_results",
         description="Compare finished runs side by side: each run's official test metric at the "
         "best-validation and the last step.",

@@ -87,3 +87,20 @@ def test_wilds_run_help_names_the_presets(capsys) -> None:
     assert "Unset flags take the dataset's preset" in out and "amazon: distilbert, adamw lr 1e-05" in out
     for flag in ("--lr", "--optimizer", "--batch_size", "--seed", "--n_epochs", "--threads"):
         assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "prog"),
+    [
+        (cli.main, ["--n_stepz", "3"], "wilds_run"),
+        (cli.main, ["--lr", "nan"], "wilds_run"),
+        (analyze.main, ["tablex"], "dgq_analyze"),
+        (export.main, [], "dgq_export"),
+    ],
+)
+def test_a_usage_error_is_one_line_pointing_at_help(main, argv, prog, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{prog}") and f"(see {prog}" in err, err

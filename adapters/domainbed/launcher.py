@@ -31,6 +31,7 @@ from dg_quant.adapters.domainbed.records import (
 )
 from dg_quant.adapters.domainbed.weights import check_backbone_weights, random_init_backbones
 from dg_quant.errors import ConfigError, run_command
+from dg_quant.options import CommandParser
 
 PROG = "python -m dg_quant.adapters.domainbed"
 SCRIPTS = {
@@ -43,7 +44,7 @@ TRAIN_COMMAND = "python -m domainbed.scripts.train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=PROG,
         add_help=False,
         allow_abbrev=False,

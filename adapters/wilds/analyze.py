@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dg_quant.errors import ConfigError, run_command
-from dg_quant.options import HelpFormatter, plain_text
+from dg_quant.options import CommandParser, HelpFormatter, plain_text
 
 PROG = "dgq_analyze"
 FORMATS = ("text", "markdown", "csv", "latex")
@@ -69,7 +69,7 @@ def _report(paths: Sequence[Path]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
+    parser = CommandParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     table = sub.add_parser("table", help="DomainBed-style result tables over seeds", formatter_class=HelpFormatter)

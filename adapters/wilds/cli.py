@@ -26,7 +26,7 @@ from dg_quant.adapters.wilds.run_folder import default_log_dir
 from dg_quant.adapters.wilds.transforms import TRANSFORMS
 from dg_quant.errors import run_command
 from dg_quant.host import PluginHost, known_plugins
-from dg_quant.options import HelpFormatter
+from dg_quant.options import CommandParser, HelpFormatter
 from dg_quant.results import format_run
 
 PROG = "wilds_run"
@@ -41,7 +41,7 @@ def _plugin_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The host's own flags; plugins add theirs through ``dgq_add_options``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=PROG,
         description="Train and evaluate on a WILDS dataset with dg-quant plugins (quantization, flatness).",
         formatter_class=HelpFormatter,

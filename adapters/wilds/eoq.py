@@ -37,7 +37,7 @@ from dg_quant.adapters.wilds.datasets import FULL_SPLITS, SubsetSpec
 from dg_quant.ensemble import LogitEnsemble, ensemble_size
 from dg_quant.errors import ConfigError, run_command
 from dg_quant.io import atomic_torch_save, atomic_write_json, load_torch_file
-from dg_quant.options import HelpFormatter, plain_text
+from dg_quant.options import CommandParser, HelpFormatter, plain_text
 
 PROG = "dgq_eoq"
 DATA_KEYS = ("dataset", "test_domain", "split_seed", "holdout_fraction", "split_scheme", "frac")
@@ -45,7 +45,7 @@ RESERVED = ("--seed", "--log_dir", "--resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=PROG, description=plain_text(__doc__), allow_abbrev=False, formatter_class=HelpFormatter
     )
     parser.add_argument("--members", "-E", type=int, default=5, help="ensemble size E (QT-DoG: 5)")

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from dg_quant.errors import CheckpointError, run_command
-from dg_quant.options import HelpFormatter, plain_text
+from dg_quant.options import CommandParser, HelpFormatter, plain_text
 
 PROG = "dgq_export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
+    parser = CommandParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
     parser.add_argument("-o", "--output", required=True, help="the file to write (e.g. model.dgq)")
     parser.add_argument(

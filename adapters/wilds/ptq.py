@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dg_quant.errors import run_command
-from dg_quant.options import HelpFormatter, plain_text
+from dg_quant.options import CommandParser, HelpFormatter, plain_text
 
 PROG = "dgq_ptq"
 PTQ_PLUGIN = "dg_quant.obc"
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = ObcOptions()
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ObcOptions)}
-    parser = argparse.ArgumentParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
+    parser = CommandParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
     parser.add_argument("--method", choices=("obc", "gptq"), default=defaults.ptq_method, help=helps["ptq_method"])
     parser.add_argument("--bits", type=int, default=defaults.bits, help=helps["bits"])

@@ -37,6 +37,7 @@ import yaml
 
 from dg_quant.errors import ConfigError, DataError, require_optional, run_command
 from dg_quant.io import atomic_write_json, atomic_write_text
+from dg_quant.options import CommandParser
 
 PROG = "dgq_sweep"
 EXECUTORS = ("local", "slurm", "debug")
@@ -549,9 +550,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser(
         "launch",
