@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass
 
 from benchmarks.two_pass import TwoPassStep
+from dg_quant.context import RunContext
 from dg_quant.host import PluginHost
 
 
@@ -66,9 +67,8 @@ def _host_and_config(plugins: tuple[str, ...], argv: tuple[str, ...]) -> tuple[P
     parser = argparse.ArgumentParser(add_help=False)
     host.add_options(parser)
     config, _unknown = parser.parse_known_args(list(argv))  # flags a plugin lacks are ignored
-    config.total_steps = 10**6
     config.seed = 0
-    host.configure(config)
+    host.configure(config, RunContext(host="benchmarks", total_steps=10**6))
     return host, config
 
 

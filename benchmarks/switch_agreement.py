@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from dg_quant.io import atomic_write_text
-from dg_quant.qat import QATOptions, prepare, switch_on
+from dg_quant.plugins.qat import QATOptions, prepare, switch_on
 from dg_quant.quant import iter_quantized_weights
 
 HERE = Path(__file__).resolve().parent

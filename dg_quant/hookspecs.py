@@ -6,7 +6,13 @@ every implementation runs and results (if any) are collected in a list.
 
 ``config`` is always an ``argparse.Namespace``: the host's settings plus every option that the
 loaded plugins added (the WILDS host fills it from the command line, the DomainBed host from
-``hparams``). Plugins read their own options from it with ``dg_quant.options.read_options``.
+``hparams``). It is read-only: nobody writes into it after parsing. A plugin parses its own
+options from it once, in ``dgq_configure`` (``dg_quant.options.read_options``), and registers a
+per-run object holding them and the hooks that need them (``host.register(obj, name=...)``).
+
+``context`` (``dg_quant.context.RunContext``, frozen) carries what the host worked out while
+setting the run up: the run length, steps per epoch, the output folder, the loaded plugins. Every
+hook but ``dgq_add_options`` receives it. docs/plugins.md walks through the contract.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from dg_quant.context import Calibration, RunContext
     from dg_quant.host import PluginHost
 
 hookspec = pluggy.HookspecMarker("dg_quant")
@@ -39,7 +46,7 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookspec(historic=True)
-def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
     """Validate options and set up per-run state (historic: replayed to late plugins).
 
     A plugin that keeps state across steps registers an object holding it with
@@ -48,33 +55,44 @@ def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
     the run's checkpoint under that name, so the name must be the same in every run.
     Raise ``dg_quant.errors.ConfigError`` for a bad setting.
 
-    :param config: the run's settings.
+    :param config: the run's settings; parse the plugin's options from it here, once.
     :param host: the plugin host, to register per-run plugin objects.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
 @hookspec
-def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
+def dgq_configure_model(model: nn.Module, config: argparse.Namespace, context: RunContext) -> None:
     """Modify the model in place before the optimizer is built (e.g. attach quantizers).
 
     :param model: the network: ``featurizer`` followed by ``classifier``.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
 @hookspec
-def dgq_configure_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, config: argparse.Namespace) -> None:
+def dgq_configure_optimizer(
+    optimizer: torch.optim.Optimizer, model: nn.Module, config: argparse.Namespace, context: RunContext
+) -> None:
     """Adjust the freshly built optimizer (add parameter groups, change learning rates).
 
     :param optimizer: the optimizer over ``model.parameters()``.
     :param model: the configured model.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
@@ -82,15 +100,20 @@ def dgq_configure_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, 
 
 
 @hookspec
-def dgq_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace) -> None:
+def dgq_step_start(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace, context: RunContext
+) -> None:
     """Called before each step's gradients (e.g. switch quantization on at a given step).
 
     :param model: the model being trained.
     :param optimizer: its optimizer.
     :param step: 0-based index of the step about to run.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
@@ -102,6 +125,7 @@ def dgq_compute_gradients(
     optimizer: torch.optim.Optimizer,
     step: int,
     config: argparse.Namespace,
+    context: RunContext,
 ) -> dict[str, Any] | None:
     """Fill ``.grad`` of the parameters for one step (*first result* wins).
 
@@ -115,15 +139,18 @@ def dgq_compute_gradients(
     :param optimizer: the optimizer (not to be stepped here).
     :param step: 0-based step index.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
     :return: metrics of the step (tensors or floats; at least ``loss``), or None to pass.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
 @hookspec
 def dgq_after_backward(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace, context: RunContext
 ) -> None:
     """Called after gradients are computed and before the optimizer step (route or mask them).
 
@@ -131,8 +158,11 @@ def dgq_after_backward(
     :param optimizer: its optimizer.
     :param step: 0-based step index.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
@@ -143,6 +173,7 @@ def dgq_after_step(
     step: int,
     metrics: dict[str, Any],
     config: argparse.Namespace,
+    context: RunContext,
 ) -> None:
     """Called after the optimizer step (clamp step sizes, restore frozen weights, log).
 
@@ -151,8 +182,11 @@ def dgq_after_step(
     :param step: 0-based index of the step that just ran.
     :param metrics: the step's metrics; a plugin may add entries.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
@@ -160,26 +194,45 @@ def dgq_after_step(
 
 
 @hookspec
-def dgq_evaluate(model: nn.Module, step: int, config: argparse.Namespace) -> dict[str, Any] | None:
+def dgq_evaluate(model: nn.Module, step: int, config: argparse.Namespace, context: RunContext) -> dict[str, Any] | None:
     """Contribute numbers to an evaluation record (e.g. compression ratio, frozen layers).
 
     :param model: the model in eval mode.
     :param step: number of steps done.
     :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
     :return: flat ``{name: number}`` merged into the record, or None.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` added.
     """
 
 
 @hookspec
-def dgq_train_end(model: nn.Module, config: argparse.Namespace, log_dir: str | None) -> dict[str, Any] | None:
+def dgq_train_end(
+    model: nn.Module,
+    config: argparse.Namespace,
+    log_dir: str | None,
+    context: RunContext,
+    calibration: Calibration | None,
+) -> dict[str, Any] | None:
     """Called once after the last step (post-training quantization, export, summaries).
 
     :param model: the trained model.
     :param config: the run's settings.
     :param log_dir: the run's output folder, or None when the host writes nothing.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
+    :param calibration: ``calibration(num_samples, batch_size)`` yields input batches of the
+        training split (source domains only, no augmentation, the same ones at every call) for
+        post-training calibration; None when the host has no data to give.
     :return: flat ``{name: number}`` merged into the final results, or None.
 
+    Hosts call it through ``dg_quant.loop.end_training``: the model's state is compared before
+    and after, so a hook that changes the model (post-training quantization) has the host score
+    and save the changed model.
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``context`` and ``calibration`` added (calibration data was ``config.calibration_batches``).
     """

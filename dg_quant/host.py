@@ -9,6 +9,7 @@ ERM unless it names a plugin. Two plugins that own the same part of a run (``DGQ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import os
@@ -20,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import pluggy
 
 from dg_quant import defaults, hookspecs
+from dg_quant.context import RunContext
 from dg_quant.errors import PluginError
 from dg_quant.ownership import check_owners
 
@@ -93,6 +95,7 @@ class PluginHost:
         self.pm.register(defaults, name="dg_quant.defaults")
         self.names: list[str] = []
         self.stateful: dict[str, Stateful] = {}  # registered name -> object, in registration order
+        self.context = RunContext()  # the run's, once configure() is called
         if os.environ.get(TRACE_ENV):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
@@ -132,6 +135,13 @@ class PluginHost:
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         self.hook.dgq_add_options.call_historic(kwargs={"parser": parser})
 
-    def configure(self, config: argparse.Namespace) -> None:
-        config.plugins = list(self.names)
-        self.hook.dgq_configure.call_historic(kwargs={"config": config, "host": self})
+    def configure(self, config: argparse.Namespace, context: RunContext | None = None) -> RunContext:
+        """Start the run: every plugin's ``dgq_configure`` with the read-only ``config`` and the
+        host's ``context`` (kept as ``self.context``; its ``plugins`` are this host's loaded names).
+        A host that knows nothing about the run (a script, a test) may leave ``context`` out."""
+        context = context or RunContext()
+        if context.plugins != tuple(self.names):
+            context = dataclasses.replace(context, plugins=tuple(self.names))
+        self.context = context
+        self.hook.dgq_configure.call_historic(kwargs={"config": config, "host": self, "context": context})
+        return context

@@ -11,11 +11,13 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dg_quant.context import Calibration, RunContext
 from dg_quant.host import PluginHost
 from dg_quant.options import read_options
 from dg_quant.speed import SpeedOptions, autocast, model_device
@@ -40,6 +42,11 @@ class Trainer:
         self.precision = read_options(SpeedOptions, config).precision
         self.step = 0
 
+    @property
+    def context(self) -> RunContext:
+        """The run as its host set it up (``PluginHost.configure``)."""
+        return self.host.context
+
     @classmethod
     def build(
         cls,
@@ -51,9 +58,9 @@ class Trainer:
         make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> Trainer:
         """Let plugins configure the model, then build the optimizer, then let them adjust it."""
-        host.hook.dgq_configure_model(model=model, config=config)
+        host.hook.dgq_configure_model(model=model, config=config, context=host.context)
         optimizer = make_optimizer(model)
-        host.hook.dgq_configure_optimizer(optimizer=optimizer, model=model, config=config)
+        host.hook.dgq_configure_optimizer(optimizer=optimizer, model=model, config=config, context=host.context)
         scheduler = make_scheduler(optimizer) if make_scheduler else None
         return cls(host, model, optimizer, loss_fn, config, scheduler)
 
@@ -65,7 +72,13 @@ class Trainer:
         return autocast(model_device(self.model), self.precision)
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer, "step": self.step, "config": self.config}
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "step": self.step,
+            "config": self.config,
+            "context": self.context,
+        }
 
     def train_step(self, batch: tuple[Any, torch.Tensor]) -> dict[str, Any]:
         """Run one step on ``(x, y)`` (already on the device); returns the step's metrics."""
@@ -88,16 +101,20 @@ class Trainer:
     def evaluation_extras(self) -> dict[str, Any]:
         """What the plugins add to an evaluation record (compression, frozen layers, ...)."""
         extras: dict[str, Any] = {}
-        for result in self.host.hook.dgq_evaluate(model=self.model, step=self.step, config=self.config):
+        results = self.host.hook.dgq_evaluate(
+            model=self.model, step=self.step, config=self.config, context=self.context
+        )
+        for result in results:
             extras.update(result or {})
         return extras
 
-    def finish(self, log_dir: str | None) -> dict[str, Any]:
-        """Run the end-of-training hooks; returns their merged numbers."""
-        merged: dict[str, Any] = {}
-        for result in self.host.hook.dgq_train_end(model=self.model, config=self.config, log_dir=log_dir):
-            merged.update(result or {})
-        return merged
+    def end(self, log_dir: str | None, calibration: Calibration | None = None) -> TrainEnd:
+        """The end of training (``end_training``) of this run's model."""
+        return end_training(self.host, self.model, self.config, log_dir, calibration)
+
+    def finish(self, log_dir: str | None, calibration: Calibration | None = None) -> dict[str, Any]:
+        """``end()``'s merged numbers only."""
+        return self.end(log_dir, calibration).numbers
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, step and each plugin's state."""
@@ -136,6 +153,38 @@ class Trainer:
         for name, obj in self.host.stateful.items():
             if name in states:
                 obj.load_state_dict(states[name])
+
+
+@dataclass(frozen=True)
+class TrainEnd:
+    """What the end of training did: the hooks' merged numbers and whether they changed the model."""
+
+    numbers: dict[str, Any]
+    model_changed: bool
+
+
+def end_training(
+    host: PluginHost,
+    model: nn.Module,
+    config: argparse.Namespace,
+    log_dir: str | None,
+    calibration: Calibration | None,
+) -> TrainEnd:
+    """The one end-of-training sequence of every host: snapshot the model, run ``dgq_train_end``
+    (post-training quantization, summaries) with the host's calibration data, and compare.
+
+    A host whose model changed (``model_changed``) scores and saves the changed model: the last
+    results must describe the model that is stored. ``wilds_run``, ``dgq_ptq`` (a saved run
+    rebuilt with ``dg_quant.obc``) and the DomainBed launcher all end through here.
+    """
+    before = state_snapshot(model)
+    merged: dict[str, Any] = {}
+    results = host.hook.dgq_train_end(
+        model=model, config=config, log_dir=log_dir, context=host.context, calibration=calibration
+    )
+    for result in results:
+        merged.update(result or {})
+    return TrainEnd(merged, not same_state(before, state_snapshot(model)))
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
+from dg_quant.host import PluginHost
 from dg_quant.options import add_options, option, read_options
 from dg_quant.ownership import WEIGHT_QUANTIZATION
 from dg_quant.quant.api import plan
@@ -45,6 +47,7 @@ from dg_quant.quant.inq import (
 
 # INQ's power-of-two levels replace the weights: no second quantizer on top.
 DGQ_OWNS = (WEIGHT_QUANTIZATION,)
+RUN_NAME = "dg_quant.inq.run"  # the per-run ``InqRun``
 
 
 @dataclass
@@ -66,8 +69,9 @@ class InqOptions:
             raise ConfigError(f"inq_start_step must be >= 0; got {self.inq_start_step}")
         self.fractions = parse_partitions(self.inq_partitions)
 
-    def schedule(self, config: argparse.Namespace) -> PartitionSchedule:
-        total = getattr(config, "total_steps", None) or self.inq_start_step + len(self.fractions)
+    def schedule(self, total_steps: int | None) -> PartitionSchedule:
+        """The partitions spread over a run of ``total_steps`` (unknown: one step apart)."""
+        total = total_steps or self.inq_start_step + len(self.fractions)
         return PartitionSchedule(self.fractions, self.inq_start_step, max(total, self.inq_start_step))
 
 
@@ -146,70 +150,76 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace) -> None:
+def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
     options = read_options(InqOptions, config)
-    if not getattr(config, "total_steps", None):
+    schedule = options.schedule(context.total_steps)
+    if not context.total_steps:
         warnings.warn(
             f"dg_quant.inq: the run length is unknown, so the partitions are applied at steps "
-            f"{options.schedule(config).steps()}; give the host the number of steps "
+            f"{schedule.steps()}; give the host the number of steps "
             "(DomainBed: --steps, or register(total_steps=N) from your own script)",
             stacklevel=2,
         )
-
-
-@hookimpl
-def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
-    if not prepare_inq(model, read_options(InqOptions, config)):
-        raise ConfigError("dg_quant.inq found no conv/linear weight to quantize in this model")
-
-
-@hookimpl
-def dgq_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace) -> None:
-    options = read_options(InqOptions, config)
-    due = options.schedule(config).partitions_due(step)
-    if due:
-        apply_partitions(model, optimizer, options, due)
+    host.register(InqRun(options, schedule), name=RUN_NAME)
 
 
 # Attribute holding a module's frozen weight values during one optimizer step (not saved).
 _KEPT_ATTR = "_dgq_inq_kept"
 
 
-@hookimpl
-@torch.no_grad()
-def dgq_after_backward(model: nn.Module) -> None:
-    for _, module in inq_modules(model):
-        frozen = getattr(module, FROZEN_BUFFER)
-        grad = module.weight.grad
-        if grad is not None:
-            grad.masked_fill_(frozen, 0)
-        # The last thing before optimizer.step(): keep the frozen values to put back afterwards.
-        setattr(module, _KEPT_ATTR, module.weight.detach()[frozen] if frozen.any() else None)
+class InqRun:
+    """One run's INQ: options parsed once and the partition schedule over the run's length.
 
+    The per-tensor state lives in module buffers (saved with the weights), so this object has
+    no ``state_dict`` of its own.
+    """
 
-@hookimpl
-@torch.no_grad()
-def dgq_after_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    for _, module in inq_modules(model):
-        frozen = getattr(module, FROZEN_BUFFER)
-        kept = module.__dict__.pop(_KEPT_ATTR, None)
-        if not (int(getattr(module, APPLIED_BUFFER)) and frozen.any()):
-            continue
-        if kept is not None and kept.numel() == int(frozen.sum()):
-            module.weight.masked_scatter_(frozen, kept)  # exactly the values before the step
-        else:  # no value kept (a step run without dgq_after_backward): back onto the nearest level
-            _restore_frozen(module)
-        _mask_optimizer_state(optimizer, module.weight, frozen)
+    def __init__(self, options: InqOptions, schedule: PartitionSchedule) -> None:
+        self.options, self.schedule = options, schedule
 
+    @hookimpl
+    def dgq_configure_model(self, model: nn.Module) -> None:
+        if not prepare_inq(model, self.options):
+            raise ConfigError("dg_quant.inq found no conv/linear weight to quantize in this model")
 
-@hookimpl
-def dgq_evaluate(model: nn.Module) -> dict[str, float]:
-    return {"inq/frozen_fraction": frozen_fraction(model)}
+    @hookimpl
+    def dgq_step_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        due = self.schedule.partitions_due(step)
+        if due:
+            apply_partitions(model, optimizer, self.options, due)
 
+    @hookimpl
+    @torch.no_grad()
+    def dgq_after_backward(self, model: nn.Module) -> None:
+        for _, module in inq_modules(model):
+            frozen = getattr(module, FROZEN_BUFFER)
+            grad = module.weight.grad
+            if grad is not None:
+                grad.masked_fill_(frozen, 0)
+            # The last thing before optimizer.step(): keep the frozen values to put back afterwards.
+            setattr(module, _KEPT_ATTR, module.weight.detach()[frozen] if frozen.any() else None)
 
-@hookimpl
-def dgq_train_end(model: nn.Module, config: argparse.Namespace) -> dict[str, float]:
-    """A run that ended before the last partition still ends with every weight quantized."""
-    options = read_options(InqOptions, config)
-    apply_partitions(model, None, options, len(options.fractions))
-    return {"inq/frozen_fraction": frozen_fraction(model), "inq/levels": 2 ** (options.bits - 1) + 1}
+    @hookimpl
+    @torch.no_grad()
+    def dgq_after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for _, module in inq_modules(model):
+            frozen = getattr(module, FROZEN_BUFFER)
+            kept = module.__dict__.pop(_KEPT_ATTR, None)
+            if not (int(getattr(module, APPLIED_BUFFER)) and frozen.any()):
+                continue
+            if kept is not None and kept.numel() == int(frozen.sum()):
+                module.weight.masked_scatter_(frozen, kept)  # exactly the values before the step
+            else:  # no value kept (a step run without dgq_after_backward): back onto the nearest level
+                _restore_frozen(module)
+            _mask_optimizer_state(optimizer, module.weight, frozen)
+
+    @hookimpl
+    def dgq_evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"inq/frozen_fraction": frozen_fraction(model)}
+
+    @hookimpl
+    def dgq_train_end(self, model: nn.Module) -> dict[str, float]:
+        """A run that ended before the last partition still ends with every weight quantized."""
+        options = self.options
+        apply_partitions(model, None, options, len(options.fractions))
+        return {"inq/frozen_fraction": frozen_fraction(model), "inq/levels": 2 ** (options.bits - 1) + 1}

@@ -6,8 +6,9 @@ weights layer by layer with OBQ (small layers) or GPTQ (large ones), calibrated 
 training split only, i.e. the source domains, never the target. Per-layer reconstruction errors
 of the solver and of round-to-nearest go to ``ptq.json`` in the run folder.
 
-The host supplies calibration data as ``config.calibration_batches(num_samples, batch_size)``
-(``wilds_run`` sets it for the end of training). For a saved run, use ``dgq_ptq``.
+The host passes calibration data to ``dgq_train_end`` as ``calibration(num_samples, batch_size)``
+(``wilds_run``, ``dgq_ptq`` and the DomainBed launcher do). ``dgq_ptq`` quantizes a saved run
+with this plugin and these flags.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 from torch import nn
 
+from dg_quant.context import Calibration
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
+from dg_quant.host import PluginHost
 from dg_quant.io import atomic_write_json
 from dg_quant.options import add_options, option, read_options
 from dg_quant.ownership import WEIGHT_QUANTIZATION
@@ -29,6 +32,7 @@ from dg_quant.quant.obc import METHODS, PTQConfig, attach_disabled_quantizers, p
 RESULT_FILE = "ptq.json"
 # OBC/GPTQ quantize the trained weights: a QAT plugin's quantizers would be quantized again.
 DGQ_OWNS = (WEIGHT_QUANTIZATION,)
+RUN_NAME = "dg_quant.obc.run"  # the per-run ``ObcRun``
 
 
 @dataclass
@@ -81,25 +85,30 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace) -> None:
-    read_options(ObcOptions, config)
+def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+    host.register(ObcRun(read_options(ObcOptions, config)), name=RUN_NAME)
 
 
-@hookimpl
-def dgq_configure_model(model: nn.Module, config: argparse.Namespace) -> None:
-    attach_disabled_quantizers(model, read_options(ObcOptions, config).ptq)
+class ObcRun:
+    """One run's post-training quantization with its options, parsed once."""
 
+    def __init__(self, options: ObcOptions) -> None:
+        self.options = options
+        self.results: list = []  # the per-layer results of the last quantization
 
-@hookimpl
-def dgq_train_end(model: nn.Module, config: argparse.Namespace, log_dir: str | None) -> dict[str, Any]:
-    options = read_options(ObcOptions, config)
-    source = getattr(config, "calibration_batches", None)
-    if not callable(source):
-        raise ConfigError(
-            "dg_quant.obc needs calibration data from the host (config.calibration_batches); "
-            "this host gives none, so quantize the saved run with dgq_ptq instead"
-        )
-    results = ptq_(model, lambda: source(options.ptq_samples, options.ptq_batch_size), options.ptq)
-    if log_dir is not None:
-        write_results(Path(log_dir) / RESULT_FILE, options, results)
-    return summarize(results)
+    @hookimpl
+    def dgq_configure_model(self, model: nn.Module) -> None:
+        attach_disabled_quantizers(model, self.options.ptq)
+
+    @hookimpl
+    def dgq_train_end(self, model: nn.Module, log_dir: str | None, calibration: Calibration | None) -> dict[str, Any]:
+        options = self.options
+        if calibration is None:
+            raise ConfigError(
+                "dg_quant.obc needs calibration data from the host; this host gives none, "
+                "so quantize the saved run with dgq_ptq instead"
+            )
+        self.results = ptq_(model, lambda: calibration(options.ptq_samples, options.ptq_batch_size), options.ptq)
+        if log_dir is not None:
+            write_results(Path(log_dir) / RESULT_FILE, options, self.results)
+        return summarize(self.results)

@@ -14,12 +14,14 @@ from typing import Any
 from torch import nn
 
 from dg_quant.hookimpl import hookimpl
+from dg_quant.host import PluginHost
 from dg_quant.options import add_options, read_options
 from dg_quant.ownership import GRADIENT_COMPUTATION
 from dg_quant.sharpness import SAGMOptions, apply_sagm_, sagm_gradients
 
 OPTIONS = SAGMOptions
 DGQ_OWNS = (GRADIENT_COMPUTATION,)  # the two-pass step replaces the plain backward
+RUN_NAME = "dg_quant.sagm.run"  # the per-run ``SAGMRun``
 
 
 @hookimpl
@@ -28,13 +30,18 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace) -> None:
-    read_options(SAGMOptions, config)
+def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+    host.register(SAGMRun(read_options(SAGMOptions, config)), name=RUN_NAME)
 
 
-@hookimpl
-def dgq_compute_gradients(model: nn.Module, batch: tuple, loss_fn: Any, config: argparse.Namespace) -> dict[str, Any]:
-    options = read_options(SAGMOptions, config)
-    result = sagm_gradients(model, batch, loss_fn, options.rho, options.alpha)
-    apply_sagm_(result)
-    return result.metrics()
+class SAGMRun:
+    """One run's SAGM step with its options, parsed once."""
+
+    def __init__(self, options: SAGMOptions) -> None:
+        self.options = options
+
+    @hookimpl
+    def dgq_compute_gradients(self, model: nn.Module, batch: tuple, loss_fn: Any) -> dict[str, Any]:
+        result = sagm_gradients(model, batch, loss_fn, self.options.rho, self.options.alpha)
+        apply_sagm_(result)
+        return result.metrics()

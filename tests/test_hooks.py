@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from dg_quant import PluginHost, Trainer, create_adapter, hookimpl
+from dg_quant.context import RunContext
 from dg_quant.errors import PluginError
 
 
@@ -27,8 +29,8 @@ class Recorder:
         self.calls.append(("dgq_add_options", {}))
 
     @hookimpl
-    def dgq_configure(self, config, host):
-        self.calls.append(("dgq_configure", {"flag": config.recorder_flag, "host": host}))
+    def dgq_configure(self, config, host, context):
+        self.calls.append(("dgq_configure", {"flag": config.recorder_flag, "host": host, "context": context}))
 
     @hookimpl
     def dgq_configure_model(self, model, config):
@@ -41,8 +43,8 @@ class Recorder:
         self.calls.append(("dgq_configure_optimizer", {}))
 
     @hookimpl
-    def dgq_step_start(self, step):
-        self.calls.append(("dgq_step_start", {"step": step}))
+    def dgq_step_start(self, step, context):
+        self.calls.append(("dgq_step_start", {"step": step, "context": context}))
 
     @hookimpl
     def dgq_after_backward(self, model, step):
@@ -60,8 +62,8 @@ class Recorder:
         return {"recorder/step": step}
 
     @hookimpl
-    def dgq_train_end(self, model, log_dir):
-        self.calls.append(("dgq_train_end", {"log_dir": log_dir}))
+    def dgq_train_end(self, model, log_dir, calibration):
+        self.calls.append(("dgq_train_end", {"log_dir": log_dir, "calibration": calibration}))
         return {"recorder/done": 1}
 
 
@@ -73,7 +75,9 @@ def run() -> tuple[Recorder, Trainer]:
     parser = argparse.ArgumentParser()
     host.add_options(parser)
     config = parser.parse_args(["--recorder-flag", "7"])
-    host.configure(config)
+    settings = dict(vars(config))
+    host.configure(config, RunContext(host="test", total_steps=12, steps_per_epoch=4))
+    assert vars(config) == settings  # the settings are read-only: the host writes nothing into them
     model = create_adapter("test_cnn", num_classes=3)
     trainer = Trainer.build(
         host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), nn.CrossEntropyLoss()
@@ -95,7 +99,17 @@ def test_hook_dgq_configure(run) -> None:
     recorder, trainer = run
     call = dict(recorder.calls)["dgq_configure"]
     assert call["flag"] == 7 and call["host"] is trainer.host
-    assert trainer.config.plugins == []
+    assert call["context"] is trainer.context
+    assert trainer.context == RunContext(host="test", total_steps=12, steps_per_epoch=4, plugins=())
+
+
+def test_every_hook_gets_the_context_the_host_configured(run) -> None:
+    recorder, trainer = run
+    trainer.train_step(batch())
+    (step_call,) = [c for name, c in recorder.calls if name == "dgq_step_start"]
+    assert step_call["context"] is trainer.context and step_call["context"].total_steps == 12
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.context.total_steps = 3
 
 
 def test_hook_dgq_configure_model(run) -> None:
@@ -159,7 +173,30 @@ def test_hook_dgq_evaluate(run) -> None:
 def test_hook_dgq_train_end(run, tmp_path) -> None:
     recorder, trainer = run
     assert trainer.finish(str(tmp_path)) == {"recorder/done": 1}
-    assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path)}
+    assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path), "calibration": None}
+
+
+def test_end_of_training_passes_calibration_and_tells_a_changed_model(run, tmp_path) -> None:
+    recorder, trainer = run
+    images = [torch.randn(2, 3, 8, 8)]
+
+    def calibration(num_samples, batch_size):
+        return iter(images)
+
+    end = trainer.end(str(tmp_path), calibration=calibration)
+    assert end.numbers == {"recorder/done": 1} and end.model_changed is False
+    assert dict(recorder.calls)["dgq_train_end"]["calibration"] is calibration
+
+    class Rounder:
+        @hookimpl
+        def dgq_train_end(self, model, calibration):
+            with torch.no_grad():
+                for x in calibration(2, 2):
+                    model(x)
+                model.classifier.weight.mul_(0.5)
+
+    trainer.host.register(Rounder())
+    assert trainer.end(None, calibration=calibration).model_changed is True
 
 
 # -- checkpoints: each Stateful plugin object's state travels in Trainer.state_dict() under its name

@@ -65,8 +65,8 @@ def test_hosts_are_independent() -> None:
     a, b = PluginHost(), PluginHost()
     rec = Recorder()
     a.register(rec)
-    a.hook.dgq_step_start(model=None, optimizer=None, step=3, config=None)
-    b.hook.dgq_step_start(model=None, optimizer=None, step=4, config=None)
+    a.hook.dgq_step_start(model=None, optimizer=None, step=3, config=None, context=a.context)
+    b.hook.dgq_step_start(model=None, optimizer=None, step=4, config=None, context=b.context)
     assert rec.steps == [3]
 
 

@@ -9,22 +9,23 @@ import torch
 from torch import nn
 
 from dg_quant import PluginHost, Trainer, create_adapter
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError
-from dg_quant.qat import PAPER_START_STEP, QATOptions, resolve_start_step
+from dg_quant.plugins.qat import QATOptions, resolve_start_step
 from dg_quant.quant import (
     is_quantization_enabled,
     iter_quantized_weights,
     latent_weight,
     step_parameters,
 )
+from dg_quant.schedule import PAPER_START_STEP
 
 
 def make_config(host: PluginHost, *argv: str, total_steps: int | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     host.add_options(parser)
     config = parser.parse_args(list(argv))
-    config.total_steps = total_steps
-    host.configure(config)
+    host.configure(config, RunContext(total_steps=total_steps))
     return config
 
 
@@ -102,7 +103,7 @@ def test_compat_flag_reproduces_the_released_code() -> None:
 def test_compat_quantizes_conv2d_only_even_where_a_linear_is_not_the_head() -> None:
     """The released code maps only Conv2d: a hidden Linear (not the excluded head) stays FP under
     --qtdog-compat, and is quantized without it."""
-    from dg_quant.qat import prepare
+    from dg_quant.plugins.qat import prepare
 
     def net() -> nn.Module:
         return nn.Sequential(

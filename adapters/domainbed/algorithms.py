@@ -28,13 +28,15 @@ from dg_quant.adapters.domainbed.hparams import (
     plugin_hparams,
 )
 from dg_quant.adapters.domainbed.runlength import run_length, train_flags
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError, PluginError
 from dg_quant.host import PluginHost, resolve_plugin
 from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.model import DGModel
-from dg_quant.qat import paper_start_step
 from dg_quant.quant import is_quantized
+from dg_quant.schedule import paper_start_step
 
+HOST = "domainbed"
 # Keys that DomainBed's train.py writes itself; an update() metric of that name is renamed.
 RESERVED_KEYS = ("step", "epoch", "step_time", "mem_gb", "hparams", "args")
 
@@ -110,11 +112,11 @@ def available_specs() -> list[AlgorithmSpec]:
 def run_config(
     host: PluginHost,
     hparams: Mapping[str, Any],
-    num_domains: int,
     total_steps: int | None = None,
     dataset: str | None = None,
 ) -> argparse.Namespace:
-    """The run's ``config``: the plugins' option defaults, overridden by DomainBed's ``hparams``."""
+    """The run's ``config`` (the plugins' option defaults, overridden by DomainBed's ``hparams``),
+    with the host configured for a run of ``total_steps`` on ``dataset``."""
     parser = options_parser(host)
     for action in parser._actions:
         value = hparams.get(action.dest)
@@ -127,9 +129,7 @@ def run_config(
     vars(config).update(hparams)
     # DomainBed tells an algorithm neither the number of steps nor an output folder: the run
     # length comes from train.py's flags (runlength), the folder only at the end (finish).
-    config.total_steps, config.log_dir, config.dataset = total_steps, None, dataset
-    config.num_domains, config.host = num_domains, "domainbed"
-    host.configure(config)
+    host.configure(config, RunContext(host=HOST, dataset=dataset, total_steps=total_steps))
     return config
 
 
@@ -158,7 +158,7 @@ class DGQuantAlgorithm:
         host = PluginHost(self.PLUGINS)
         flags = train_flags(sys.argv[1:])
         total = self.TOTAL_STEPS or run_length(sys.argv[1:], package=self.PACKAGE)
-        config = run_config(host, hparams, num_domains, total, flags.dataset)
+        config = run_config(host, hparams, total, flags.dataset)
         self.trainer = Trainer.build(host, self.network, config, self._make_optimizer, F.cross_entropy)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ no algorithm behind, on one rebuilt from ``model.pkl``), then:
 
 A ``model.pkl`` already finished (rewritten by it, or ``dgq_final.json`` at least as new) is left
 alone, so a model is never post-training quantized twice. PTQ plugins
-get ``config.calibration_batches`` over the training environments' in-splits only; the dataset is
+get ``calibration`` (``dgq_train_end``) over the training environments' in-splits only; the dataset is
 built when a plugin first asks for images.
 """
 
@@ -44,7 +44,6 @@ from dg_quant.io import (
     load_torch_file,
     verify_torch_file,
 )
-from dg_quant.loop import same_state, state_snapshot
 from dg_quant.speed import model_device
 
 FINAL_FILE = "dgq_final.json"
@@ -80,7 +79,7 @@ def is_finished(output_dir: Path) -> bool:
 
 
 class DomainBedCalibration:
-    """``config.calibration_batches`` for a DomainBed run: training environments only, seeded.
+    """The ``calibration`` of a DomainBed run's ``dgq_train_end``: training environments only, seeded.
 
     The images are the training environments' in-splits, split exactly as ``train.py`` splits
     them (so neither the test environments nor the validation out-splits are seen), with the
@@ -245,16 +244,11 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         namespace = {}  # the loaders of the script's globals do not describe this model
 
     device = model_device(algorithm.network)
-    config = algorithm.trainer.config
-    config.calibration_batches = DomainBedCalibration(args, algorithm.hparams, device, package)
-    before = state_snapshot(algorithm.network)
+    calibration = DomainBedCalibration(args, algorithm.hparams, device, package)
     print(f"dg-quant: end of training of {args['algorithm']} ({', '.join(algorithm.PLUGINS)})", flush=True)
-    try:
-        with _progress_lines():
-            numbers = algorithm.trainer.finish(str(output_dir))
-    finally:
-        del config.calibration_batches
-    changed = not same_state(before, state_snapshot(algorithm.network))
+    with _progress_lines():
+        end = algorithm.trainer.end(str(output_dir), calibration=calibration)
+    numbers, changed = end.numbers, end.model_changed
     final: dict[str, Any] = {
         "algorithm": args["algorithm"],
         "plugins": list(algorithm.PLUGINS),

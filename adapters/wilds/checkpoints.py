@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dg_quant.adapters.wilds.datasets import FULL_SPLITS, SubsetSpec
+from dg_quant.context import RunContext
 from dg_quant.errors import CheckpointError
 from dg_quant.host import PluginHost
 from dg_quant.io import load_torch_file
@@ -51,6 +52,22 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     return state
 
 
+def saved_context(config: argparse.Namespace) -> RunContext:
+    """The context of a finished run, from the settings it saved (``runner.saved_settings``).
+
+    ``log_dir`` stays None: a rebuilt model is looked at, and its plugins must not write into the
+    run's folder.
+    """
+    return RunContext(
+        host="wilds_run",
+        dataset=getattr(config, "dataset", None),
+        total_steps=getattr(config, "total_steps", None),
+        steps_per_epoch=getattr(config, "steps_per_epoch", None),
+        eval_every=getattr(config, "eval_every", None),
+        plugins=tuple(getattr(config, "plugins", None) or ()),
+    )
+
+
 def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
     """The run's architecture with its plugins' model changes (quantizers), weights loaded.
 
@@ -63,8 +80,8 @@ def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
     config.model = state["backbone"]
     model = build_run_model(config, int(state["num_classes"]), reload=True)
     host = PluginHost(config.plugins)
-    host.configure(config)
-    host.hook.dgq_configure_model(model=model, config=config)
+    context = host.configure(config, saved_context(config))
+    host.hook.dgq_configure_model(model=model, config=config, context=context)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -35,11 +35,12 @@ from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
 from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
 from dg_quant.adapters.wilds.transforms import build_transforms
+from dg_quant.context import RunContext
 from dg_quant.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl, load_torch_file
-from dg_quant.loop import Trainer, same_state, scalar_metrics, state_snapshot
+from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
 from dg_quant.results import load_final
@@ -101,11 +102,11 @@ def make_optimizer(config: argparse.Namespace):
     return build
 
 
-def make_scheduler(config: argparse.Namespace):
+def make_scheduler(config: argparse.Namespace, total_steps: int):
     """``linear``: the WILDS/transformers linear decay to 0 over the run, without warmup."""
     if config.scheduler in (None, "none"):
         return None
-    total = max(int(config.total_steps), 1)
+    total = max(int(total_steps), 1)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total - step) / total))
 
 
@@ -126,6 +127,40 @@ def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, list | tuple):
         return type(x)(to_device(v, device) for v in x)
     return x
+
+
+HOST = "wilds_run"
+
+
+def run_context(config: argparse.Namespace, steps_per_epoch: int, plugins: list[str]) -> RunContext:
+    """The run's length and evaluation interval, worked out from its settings and its data."""
+    total = config.n_steps if config.n_steps else config.n_epochs * steps_per_epoch
+    # WILDS evaluates once per epoch; a run given in steps evaluates five times.
+    eval_every = config.eval_every or (steps_per_epoch if not config.n_steps else max(total // 5, 1))
+    return RunContext(
+        host=HOST,
+        dataset=config.dataset,
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        eval_every=eval_every,
+        log_dir=str(config.log_dir),
+        plugins=tuple(plugins),
+    )
+
+
+def saved_settings(config: argparse.Namespace, context: RunContext) -> dict[str, Any]:
+    """The settings a run saves (``config.json``, checkpoints, model files): the flags, with the
+    run length, epoch length, evaluation interval and plugins filled in from its context, which
+    is what ``dgq_export``/``dgq_ptq`` rebuild the run from."""
+    return _jsonable(
+        vars(config)
+        | {
+            "eval_every": context.eval_every,
+            "plugins": list(context.plugins),
+            "steps_per_epoch": context.steps_per_epoch,
+            "total_steps": context.total_steps,
+        }
+    )
 
 
 class Run:
@@ -174,18 +209,13 @@ class Run:
             )
             for split in self._eval_splits()
         }
-        config.total_steps = config.n_steps if config.n_steps else config.n_epochs * steps_per_epoch
-        config.steps_per_epoch = steps_per_epoch
-        # WILDS evaluates once per epoch; a run given in steps evaluates five times.
-        config.eval_every = config.eval_every or (
-            steps_per_epoch if not config.n_steps else max(config.total_steps // 5, 1)
-        )
-        host.configure(config)
+        self.context = host.configure(config, run_context(config, steps_per_epoch, host.names))
         if config.max_grad_norm:
             host.register(ClipGradients(config.max_grad_norm), name="wilds_run.clip_grad_norm")
         self.model.to(self.device)
         loss = nn.CrossEntropyLoss()
-        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss, make_scheduler(config))
+        scheduler = make_scheduler(config, self.context.total_steps)
+        self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss, scheduler)
         self.records: list[dict[str, Any]] = []
         self.loggers = RecordLoggers(getattr(config, "logger", None), self.log_dir)
         self.best: dict[str, Any] | None = None
@@ -252,7 +282,7 @@ class Run:
 
     def batches(self, start_step: int, resume_rng: dict | None) -> Iterator[tuple]:
         """Training batches from ``start_step`` on, exactly as an uninterrupted run would see them."""
-        spe = self.config.steps_per_epoch
+        spe = self.context.steps_per_epoch
         epoch, skip = divmod(start_step, spe)
         while True:
             it = self._epoch_batches(epoch, skip)
@@ -315,7 +345,7 @@ class Run:
             "rng": rng or rng_state(),
             "records": self.records,
             "best": self.best,
-            "config": _jsonable(vars(self.config)),
+            "config": saved_settings(self.config, self.context),
             "window": [scalar_metrics(m) for m in window],
             "pending_eval": pending_eval,
         }
@@ -357,7 +387,7 @@ class Run:
         state = load_torch_file(path, map_location=self.device)
         if not isinstance(state, dict) or not {"trainer", "rng", "records", "best"} <= state.keys():
             raise CheckpointError(f"{path} is not a wilds_run checkpoint; choose another --log_dir")
-        check_resume_settings(state.get("config", {}), _jsonable(vars(self.config)), path)
+        check_resume_settings(state.get("config", {}), saved_settings(self.config, self.context), path)
         try:
             self.trainer.load_state_dict(state["trainer"])
         except Exception as exc:  # settings equal, yet the state does not fit: another dg-quant version?
@@ -377,8 +407,8 @@ class Run:
         config, trainer = self.config, self.trainer
         resume_rng = self.load_checkpoint() if config.resume else None
         if not (config.resume and (self.log_dir / "config.json").is_file()):
-            atomic_write_json(self.log_dir / "config.json", _jsonable(vars(config)))
-        total = config.total_steps
+            atomic_write_json(self.log_dir / "config.json", saved_settings(config, self.context))
+        total, eval_every = self.context.total_steps, self.context.eval_every
         if config.resume and trainer.step >= total and (self.log_dir / "final.json").is_file():
             return load_final(self.log_dir)  # finished: the end-of-training hooks ran already
         window: list[dict[str, Any]] = list(self.resumed_window)
@@ -393,7 +423,7 @@ class Run:
             metrics = trainer.train_step(next(batches))
             window.append(metrics)
             bar.update(1)
-            if trainer.step % config.eval_every == 0 or trainer.step == total:
+            if trainer.step % eval_every == 0 or trainer.step == total:
                 self._log_eval(window)
                 window = []
                 bar.set_postfix(
@@ -412,7 +442,7 @@ class Run:
         losses = [scalar_metrics(m) for m in window]
         record: dict[str, Any] = {
             "step": self.trainer.step,
-            "epoch": epoch_of(self.trainer.step, config.steps_per_epoch),
+            "epoch": epoch_of(self.trainer.step, self.context.steps_per_epoch),
         }
         for key in losses[0] if losses else []:
             record[f"train/{key}"] = float(np.mean([m[key] for m in losses if key in m]))
@@ -450,7 +480,7 @@ class Run:
             "step": self.trainer.step,
             "backbone": self.config.model,
             "num_classes": self.dataset.n_classes,
-            "config": _jsonable(vars(self.config)),
+            "config": saved_settings(self.config, self.context),
         }
 
     def calibration_batches(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
@@ -460,11 +490,9 @@ class Run:
         return calibration_batches(self.train_data, num_samples, batch_size, self.device, self.config.seed)
 
     def _finish(self) -> dict[str, Any]:
-        self.config.calibration_batches = self.calibration_batches  # for PTQ plugins (dg_quant.obc)
-        before = state_snapshot(self.model)
-        extras = self.trainer.finish(str(self.log_dir))
-        del self.config.calibration_batches
-        if not same_state(before, state_snapshot(self.model)):
+        end = self.trainer.end(str(self.log_dir), calibration=self.calibration_batches)
+        extras = end.numbers
+        if end.model_changed:
             # An end-of-training hook changed the model (e.g. post-training quantization):
             # the last record must describe the model that is saved, so evaluate it again.
             record = {"step": self.trainer.step, "epoch": self.records[-1]["epoch"], "phase": "train_end"}
@@ -478,7 +506,7 @@ class Run:
         atomic_torch_save(self.log_dir / "model.pt", self._model_file())
         final = {
             "dataset": self.config.dataset,
-            "plugins": list(self.config.plugins),
+            "plugins": list(self.context.plugins),
             "model": self.config.model,
             "seed": self.config.seed,
             "val_metric": self.config.val_metric,

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 
+from dg_quant.context import RunContext
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.options import add_options, read_options
 from dg_quant.ownership import GRADIENT_COMPUTATION, WEIGHT_QUANTIZATION
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.run import FQATRun
-from dg_quant.qat import check_start_in_run
+from dg_quant.plugins.qat import check_start_in_run, start_step_for
 
 OPTIONS = FQATOptions
 # FQAT quantizes and replaces the step (SAGM): the host refuses other plugins owning either.
@@ -32,7 +33,7 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
     options = read_options(FQATOptions, config)
-    check_start_in_run(options, config)
-    host.register(FQATRun(options, config), name=RUN_NAME)
+    check_start_in_run(options, context)
+    host.register(FQATRun(options, context, start_step_for(context, options, 0)), name=RUN_NAME)

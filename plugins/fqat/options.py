@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dg_quant.errors import ConfigError
 from dg_quant.options import option
 from dg_quant.plugins.fqat.disorder import SIGNALS
-from dg_quant.qat import QATOptions
+from dg_quant.plugins.qat import QATOptions
 from dg_quant.quant import LSQConfig
 from dg_quant.sharpness import SAGMOptions
 

@@ -9,19 +9,19 @@ The open windows, frozen set and log rows travel in the run's checkpoint (``stat
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dg_quant.context import RunContext
 from dg_quant.hookimpl import hookimpl
 from dg_quant.io import atomic_write_jsonl
 from dg_quant.plugins.fqat.disorder import Window, freeze_mask, observe_all, window_disorder
 from dg_quant.plugins.fqat.options import FQATOptions
 from dg_quant.plugins.fqat.routing import scale_gradients
-from dg_quant.qat import prepare, start_step_for, switch_on
+from dg_quant.plugins.qat import prepare, switch_on
 from dg_quant.quant import (
     LSQQuantizer,
     clamp_steps_,
@@ -68,9 +68,11 @@ def scale_label(name: str) -> str:
 class FQATRun:
     """Per-run FQAT state (windows, frozen masks, log rows) and the hooks that use it."""
 
-    def __init__(self, options: FQATOptions, config: argparse.Namespace) -> None:
-        self.options = options
-        self.log_dir = Path(config.log_dir) if getattr(config, "log_dir", None) else None
+    def __init__(self, options: FQATOptions, context: RunContext, start_step: int) -> None:
+        self.options, self.start_step = options, start_step
+        self.log_dir = Path(context.log_dir) if context.log_dir else None
+        # EWGS Hessian δ refresh: the option, else once per epoch, else every DEFAULT_EWGS_EVERY steps
+        self.ewgs_every = options.ewgs_update_every or context.steps_per_epoch or DEFAULT_EWGS_EVERY
         self.scales: dict[str, nn.Parameter] = {}  # label -> step parameter
         self.quantizers: dict[str, LSQQuantizer] = {}
         self.kinds: dict[str, str] = {}
@@ -82,9 +84,9 @@ class FQATRun:
     # -- set-up -----------------------------------------------------------------------------
 
     @hookimpl
-    def dgq_configure_model(self, model: nn.Module, config: argparse.Namespace) -> None:
+    def dgq_configure_model(self, model: nn.Module) -> None:
         o = self.options
-        prepare(model, o, start_step_for(config, o, 0))
+        prepare(model, o, self.start_step)
         for name, q in iter_quantizers(model):
             label = scale_label(name)
             self.scales[label], self.kinds[label] = q.step, "weight" if q.is_weight else "activation"
@@ -105,23 +107,18 @@ class FQATRun:
         optimizer.add_param_group({"params": steps, "lr": self.options.scale_lr})
 
     @hookimpl
-    def dgq_step_start(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
-    ) -> None:
+    def dgq_step_start(self, model: nn.Module, step: int) -> None:
         self._follow_scales()
-        if step >= start_step_for(config, self.options, 0) and not is_quantization_enabled(model):
+        if step >= self.start_step and not is_quantization_enabled(model):
             switch_on(model, compat=False)
 
     # -- the step ---------------------------------------------------------------------------
 
     @hookimpl
-    def dgq_compute_gradients(
-        self, model: nn.Module, batch: tuple, loss_fn: Any, step: int, config: argparse.Namespace
-    ) -> dict[str, Any]:
+    def dgq_compute_gradients(self, model: nn.Module, batch: tuple, loss_fn: Any, step: int) -> dict[str, Any]:
         o = self.options
         if o.quantizer == "ewgs" and o.ewgs_hessian and is_quantization_enabled(model):
-            every = o.ewgs_update_every or getattr(config, "steps_per_epoch", None) or DEFAULT_EWGS_EVERY
-            if step % every == 0 or not self.deltas:
+            if step % self.ewgs_every == 0 or not self.deltas:
                 deltas = set_hessian_delta_(model, hessian_batches(batch, limit=o.ewgs_hessian_batches), loss_fn)
                 self.deltas = {scale_label(n): d for n, d in deltas.items()}
         scale_ids = {id(p) for p in self.scales.values()}

@@ -643,11 +643,11 @@ def test_run_length_reaches_algorithms_from_register_and_dataset_defaults(fake_r
     monkeypatch.setattr(sys, "argv", ["my_train.py", "--dataset", "LongToy"])
     register()
     hparams = registry.default_hparams("INQ", "LongToy")
-    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 12  # N_STEPS
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.context.total_steps == 12  # N_STEPS
     monkeypatch.setattr(sys, "argv", ["my_train.py", "--steps", "30"])
-    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 30
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.context.total_steps == 30
     register(total_steps=40)  # a script with other flags says it itself
-    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.config.total_steps == 40
+    assert algorithms.INQ((3, 8, 8), 3, 2, hparams).trainer.context.total_steps == 40
     assert registry.default_hparams("QTDoG", "LongToy")["quant_start_step"] == 16  # 40% of 40
 
 

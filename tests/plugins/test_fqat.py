@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from dg_quant.adapters.wilds.cli import main
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError, DataError, PluginError
 from dg_quant.host import PluginHost
 from dg_quant.io import read_jsonl
@@ -133,10 +133,10 @@ def tiny_model() -> nn.Module:
 
 
 def make_run(**overrides) -> tuple[FQATRun, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    config = argparse.Namespace(log_dir=None)
-    run = FQATRun(FQATOptions(**overrides), config)
+    options = FQATOptions(**overrides)
+    run = FQATRun(options, RunContext(), start_step=options.quant_start_step or 0)
     model = tiny_model()
-    run.dgq_configure_model(model, config)
+    run.dgq_configure_model(model)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_frozen_scale_factors_get_only_the_flatness_gradient() -> None:
     run.frozen["3.weight"] = T([True, False, True, False]).reshape(4, 1, 1, 1)
     task, flat = reference_gradients(model, batch, 0.05, 0.001)
 
-    metrics = run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0, config=argparse.Namespace())
+    metrics = run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0)
 
     grads = {n: p.grad for n, p in model.named_parameters()}
     steps = {
@@ -193,7 +193,7 @@ def test_freeze_both_drops_the_update_and_perturb_s_false_keeps_steps_still() ->
     run, model, batch = make_run(freeze_mode="freeze_s", perturb_s=False, grad_combine="sum")
     run.frozen["3.act"] = torch.ones(1, dtype=torch.bool)
     task, flat = reference_gradients(model, batch, 0.05, 0.001, move_steps=False)
-    run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0, config=argparse.Namespace())
+    run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=0)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["3.act_quantizer.step"] is None
     for name in ("0.act_quantizer.step", "3.parametrizations.weight.0.step", "3.parametrizations.weight.original"):
@@ -205,7 +205,7 @@ def test_alternate_update_gives_scales_one_gradient_per_step() -> None:
     task, flat = reference_gradients(model, batch, 0.05, 0.001)
     name = "3.act_quantizer.step"
     for step, expected in ((0, task), (1, flat)):
-        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step, config=argparse.Namespace())
+        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step)
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, 0.5 * expected[name])
 
 
@@ -263,7 +263,7 @@ def test_nothing_is_frozen_before_the_first_window_closes() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(3):
         assert not run.frozen
-        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step, config=argparse.Namespace())
+        run.dgq_compute_gradients(model, batch, nn.functional.cross_entropy, step=step)
         optimizer.step()
         run.dgq_after_step(model, step)
     assert set(run.frozen) == set(run.scales) and {r["step"] for r in run.rows} == {3}
@@ -290,7 +290,7 @@ def test_state_round_trips_and_follows_the_scales_device(tmp_path) -> None:
 
     feed(other, 2, window_pattern(stable="none"))
     model.to("meta")  # the model moves after loading (DomainBed: load_state_dict, then .to(device))
-    other.dgq_step_start(model, None, 10, argparse.Namespace())
+    other.dgq_step_start(model, 10)
     assert other.frozen and {m.device.type for m in other.frozen.values()} == {"meta"}
     assert {w.events.device.type for w in other.windows.values()} == {"meta"}
 
@@ -532,7 +532,7 @@ def test_fqat_ewgs_hessian_delta_averages_several_batches() -> None:
     loss_fn = nn.functional.cross_entropy
     ref = copy.deepcopy(model)
     torch.manual_seed(5)
-    run.dgq_compute_gradients(model, batch, loss_fn, 0, argparse.Namespace())
+    run.dgq_compute_gradients(model, batch, loss_fn, 0)
     torch.manual_seed(5)
     expected = hessian_deltas(ref, hessian_batches(batch, limit=3), loss_fn)
     torch.manual_seed(5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from dg_quant.context import RunContext
 from dg_quant.host import PluginHost
 from dg_quant.loop import Trainer
 from dg_quant.plugins import inq
@@ -20,10 +21,11 @@ def _config(**kw) -> argparse.Namespace:
     host = PluginHost(["dg_quant.inq"])
     parser = argparse.ArgumentParser()
     host.add_options(parser)
+    total_steps = kw.pop("total_steps", None)
     config = parser.parse_args([])
     for k, v in kw.items():
         setattr(config, k, v)
-    host.configure(config)
+    host.configure(config, RunContext(total_steps=total_steps))
     return config, host
 
 
@@ -47,7 +49,7 @@ def test_inq_frozen_weights_never_change_and_end_on_levels(opt):
     assert set(prepared) == {"featurizer.0", "featurizer.3"}  # classifier stays FP
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
     snapshots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for step in range(config.total_steps):
+    for step in range(host.context.total_steps):
         trainer.train_step((x, y))
         for name, module in prepared.items():
             frozen = module.inq_frozen

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dg_quant.qat import QATOptions, prepare, switch_on
+from dg_quant.plugins.qat import QATOptions, prepare, switch_on
 from dg_quant.quant import iter_quantized_weights, latent_weight
 from tests.assets import PACS_TAR, mobilenet_weights
 

@@ -1,15 +1,23 @@
-"""Shared pieces of the QAT plugins (QT-DoG, plain LSQ, FQAT): options, schedule, switch-on."""
+"""LSQ quantization-aware training, the method behind ``dg_quant.qtdog``, ``dg_quant.lsq`` (and FQAT's quantizers).
+
+``QATOptions`` declares the flags (``--bits``, ``--quant-start-step``, ...); ``configure_qat``
+parses them once per run, validates them against the run's length and registers a ``QATRun``,
+which attaches the quantizers (``dgq_configure_model``), switches them on at the start step and
+keeps the step sizes positive. ``dg_quant.qtdog`` and ``dg_quant.lsq`` are this module with
+different default start steps. Not a plugin itself: it has no module-level hooks.
+"""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
+from dg_quant.host import PluginHost
 from dg_quant.options import add_options, option, read_options
 from dg_quant.quant import (
     MAX_BITS,
@@ -25,25 +33,7 @@ from dg_quant.quant import (
     set_quantization,
     step_parameters,
 )
-
-PAPER_START_STEP = 2000
-PAPER_TOTAL_STEPS = 5000
-# QT-DoG's switch-on step and run length per dataset (appendix: 8,000 of 15,000 steps on
-# DomainNet, 2,000 of 5,000 on the others). Keys are dataset names in lower case without
-# separators, so WILDS' "domainnet" and DomainBed's "DomainNet" both match.
-PAPER_SCHEDULES: dict[str, tuple[int, int]] = {"domainnet": (8000, 15000)}
-
-
-def _dataset_key(dataset: str | None) -> str:
-    return "".join(c for c in str(dataset or "").lower() if c.isalnum())
-
-
-def paper_start_step(dataset: str | None, total_steps: int | None) -> int:
-    """QT-DoG's switch-on step for ``dataset``, scaled down for a run shorter than the paper's."""
-    start, total = PAPER_SCHEDULES.get(_dataset_key(dataset), (PAPER_START_STEP, PAPER_TOTAL_STEPS))
-    if total_steps is not None and total_steps < total:
-        return round(total_steps * start / total)
-    return start
+from dg_quant.schedule import paper_start_step
 
 
 def _valid_bits(bits: object) -> bool:
@@ -132,9 +122,9 @@ def resolve_start_step(
     return paper_start_step(dataset, total_steps)
 
 
-def check_start_in_run(options: QATOptions, config: argparse.Namespace) -> None:
+def check_start_in_run(options: QATOptions, context: RunContext) -> None:
     """ConfigError if ``--quant-start-step`` is at or past the run's last step (nothing would be quantized)."""
-    total = getattr(config, "total_steps", None)
+    total = context.total_steps
     start = options.quant_start_step
     if start is not None and isinstance(total, int) and total > 0 and start >= total:
         raise ConfigError(
@@ -143,8 +133,9 @@ def check_start_in_run(options: QATOptions, config: argparse.Namespace) -> None:
         )
 
 
-def start_step_for(config: argparse.Namespace, options: QATOptions, default: int | None) -> int:
-    return resolve_start_step(options, default, getattr(config, "total_steps", None), getattr(config, "dataset", None))
+def start_step_for(context: RunContext, options: QATOptions, default: int | None) -> int:
+    """The run's switch-on step (``resolve_start_step`` with the run's length and dataset)."""
+    return resolve_start_step(options, default, context.total_steps, context.dataset)
 
 
 def prepare(model: nn.Module, options: QATOptions, start_step: int) -> None:
@@ -172,41 +163,45 @@ def freeze_quantized(model: nn.Module) -> None:
         p.grad = None
 
 
-class QATHooks:
-    """Hook implementations of a QAT plugin whose quantization starts at ``default_start``.
+class QATRun:
+    """One run's LSQ QAT: the options parsed once and the switch-on step, with the step hooks."""
 
-    ``dg_quant.qtdog`` (start at QT-DoG's scaled 2000) and ``dg_quant.lsq`` (start at 0) are
-    this class with different defaults; their modules re-export the bound hooks.
-    """
-
-    def __init__(self, default_start: int | None) -> None:
-        self.default_start = default_start
+    def __init__(self, options: QATOptions, start_step: int) -> None:
+        self.options, self.start_step = options, start_step
 
     @hookimpl
-    def dgq_add_options(self, parser: argparse.ArgumentParser) -> None:
-        add_options(parser, QATOptions, "quantization (dg_quant.qtdog, dg_quant.lsq)")
+    def dgq_configure_model(self, model: nn.Module) -> None:
+        prepare(model, self.options, self.start_step)
 
     @hookimpl
-    def dgq_configure(self, config: argparse.Namespace) -> None:
-        check_start_in_run(read_options(QATOptions, config), config)
-
-    @hookimpl
-    def dgq_configure_model(self, model: nn.Module, config: argparse.Namespace) -> None:
-        options = read_options(QATOptions, config)
-        prepare(model, options, start_step_for(config, options, self.default_start))
-
-    @hookimpl
-    def dgq_step_start(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace
-    ) -> None:
-        options = read_options(QATOptions, config)
-        if step < start_step_for(config, options, self.default_start):
+    def dgq_step_start(self, model: nn.Module, step: int) -> None:
+        if step < self.start_step:
             return
         if not is_quantization_enabled(model):
-            switch_on(model, options.qtdog_compat)
-        elif options.qtdog_compat:
+            switch_on(model, self.options.qtdog_compat)
+        elif self.options.qtdog_compat:
             freeze_quantized(model)  # a resumed run restores the quantizers but not requires_grad
 
     @hookimpl
     def dgq_after_step(self, model: nn.Module) -> None:
         clamp_steps_(model)
+
+
+def add_qat_options(parser: argparse.ArgumentParser) -> None:
+    """The QAT flags (shared by ``dg_quant.qtdog`` and ``dg_quant.lsq``; added once)."""
+    add_options(parser, QATOptions, "quantization (dg_quant.qtdog, dg_quant.lsq)")
+
+
+def configure_qat(
+    config: argparse.Namespace, host: PluginHost, context: RunContext, default_start: int | None, name: str
+) -> QATRun:
+    """Parse and check the QAT options once, and register the run's ``QATRun`` under ``name``.
+
+    ``default_start``: the switch-on step when ``--quant-start-step`` is not given (None:
+    QT-DoG's paper schedule for the dataset, scaled to the run's length).
+    """
+    options = read_options(QATOptions, config)
+    check_start_in_run(options, context)
+    run = QATRun(options, start_step_for(context, options, default_start))
+    host.register(run, name=name)
+    return run
