@@ -2,7 +2,9 @@
 
 ``register()`` adds ``QTDoG``, ``LSQ`` (and ``FQAT``, ``SAGM``, ``LSQ_SAGM``, ``INQ`` when their
 plugins are installed) to ``domainbed.algorithms`` and their hyperparameters to
-``domainbed.hparams_registry``, in this process. ``python -m dg_quant.adapters.domainbed
+``domainbed.hparams_registry``, in this process, and makes ``get_algorithm_class`` build
+``<Algorithm>_<Method>`` (``CORAL_QTDoG``, ``DANN_INQ``, ...: any DomainBed algorithm with a
+quantization method attached, see ``compose``) on demand, without adding them to ``ALGORITHMS``. ``python -m dg_quant.adapters.domainbed
 train|sweep|collect_results ...`` registers them and runs DomainBed's own scripts, with sweep
 jobs started through the same entry point so that they see the algorithms too.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dg_quant.adapters.domainbed.algorithms import algorithm_classes, available_specs, hparam_table
+from dg_quant.adapters.domainbed.compose import install_resolver, split_name
 from dg_quant.adapters.domainbed.hparams import extend_registry
 from dg_quant.adapters.domainbed.runlength import run_length
 
@@ -59,7 +62,14 @@ def register(package: str = "domainbed", total_steps: int | None = None) -> list
         setattr(algorithms, name, cls)
         if name not in algorithms.ALGORITHMS:
             algorithms.ALGORITHMS.append(name)
-    extend_registry(registry, hparam_table(specs), misc.seed_hash, functools.partial(_run_length, total_steps, package))
+    install_resolver(algorithms, total_steps)
+    extend_registry(
+        registry,
+        hparam_table(specs),
+        misc.seed_hash,
+        functools.partial(_run_length, total_steps, package),
+        split_name,
+    )
     return list(classes)
 
 

@@ -167,6 +167,11 @@ class DGQuantAlgorithm:
         return torch.optim.Adam(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     @property
+    def dgq_model(self) -> nn.Module:
+        """What the plugins see as the model (``finish`` post-training quantizes it)."""
+        return self.network
+
+    @property
     def featurizer(self) -> nn.Module:
         return self.network.featurizer
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
+from dg_quant.adapters.domainbed.compose import ComposedAlgorithm
 from dg_quant.adapters.domainbed.weights import random_init_backbones
 from dg_quant.io import (
     atomic_torch_save,
@@ -55,6 +56,9 @@ RESULTS_FILE = "results.jsonl"
 TRAIN_END_PHASE = "train_end"  # dgq_phase of the record the end of training appends
 
 FINISHED_KEY = "dgq_finished"  # in a model.pkl that end-of-training hooks rewrote
+
+# Algorithms with dg-quant plugins: its own (QTDoG, OBC, ...) and DomainBed's with a method attached.
+HOSTED = (DGQuantAlgorithm, ComposedAlgorithm)
 
 
 def _verified(path: Path) -> bool:
@@ -225,14 +229,14 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         return None
     args = dict(vars(args)) if not isinstance(args, Mapping) else dict(args)
     algorithms = importlib.import_module(f"{package}.algorithms")
-    if not issubclass(algorithms.get_algorithm_class(args["algorithm"]), DGQuantAlgorithm):
+    if not issubclass(algorithms.get_algorithm_class(args["algorithm"]), HOSTED):
         return None  # ERM and DomainBed's other algorithms: nothing of ours to run
     output_dir = Path(args["output_dir"])
     if is_finished(output_dir):
         print(f"dg-quant: {output_dir / FINAL_FILE} is up to date; end of training not run again")
         return None
     algorithm = namespace.get("algorithm")
-    if not isinstance(algorithm, DGQuantAlgorithm):
+    if not isinstance(algorithm, HOSTED):
         if not (output_dir / MODEL_FILE).exists():
             print(
                 f"dg-quant: no trained algorithm and no {MODEL_FILE} in {output_dir}; end of training skipped",
@@ -243,7 +247,7 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         algorithm = load_algorithm(output_dir / MODEL_FILE, algorithms, device)
         namespace = {}  # the loaders of the script's globals do not describe this model
 
-    device = model_device(algorithm.network)
+    device = model_device(algorithm.dgq_model)
     calibration = DomainBedCalibration(args, algorithm.hparams, device, package)
     print(f"dg-quant: end of training of {args['algorithm']} ({', '.join(algorithm.PLUGINS)})", flush=True)
     with _progress_lines():

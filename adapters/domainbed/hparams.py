@@ -119,6 +119,7 @@ def extend_registry(
     specs: Mapping[str, Mapping[str, HParam | DatasetHParam]],
     seed_hash: SeedHash,
     run_length: RunLength | None = None,
+    split: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> None:
     """Make ``registry._hparams`` (hence ``default_hparams``/``random_hparams``) know ``specs``.
 
@@ -126,13 +127,17 @@ def extend_registry(
     (``lr``, ``batch_size``, ``freeze_bn``, ...) come first and win over a same-named option.
     Calling it again replaces the previous extension instead of stacking a second one.
     A per-dataset entry gets the dataset and ``run_length(dataset)`` (the run's steps).
+    A name that ``split`` maps to ``(algorithm, method)`` (``CORAL_QTDoG``) gets DomainBed's
+    entries for the algorithm plus ``specs[method]``.
     """
     original = getattr(registry._hparams, _ORIGINAL_ATTR, registry._hparams)
     table = {algorithm: dict(entries) for algorithm, entries in specs.items()}
 
     def _hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple[Any, Any]]:
-        hparams = original(algorithm, dataset, random_seed)
-        extra = {k: v for k, v in table.get(algorithm, {}).items() if k not in hparams}
+        parts = split(algorithm) if split is not None and algorithm not in table else None
+        base, method = parts if parts is not None else (algorithm, algorithm)
+        hparams = original(base, dataset, random_seed)
+        extra = {k: v for k, v in table.get(method, {}).items() if k not in hparams}
         hparams.update(draw_hparams(resolve_hparams(extra, dataset, run_length), random_seed, seed_hash))
         return hparams
 

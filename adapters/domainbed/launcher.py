@@ -39,6 +39,7 @@ SCRIPTS = {
     "sweep": "domainbed.scripts.sweep",
     "collect_results": "domainbed.scripts.collect_results",
 }
+LIST_COMMAND = "algorithms"
 # How DomainBed's sweep.py starts a job (``Job.command_str``).
 TRAIN_COMMAND = "python -m domainbed.scripts.train"
 
@@ -51,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register dg-quant's algorithms (QTDoG, LSQ, ...) and run a DomainBed script. "
         "Every flag not listed here goes to the script (see its --help).",
     )
-    parser.add_argument("command", nargs="?", choices=tuple(SCRIPTS), help="the DomainBed script to run")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=(*SCRIPTS, LIST_COMMAND),
+        help=f"the DomainBed script to run, or {LIST_COMMAND}: list the algorithm names the launcher accepts",
+    )
     parser.add_argument(
         "--domainbed",
         metavar="PATH",
@@ -196,12 +202,32 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
         sys.argv = saved_argv
 
 
+def list_algorithms(domainbed: str | None) -> None:
+    """Print DomainBed's algorithms, dg-quant's, and every ``<Algorithm>_<Method>`` (refused ones with why)."""
+    locate_domainbed(domainbed)
+    from dg_quant.adapters.domainbed import register
+    from dg_quant.adapters.domainbed.compose import COMPOSABLE, composed_names
+    from dg_quant.adapters.wilds.compat import import_wilds
+
+    import_wilds()
+    algorithms = importlib.import_module("domainbed.algorithms")
+    own = register()
+    print("DomainBed (a default sweep runs these):", " ".join(n for n in algorithms.ALGORITHMS if n not in own))
+    print("dg-quant (a default sweep runs these too):", " ".join(own))
+    names = composed_names(algorithms)
+    print(f"composed, <Algorithm>_<Method> with Method in {', '.join(COMPOSABLE)} (name them in --algorithms):")
+    for name, reason in names.items():
+        print(f"  {name}" + (f"  (not available: {reason})" if reason else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr if rest else sys.stdout)
         return 0 if not rest or rest[0] in ("-h", "--help") else 2
+    if args.command == LIST_COMMAND:
+        return run_command(PROG, lambda: list_algorithms(args.domainbed))
     try:
         return run_command(PROG, lambda: run_script(args.command, rest, args.domainbed, args.no_pretrained))
     except SystemExit as exc:  # DomainBed's scripts exit through argparse or exit()

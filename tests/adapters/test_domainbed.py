@@ -99,7 +99,7 @@ FAKE_TREE = {
         import torch
         from domainbed import networks
 
-        ALGORITHMS = ["ERM"]
+        ALGORITHMS = ["ERM", "CORAL", "IRM", "DANN"]
 
         def get_algorithm_class(name):
             if name not in globals():
@@ -129,6 +129,67 @@ FAKE_TREE = {
 
             def predict(self, x):
                 return self.network(x)
+
+        class CORAL(ERM):
+            # ERM plus a penalty between the domains' mean features (DomainBed's CORAL, cut down).
+
+            def update(self, minibatches, unlabeled=None):
+                features = [self.network[0](x) for x, _ in minibatches]
+                loss = sum(torch.nn.functional.cross_entropy(self.network[1](f), y)
+                           for f, (_, y) in zip(features, minibatches))
+                penalty = (features[0].mean(0) - features[-1].mean(0)).pow(2).mean()
+                self.optimizer.zero_grad()
+                (loss + self.hparams["mmd_gamma"] * penalty).backward()
+                self.optimizer.step()
+                return {"loss": loss.item(), "penalty": penalty.item()}
+
+        class IRM(ERM):
+            # Rebuilds its optimizer inside update(), as DomainBed's IRM does at penalty_anneal_iters.
+
+            def __init__(self, input_shape, num_classes, num_domains, hparams):
+                super().__init__(input_shape, num_classes, num_domains, hparams)
+                self.update_count = 0
+
+            def update(self, minibatches, unlabeled=None):
+                self.update_count += 1
+                if self.update_count == 2:
+                    self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.hparams["lr"])
+                return super().update(minibatches, unlabeled)
+
+        class DANN(Algorithm):
+            # A domain discriminator with its own optimizer, stepped on alternate updates (DomainBed's DANN).
+
+            def __init__(self, input_shape, num_classes, num_domains, hparams):
+                super().__init__(input_shape, num_classes, num_domains, hparams)
+                self.featurizer = networks.Featurizer(input_shape, hparams)
+                self.classifier = networks.Classifier(8, num_classes)
+                self.discriminator = torch.nn.Sequential(
+                    torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, num_domains))
+                self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=hparams["lr"])
+                self.gen_opt = torch.optim.Adam(
+                    list(self.featurizer.parameters()) + list(self.classifier.parameters()), lr=hparams["lr"])
+                self.update_count = 0
+
+            def update(self, minibatches, unlabeled=None):
+                x = torch.cat([x for x, _ in minibatches])
+                y = torch.cat([y for _, y in minibatches])
+                d = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(minibatches)])
+                features = self.featurizer(x)
+                disc_loss = torch.nn.functional.cross_entropy(self.discriminator(features), d)
+                self.update_count += 1
+                if self.update_count % 2:
+                    self.disc_opt.zero_grad()
+                    disc_loss.backward()
+                    self.disc_opt.step()
+                    return {"disc_loss": disc_loss.item()}
+                gen_loss = torch.nn.functional.cross_entropy(self.classifier(features), y) - 0.1 * disc_loss
+                self.gen_opt.zero_grad()
+                gen_loss.backward()
+                self.gen_opt.step()
+                return {"gen_loss": gen_loss.item()}
+
+            def predict(self, x):
+                return self.classifier(self.featurizer(x))
     """,
     "domainbed/hparams_registry.py": """
         import numpy as np
@@ -148,6 +209,8 @@ FAKE_TREE = {
             _hparam("lr", 5e-5, lambda r: 10 ** r.uniform(-5, -3.5))
             _hparam("weight_decay", 0.0, lambda r: 10 ** r.uniform(-6, -2))
             _hparam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
+            if algorithm == "CORAL":
+                _hparam("mmd_gamma", 1.0, lambda r: 10 ** r.uniform(-1, 1))
             return hparams
 
         def default_hparams(algorithm, dataset):
