@@ -34,7 +34,7 @@ from dg_quant.adapters.domainbed.runlength import run_length, train_flags
 from dg_quant.errors import ConfigError
 from dg_quant.host import PluginHost
 from dg_quant.loop import Trainer
-from dg_quant.quant import is_quantized
+from dg_quant.quant import is_quantized, iter_quantizers
 
 # Methods that attach to any algorithm: they act through the model and the optimizer step only
 # (SAGM and FQAT compute the gradients themselves, which the algorithm's update() does).
@@ -45,6 +45,7 @@ _GRAD_ALL = (
     "differentiates its loss w.r.t. every network parameter (autograd.grad without allow_unused), and the step "
     "size of a quantizer that is still off is not in the graph"
 )
+_GRAD_ALL_BASES = ("ANDMask", "SANDMask", "IGA")
 REFUSED: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "Fish": ("rebuilds its network every step from a state_dict of unquantized layout (networks.WholeFish)", None),
     "ERMPlusPlus": ("predicts with a moving average copied key by key from the trained network's state_dict", None),
@@ -132,6 +133,11 @@ class ComposedAlgorithm:
         total = self.TOTAL_STEPS or run_length(sys.argv[1:], package=self.PACKAGE)
         config = run_config(host, hparams, total, train_flags(sys.argv[1:]).dataset)
         host.hook.dgq_configure_model(model=view, config=config, context=host.context)
+        if self.BASE in _GRAD_ALL_BASES and any(not q.enabled for _, q in iter_quantizers(view)):
+            raise ConfigError(
+                f"{type(self).__name__} with quant_start_step > 0 is not available: {self.BASE} {_GRAD_ALL}; "
+                "set quant_start_step=0"
+            )
         optimizers = list(_optimizers(self))
         add_missing_parameters(optimizers, view)
         for opt in optimizers:

@@ -260,8 +260,11 @@ def test_real_domainbed_every_algorithm_with_every_method():
                     continue
                 cls = algorithms.get_algorithm_class(name)
                 hp = registry.default_hparams(name, "ColoredMNIST")
-                if "quant_start_step" in hp:
+                if method == "QTDoG":
                     hp["quant_start_step"] = 2
+                if method == "LSQ" and base in ("ANDMask", "SANDMask", "IGA"):
+                    with pytest.raises(ConfigError, match="set quant_start_step=0"):
+                        cls(shape, 2, 2, {**hp, "quant_start_step": 2})
                 algorithm, logs = _drive(cls, hp, shape)
                 expected = 0.0 if method == "OBC" else 1.0
                 assert logs[-1]["quantized"] == expected, name
