@@ -67,7 +67,7 @@ def test_fqat_run_exports_and_verifies_in_onnxruntime(fqat_run, tmp_path, capsys
     assert "op for op (optimizations off): top-1 agreement 100.00%" in printed
     graph = onnx.load(str(out)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    codes = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    codes = [inits[n.input[0]] for n in graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input[0] in inits]
     assert len(codes) == 3
     assert all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)
     assert sum(c.size for c in codes) == 92_160  # the three quantized convs; the first conv and head stay FP

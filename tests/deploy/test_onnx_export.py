@@ -53,7 +53,9 @@ def _weight_initializers(path) -> dict[str, np.ndarray]:
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     return {
-        n.input[0]: inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+        n.input[0]: inits[n.input[0]]
+        for n in graph.node
+        if n.op_type in ("DequantizeLinear", "Cast") and n.input[0] in inits
     }
 
 
@@ -91,6 +93,8 @@ def test_integer_weights_and_exact_outputs(tmp_path, wbits, abits, mode, granula
             want[3] = -want[3]
         np.testing.assert_array_equal(have, want)
     assert report.activation_qdq == (2 if abits else 0)
+    # the first conv feeds the second's input quantizer (QLinearConv); the rest keep float weights
+    assert report.float_convolutions == (1 if abits and fold else 2)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Clip") == (2 if abits and abits < 8 else 0)  # below 8 bits the range needs a Clip
     assert ops.count("BatchNormalization") == (0 if fold else 2)
@@ -170,6 +174,22 @@ def test_verify_rejects_corrupt_files_and_other_models(tmp_path):
         verify_onnx(broken, model, [x])
     with pytest.raises(CheckpointError, match="does not exist"):
         verify_onnx(tmp_path / "missing.onnx", model, [x])
+
+
+def test_onnxruntime_runs_requantized_convs_in_int8_and_the_rest_in_nchwc(tmp_path):
+    """What the exporter expects onnxruntime to fuse is what it fuses (its optimized graph)."""
+    ort = pytest.importorskip("onnxruntime")
+    model = _cnn(8, 8)
+    path, optimized = tmp_path / "m.onnx", tmp_path / "opt.onnx"
+    assert export_onnx(model, torch.randn(1, 3, 12, 12), path).float_convolutions == 1
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [(n.domain, n.op_type) for n in onnx.load(str(optimized)).graph.node]
+    assert ops.count(("com.microsoft", "QLinearConv")) == 1
+    assert ops.count(("com.microsoft.nchwc", "Conv")) == 1  # its weight constant-folded from Cast + Mul
+    assert ("", "DequantizeLinear") in ops  # the float conv's input still goes through its activation QDQ
 
 
 def test_describe_counts_a_float_graph(tmp_path):
