@@ -1,22 +1,21 @@
 """A real bit-packed export of a fake-quantized model, its loader and a size report.
 
-File layout (little endian)::
-
-    preamble  24 bytes: magic b"DGQX", version u16, flags u16, header length u32,
-              payload length u64, CRC-32 of header + payload u32
-    header    UTF-8 JSON: backbone, num_classes, user metadata, activation quantizers, and one
-              entry per state-dict tensor (name, kind, shape, dtype, offset, nbytes, ...)
-    payload   the tensors' bytes: "packed" entries hold b-bit unsigned codes (integer + Q_N),
-              bit-packed LSB first, followed by their per-channel FP32 steps; "pow2" entries
-              (INQ weights, version 2) hold b-bit codes ``sign << (b-1) | exponent slot``
-              with n1, n2 in the header, then, only if some weights are not on a level
-              (an unfinished INQ partition), a 1-bit mask of those weights and their raw
-              values; "fp" entries (BatchNorm, biases, the FP classifier, activation steps)
-              hold raw bytes.
+The file (version 3) is a safetensors file: any safetensors reader lists its tensors, and
+``__metadata__`` holds ``format`` ("dg-quant packed model"), ``version``, ``header`` (JSON:
+backbone, num_classes, user metadata, activation quantizers and one entry per state-dict tensor
+naming the tensors that hold it; plain tensors are stored under their own name) and ``crc32`` (CRC-32 of the header JSON and the tensor bytes).
+Entries of kind "packed" hold b-bit unsigned codes (integer + Q_N), bit-packed LSB first, as a
+uint8 tensor ``NAME:codes`` and their per-channel FP32 steps as ``NAME:step``; "pow2" entries (INQ
+weights) hold b-bit codes ``sign << (b-1) | exponent slot`` in ``NAME:codes`` with n1, n2 in the
+header, then, only if some weights are not on a level (an unfinished INQ partition), a 1-bit
+mask ``NAME:escape_mask`` and their raw values ``NAME:escape_values``; "fp" entries (BatchNorm,
+biases, the FP classifier) are plain tensors under their state-dict name (dtype and shape
+are safetensors').
 
 The loader rebuilds a plain model whose quantized weights are ``code * step`` computed in
 float32 (or ±2^n for INQ), exactly what the fake-quant forward computes, so outputs are
-bit-identical. Version 1 files (no "pow2" entries) still load.
+bit-identical. Files of versions 1 and 2 (dg-quant's own "DGQX" container) still load
+(``dg_quant.quant.export_legacy``).
 """
 
 from __future__ import annotations
@@ -39,12 +38,12 @@ from dg_quant.errors import CheckpointError
 from dg_quant.io import atomic_write_bytes
 from dg_quant.quant.api import ACT_QUANTIZER, iter_quantized_weights, latent_weight, quantize_
 from dg_quant.quant.config import LSQConfig, QuantConfig
+from dg_quant.quant.export_legacy import MAGIC, read_legacy
 from dg_quant.quant.inq import INQ_BUFFERS, InqLayer, inq_decode, inq_encode, iter_inq_layers
 from dg_quant.quant.lsq import LSQQuantizer
 
-MAGIC = b"DGQX"
-VERSION = 2  # 2: "pow2" entries for INQ weights; INQ training buffers are no longer written
-PREAMBLE = struct.Struct("<4sHHIQI")
+FORMAT = "dg-quant packed model"
+VERSION = 3  # 3: safetensors; 2: "pow2" entries for INQ weights (DGQX container); 1: DGQX
 CHUNK = 1 << 20  # values packed per numpy call (a multiple of 8 keeps chunks byte aligned)
 
 
@@ -72,18 +71,6 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
         planes = np.unpackbits(raw[i * chunk_bytes :], count=n * bits, bitorder="little").reshape(n, bits)
         out[start : start + n] = np.packbits(planes, axis=1, bitorder="little").reshape(-1)
     return out
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _tensor_from(data: bytes, dtype: str, shape: list[int]) -> torch.Tensor:
-    torch_dtype = getattr(torch, dtype)
-    if not data:
-        return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape).clone()
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -170,79 +157,73 @@ def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]
     inq, inq_skip = _inq_keys(model, quantized)
     skip |= inq_skip
     entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    offset = 0
+    tensors: dict[str, torch.Tensor] = {}
 
-    def add(data: bytes) -> tuple[int, int]:
-        nonlocal offset
-        chunks.append(data)
-        offset += len(data)
-        return offset - len(data), len(data)
+    def add(key: str, value: torch.Tensor) -> str:
+        tensors[key] = value.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+        return key
 
     for key, value in model.state_dict(keep_vars=False).items():
         if key in skip or not isinstance(value, torch.Tensor):
             continue
-        off, n = add(_tensor_bytes(value))
-        entries.append(
-            {
-                "name": key,
-                "kind": "fp",
-                "dtype": str(value.dtype).removeprefix("torch."),
-                "shape": list(value.shape),
-                "offset": off,
-                "nbytes": n,
-            }
-        )
+        entries.append(_fp_entry(key, value, add))
     for key, (module, tensor, q) in quantized.items():
         latent = latent_weight(module, tensor).detach()
         if not q.enabled:  # a disabled quantizer is the identity: the weight is FP
-            off, n = add(_tensor_bytes(latent))
-            entries.append(
-                {
-                    "name": key,
-                    "kind": "fp",
-                    "dtype": str(latent.dtype).removeprefix("torch."),
-                    "shape": list(latent.shape),
-                    "offset": off,
-                    "nbytes": n,
-                }
-            )
+            entries.append(_fp_entry(key, latent, add))
             continue
         qn, _qp = q.bounds
         codes = (q.integers(latent) + qn).to(torch.int64).cpu().numpy().astype(np.uint8)
-        off, n = add(pack_bits(codes, q.bits))
-        step = q.step.detach().to(torch.float32)
-        s_off, s_n = add(_tensor_bytes(step))
         entries.append(
             {
                 "name": key,
                 "kind": "packed",
                 "dtype": str(latent.dtype).removeprefix("torch."),
                 "shape": list(latent.shape),
-                "offset": off,
-                "nbytes": n,
                 "bits": q.bits,
                 "qn": qn,
-                "step_shape": list(step.shape),
-                "step_offset": s_off,
-                "step_nbytes": s_n,
+                "codes": add(f"{key}:codes", _uint8(pack_bits(codes, q.bits))),
+                "step": add(f"{key}:step", q.step.detach().to(torch.float32)),
             }
         )
     for key, layer in inq.items():
         entries.append(_inq_entry(key, layer, add))
     header = {
-        "format": "dg-quant packed model",
+        "format": FORMAT,
         "version": VERSION,
         **(meta or {}),
         "act_quantizers": _act_quantizers(model),
         "entries": entries,
     }
-    header_bytes = json.dumps(header, sort_keys=True, default=str).encode()
-    payload = b"".join(chunks)
-    crc = zlib.crc32(payload, zlib.crc32(header_bytes))
-    preamble = PREAMBLE.pack(MAGIC, VERSION, 0, len(header_bytes), len(payload), crc)
-    atomic_write_bytes(path, preamble + header_bytes + payload)
+    atomic_write_bytes(
+        path, _safetensors_bytes(tensors, json.dumps(header, sort_keys=True, separators=(",", ":"), default=str))
+    )
     return size_report(path)
+
+
+def _fp_entry(key: str, value: torch.Tensor, add: Callable[[str, torch.Tensor], str]) -> dict[str, Any]:
+    """A plain tensor, stored under its state-dict name (its dtype and shape are safetensors')."""
+    add(key, value)
+    return {"name": key, "kind": "fp"}
+
+
+def _uint8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], header: str) -> bytes:
+    """The safetensors file, its metadata carrying the header and the CRC-32 of header + tensor bytes."""
+    from safetensors.torch import save
+
+    metadata = {"format": FORMAT, "version": str(VERSION), "header": header}
+    data = save(tensors, metadata)  # the tensor bytes do not depend on the metadata
+    crc = zlib.crc32(_tensor_buffer(data), zlib.crc32(header.encode()))
+    return save(tensors, {**metadata, "crc32": str(crc)})
+
+
+def _tensor_buffer(data: bytes) -> bytes:
+    (length,) = struct.unpack_from("<Q", data)
+    return data[8 + length :]
 
 
 def _inq_keys(model: nn.Module, quantized: dict) -> tuple[dict[str, InqLayer], set[str]]:
@@ -262,121 +243,124 @@ def _inq_keys(model: nn.Module, quantized: dict) -> tuple[dict[str, InqLayer], s
     return layers, skip
 
 
-def _inq_entry(key: str, layer: InqLayer, add: Callable[[bytes], tuple[int, int]]) -> dict[str, Any]:
+def _inq_entry(key: str, layer: InqLayer, add: Callable[[str, torch.Tensor], str]) -> dict[str, Any]:
     """One INQ weight: b-bit sign/exponent codes, plus the weights not on a level (kept exactly).
 
     A tensor whose first partition was never applied, or whose codes would not be smaller than
     its raw bytes, is written as a plain "fp" entry.
     """
     weight = layer.module.weight.detach().cpu()
-    dtype = str(weight.dtype).removeprefix("torch.")
-    raw = _tensor_bytes(weight)
-    entry: dict[str, Any] = {"name": key, "dtype": dtype, "shape": list(weight.shape)}
     if layer.partitions_applied:
         codes, exact = inq_encode(weight, layer.n1, layer.n2)
         escaped = ~exact.reshape(-1)
         packed = pack_bits(codes.reshape(-1).numpy(), layer.bits)
         mask = pack_bits(escaped.numpy().astype(np.uint8), 1) if escaped.any() else b""
-        values = _tensor_bytes(weight.reshape(-1)[escaped])
-        if len(packed) + len(mask) + len(values) < len(raw):
-            off, n = add(packed)
-            m_off, m_n = add(mask)
-            v_off, v_n = add(values)
-            return {
-                **entry,
+        values = weight.reshape(-1)[escaped]
+        if len(packed) + len(mask) + values.numel() * values.element_size() < weight.numel() * weight.element_size():
+            entry = {
+                "name": key,
                 "kind": "pow2",
-                "offset": off,
-                "nbytes": n,
+                "dtype": str(weight.dtype).removeprefix("torch."),
+                "shape": list(weight.shape),
                 "bits": layer.bits,
                 "n1": layer.n1,
                 "n2": layer.n2,
                 "partitions_applied": layer.partitions_applied,
                 "escapes": int(escaped.sum()),
-                "escape_mask_offset": m_off,
-                "escape_mask_nbytes": m_n,
-                "escape_value_offset": v_off,
-                "escape_value_nbytes": v_n,
+                "codes": add(f"{key}:codes", _uint8(packed)),
             }
-    off, n = add(raw)
-    return {**entry, "kind": "fp", "offset": off, "nbytes": n}
+            if escaped.any():
+                entry["escape_mask"] = add(f"{key}:escape_mask", _uint8(mask))
+                entry["escape_values"] = add(f"{key}:escape_values", values)
+            return entry
+    return _fp_entry(key, weight, add)
 
 
 # -- reading --------------------------------------------------------------------------------
 
 
-def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-    """Validate the file and return (header, payload); any damage is a one-line ``CheckpointError``."""
+def read_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Validate the file and return (header, tensors); any damage is a one-line ``CheckpointError``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; export a run first with dgq_export")
     data = path.read_bytes()
-    if len(data) < PREAMBLE.size:
+    if data[:4] == MAGIC:
+        return read_legacy(path, data)
+    if len(data) < 9:
+        raise CheckpointError(f"{path} is truncated ({len(data)} bytes); export it again")
+    (length,) = struct.unpack_from("<Q", data)
+    if data[8:9] != b"{":
         raise CheckpointError(
-            f"{path} is truncated ({len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble)"
+            f"{path} is not a dg-quant export (neither safetensors nor DGQX); export it with dgq_export"
         )
-    magic, version, _flags, header_len, payload_len, crc = PREAMBLE.unpack_from(data)
-    if magic != MAGIC:
-        raise CheckpointError(f"{path} is not a dg-quant export (bad magic {magic!r}); export it with dgq_export")
-    if version > VERSION:
-        raise CheckpointError(f"{path} has format version {version}; this dg-quant reads up to {VERSION}, upgrade it")
-    expected = PREAMBLE.size + header_len + payload_len
-    if len(data) < expected:
-        raise CheckpointError(f"{path} is truncated: {len(data)} of {expected} bytes; export it again")
-    if len(data) > expected:
-        raise CheckpointError(f"{path} is corrupt: {len(data) - expected} unexpected trailing bytes; export it again")
-    header_bytes = data[PREAMBLE.size : PREAMBLE.size + header_len]
-    payload = data[PREAMBLE.size + header_len :]
-    if zlib.crc32(payload, zlib.crc32(header_bytes)) != crc:
-        raise CheckpointError(f"{path} is corrupt (checksum mismatch); export it again")
+    if 8 + length > len(data):
+        raise CheckpointError(f"{path} is truncated: its header alone needs {8 + length} bytes; export it again")
     try:
-        header = json.loads(header_bytes)
-    except ValueError:
-        raise CheckpointError(f"{path} is corrupt (unreadable header); export it again") from None
-    return header, payload
+        index = json.loads(data[8 : 8 + length])
+        metadata = index.pop("__metadata__", None) or {}
+        end = max((int(t["data_offsets"][1]) for t in index.values()), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CheckpointError(f"{path} is corrupt (unreadable safetensors header); export it again") from None
+    if metadata.get("format") != FORMAT or "header" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a dg-quant export; export it with dgq_export")
+    if int(metadata.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} has format version {metadata['version']}; this dg-quant reads up to {VERSION}")
+    buffer = data[8 + length :]
+    if len(buffer) < end:
+        raise CheckpointError(f"{path} is truncated: {len(data)} of {8 + length + end} bytes; export it again")
+    if len(buffer) > end:
+        raise CheckpointError(f"{path} is corrupt: {len(buffer) - end} unexpected trailing bytes; export it again")
+    if str(zlib.crc32(buffer, zlib.crc32(metadata["header"].encode()))) != metadata.get("crc32"):
+        raise CheckpointError(f"{path} is corrupt (checksum mismatch); export it again")
+    from safetensors.torch import load
+
+    try:
+        header, tensors = json.loads(metadata["header"]), load(data)
+    except Exception:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path} is corrupt (unreadable tensors); export it again") from None
+    return header, tensors
 
 
-def _segment(payload: bytes, offset: int, nbytes: int, name: str) -> bytes:
-    if offset < 0 or offset + nbytes > len(payload):
-        raise CheckpointError(f"corrupt export: entry {name} points outside the payload")
-    return payload[offset : offset + nbytes]
+def _tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise CheckpointError(f"corrupt export: tensor {key} is missing")
+    return tensors[key]
 
 
-def exported_state_dict(header: dict[str, Any], payload: bytes) -> dict[str, torch.Tensor]:
+def exported_state_dict(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The plain (baked) state dict: packed weights become ``code * step`` in their dtype."""
     state = {}
     for e in header["entries"]:
-        data = _segment(payload, e["offset"], e["nbytes"], e["name"])
         if e["kind"] == "fp":
-            state[e["name"]] = _tensor_from(data, e["dtype"], e["shape"])
-            continue
-        if e["kind"] == "pow2":
-            state[e["name"]] = _pow2_weight(e, data, payload)
+            state[e["name"]] = _tensor(tensors, e.get("tensor", e["name"]))
             continue
         count = int(np.prod(e["shape"]))
-        codes = torch.from_numpy(unpack_bits(data, e["bits"], count).astype(np.int64))
-        step = _tensor_from(
-            _segment(payload, e["step_offset"], e["step_nbytes"], e["name"]), "float32", e["step_shape"]
-        )
-        ints = (codes - e["qn"]).to(torch.float32).reshape(e["shape"])
-        state[e["name"]] = (ints * step).to(getattr(torch, e["dtype"]))
+        codes = _tensor(tensors, e["codes"]).numpy().tobytes()
+        if e["kind"] == "pow2":
+            state[e["name"]] = _pow2_weight(e, codes, tensors)
+            continue
+        ints = torch.from_numpy(unpack_bits(codes, e["bits"], count).astype(np.int64))
+        step = _tensor(tensors, e["step"])
+        weights = (ints - e["qn"]).to(torch.float32).reshape(e["shape"])
+        state[e["name"]] = (weights * step).to(getattr(torch, e["dtype"]))
     return state
 
 
-def _pow2_weight(e: dict[str, Any], codes: bytes, payload: bytes) -> torch.Tensor:
+def _pow2_weight(e: dict[str, Any], codes: bytes, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     count = int(np.prod(e["shape"]))
     ints = torch.from_numpy(unpack_bits(codes, e["bits"], count))
     weight = inq_decode(ints, e["n1"], e["n2"], getattr(torch, e["dtype"]))
     if e["escapes"]:
-        mask = _segment(payload, e["escape_mask_offset"], e["escape_mask_nbytes"], e["name"])
+        mask = _tensor(tensors, e["escape_mask"]).numpy().tobytes()
         escaped = torch.from_numpy(unpack_bits(mask, 1, count).astype(bool))
-        values = _segment(payload, e["escape_value_offset"], e["escape_value_nbytes"], e["name"])
-        weight[escaped] = _tensor_from(values, e["dtype"], [e["escapes"]])
+        weight[escaped] = _tensor(tensors, e["escape_values"])
     return weight.reshape(e["shape"])
 
 
 def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the exported model (from the adapter registry unless ``model`` is given), in eval mode."""
-    header, payload = read_export(path)
+    header, tensors = read_export(path)
     if model is None:
         if "backbone" not in header or "num_classes" not in header:
             raise CheckpointError(f"{path} does not name its backbone; pass the model to load_export")
@@ -387,7 +371,7 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             header["backbone"], num_classes=int(header["num_classes"]), **header.get("backbone_kwargs", {})
         )
     _attach_act_quantizers(model, header.get("act_quantizers", {}))
-    state = exported_state_dict(header, payload)
+    state = exported_state_dict(header, tensors)
     for name, spec in header.get("act_quantizers", {}).items():
         state[f"{name}.{ACT_QUANTIZER}._extra_state" if name else f"{ACT_QUANTIZER}._extra_state"] = spec
     own = model.state_dict()  # version 1 wrote INQ training buffers; a plain model has none
@@ -418,22 +402,28 @@ def _attach_act_quantizers(model: nn.Module, specs: dict[str, dict[str, Any]]) -
 
 
 def size_report(path: str | os.PathLike) -> SizeReport:
-    """What the file at ``path`` holds, from its header and its real size."""
-    header, _payload = read_export(path)
+    """What the file at ``path`` holds, from its header, its tensors and its real size."""
+    header, tensors = read_export(path)
     packed = [e for e in header["entries"] if e["kind"] in ("packed", "pow2")]
     fp = [e for e in header["entries"] if e["kind"] == "fp"]
-    with open(path, "rb") as handle:
-        header_len = PREAMBLE.unpack(handle.read(PREAMBLE.size))[3]
+
+    for e in fp:
+        e.setdefault("tensor", e["name"])
+
+    def nbytes(entries: list[dict[str, Any]], key: str) -> int:
+        return sum(tensors[e[key]].numel() * tensors[e[key]].element_size() for e in entries if key in e)
+
+    file_bytes = os.path.getsize(path)
     return SizeReport(
-        file_bytes=os.path.getsize(path),
-        header_bytes=PREAMBLE.size + header_len,
-        packed_weight_bytes=sum(e["nbytes"] for e in packed),
-        scale_bytes=sum(e.get("step_nbytes", 0) for e in packed),
-        fp_bytes=sum(e["nbytes"] for e in fp),
+        file_bytes=file_bytes,
+        header_bytes=file_bytes - sum(t.numel() * t.element_size() for t in tensors.values()),
+        packed_weight_bytes=nbytes(packed, "codes"),
+        scale_bytes=nbytes(packed, "step"),
+        fp_bytes=nbytes(fp, "tensor"),
         quantized_params=sum(int(np.prod(e["shape"])) for e in packed),
-        fp_params=sum(int(np.prod(e["shape"])) for e in fp),
+        fp_params=sum(tensors[e["tensor"]].numel() for e in fp),
         bits=[e["bits"] for e in packed],
-        escape_bytes=sum(e.get("escape_mask_nbytes", 0) + e.get("escape_value_nbytes", 0) for e in packed),
+        escape_bytes=nbytes(packed, "escape_mask") + nbytes(packed, "escape_values"),
         escape_params=sum(e.get("escapes", 0) for e in packed),
     )
 

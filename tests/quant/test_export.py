@@ -7,6 +7,7 @@ import math
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from dg_quant.quant import (
     quantize_,
 )
 from dg_quant.quant.export import (
-    PREAMBLE,
+    VERSION,
     export_model,
     load_export,
     pack_bits,
@@ -120,15 +121,32 @@ def _flip(data: bytearray, index: int) -> bytearray:
     return data
 
 
+def _header_end(data: bytearray) -> int:
+    return 8 + struct.unpack_from("<Q", data)[0]
+
+
+def _edit_metadata(data: bytearray, old: bytes, new: bytes) -> bytearray:
+    """Change the header JSON in place, padding with spaces so that the tensor offsets stay valid."""
+    end = _header_end(data)
+    text = bytes(data[8:end]).replace(old, new, 1)
+    assert len(text) <= end - 8
+    return data[:8] + text + b" " * (end - 8 - len(text)) + data[end:]
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [
         (lambda d: d[: len(d) // 2], "truncated"),
         (lambda d: d[:10], "truncated"),
         (lambda d: d + b"xx", "trailing"),
-        (lambda d: _flip(d, len(d) - 3), "checksum"),
-        (lambda d: _flip(d, PREAMBLE.size + 5), "checksum"),
-        (lambda d: b"PK" + d[2:], "not a dg-quant export"),
+        (lambda d: _flip(d, len(d) - 3), "checksum"),  # a tensor byte
+        (lambda d: _edit_metadata(d, b'\\"num_classes\\":5', b'\\"num_classes\\":6'), "checksum"),
+        (lambda d: _flip(d, 20), "corrupt"),  # the safetensors index is no longer JSON
+        (lambda d: b"PK\x03\x04" + bytes(60), "not a dg-quant export"),
+        (
+            lambda d: _edit_metadata(d, b'"format":"dg-quant packed model"', b'"format":"someone elses model!"'),
+            "not a dg-quant export",
+        ),
         (lambda d: b"", "truncated"),
     ],
 )
@@ -223,8 +241,9 @@ def test_unfinished_inq_partition_keeps_the_free_weights_exactly(tmp_path):
     for layer in iter_inq_layers(model):  # frozen weights are on levels, the free ones are not
         levels = inq_levels(layer.n1, layer.n2).float()
         assert bool(torch.isin(layer.module.weight[layer.frozen], levels).all())
-    # still smaller than FP32: 5-bit codes + a 1-bit mask + the 25% free weights in FP32
-    assert report.file_bytes < 0.5 * torch_save_bytes(model)
+    # still smaller than FP32: 5-bit codes + a 1-bit mask + the 25% free weights in FP32 (the ~3 kB
+    # safetensors index and header, most of a file this small, left out)
+    assert report.file_bytes - report.header_bytes < 0.35 * torch_save_bytes(model)
     estimate = compression_report(model)
     assert sum(lb.unfrozen for lb in estimate.layers) == free
     assert estimate.packed_bytes == pytest.approx(report.file_bytes - report.header_bytes, abs=20)
@@ -313,7 +332,7 @@ def test_version_1_files_still_load(tmp_path, kind):
     model = _quantized_cnn(bits=4) if kind == "lsq" else _inq_cnn(bits=5)
     path = tmp_path / "v1.dgq"
     _write_version_1(model, path, META)
-    assert PREAMBLE.unpack_from(path.read_bytes())[1] == 1
+    assert path.read_bytes()[:6] == b"DGQX\x01\x00"
     loaded = load_export(path)  # v1 INQ files carry the training buffers: dropped for the plain model
     x = torch.randn(5, 3, 12, 12)
     with torch.no_grad():
@@ -321,6 +340,49 @@ def test_version_1_files_still_load(tmp_path, kind):
     report = size_report(path)
     assert report.file_bytes == path.stat().st_size
     assert report.quantized_params == (8 * 3 * 9 + 16 * 8 * 9 if kind == "lsq" else 0)
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("kind", ["lsq", "inq"])
+def test_version_2_files_written_by_the_old_writer_still_load(kind):
+    """tests/data/dgq_v2_*.dgq were written by dg-quant's DGQX writer (version 2) before the move to
+    safetensors, with the outputs of the model they came from (W4A4 LSQ test_cnn; 5-bit INQ test_cnn)."""
+    path = DATA / f"dgq_v2_{kind}.dgq"
+    assert path.read_bytes()[:6] == b"DGQX\x02\x00"
+    expected = torch.load(DATA / "dgq_v2_expected.pt")
+    with torch.no_grad():
+        assert torch.equal(load_export(path)(expected["input"]), expected[kind])
+    report = size_report(path)
+    assert report.file_bytes == path.stat().st_size and report.bits == ([4, 4] if kind == "lsq" else [5, 5])
+
+
+def test_files_are_safetensors_with_packed_uint8_codes_and_steps(tmp_path):
+    from safetensors import safe_open
+
+    model = _quantized_cnn(bits=3, acts=4)
+    path = tmp_path / "m.dgq"
+    report = export_model(model, path, META)
+    with safe_open(str(path), framework="pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        codes = {k: f.get_tensor(k) for k in keys if k.endswith(":codes")}
+        steps = {k: f.get_tensor(k) for k in keys if k.endswith(":step")}
+    assert metadata["format"] == "dg-quant packed model" and int(metadata["version"]) == VERSION
+    header = json.loads(metadata["header"])
+    assert header["backbone"] == "test_cnn" and len(header["act_quantizers"]) == 2
+    assert len(codes) == len(steps) == 2 and all(c.dtype == torch.uint8 for c in codes.values())
+    assert (
+        sum(c.numel() for c in codes.values())
+        == report.packed_weight_bytes
+        == math.ceil(8 * 3 * 9 * 3 / 8) + math.ceil(16 * 8 * 9 * 3 / 8)
+    )
+    for _name, module, tensor, q in iter_quantized_weights(model):  # the codes unpack to the model's integers
+        key = next(k for k in codes if k.startswith(f"{_name}.{tensor}:"))
+        ints = unpack_bits(codes[key].numpy().tobytes(), 3, latent_weight(module, tensor).numel()).astype(np.int64)
+        want = (q.integers(latent_weight(module, tensor)) + q.bounds[0]).reshape(-1).numpy()
+        np.testing.assert_array_equal(ints, want)
+        assert torch.equal(steps[key.replace(":codes", ":step")], q.step.detach())
 
 
 def test_dgq_export_of_an_inq_run_verifies_and_reports_sizes(tmp_path, capsys):
