@@ -3,6 +3,7 @@
     dgq_export runs/pacs_qtdog_seed0 -o qtdog.dgq                 # best_model.pt
     dgq_export runs/pacs_erm_seed0 -o obc.dgq --checkpoint runs/pacs_erm_seed0/ptq_obc_w7.pt
     dgq_export runs/pacs_fqat_seed0 --format onnx -o fqat.onnx --verify   # ONNX QDQ graph
+    dgq_export runs/pacs_fqat_w4 --format onnx --int4 -o fqat_w4.onnx     # 4-bit weights as ONNX INT4
 
 The file holds the b-bit integer weights bit-packed with their per-channel steps (INQ weights as
 b-bit sign + exponent codes) and everything else (BatchNorm, biases, the FP classifier) as is;
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="onnx: keep BatchNorm as its own op (the fake-quant arithmetic op for op, "
         "but no int8 kernels for the convolution before it)",
+    )
+    parser.add_argument(
+        "--int4",
+        action="store_true",
+        help="onnx: store weights of 4 bits or fewer as ONNX INT4 (opset 21; half the bytes of int8; "
+        "onnxruntime unpacks them to float at load, so those layers run at float speed)",
     )
     parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
     parser.add_argument(
@@ -128,11 +135,43 @@ def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argpa
             "verification": verify_onnx(args.output, model, batches).to_dict(),
         }
         return out
-    report = export_onnx(model, batches[0][:1], args.output, fold_batchnorm=not args.no_fold_batchnorm)
+    report = export_onnx(
+        model,
+        batches[0][:1],
+        args.output,
+        fold_batchnorm=not args.no_fold_batchnorm,
+        int4=getattr(args, "int4", False),
+        metadata=_onnx_metadata(model, config),
+    )
     out = {**report.to_dict(), "format": "onnx", "output": args.output}
     if args.verify:
         out["verification"] = verify_onnx(args.output, model, batches).to_dict()
     return out
+
+
+def _onnx_metadata(model: torch.nn.Module, config: argparse.Namespace) -> dict[str, str]:
+    """What a user needs to feed the graph without dg-quant: the class names and, when the run's
+    evaluation transform is Resize((s, s)) + ToTensor + Normalize, the size and the normalisation."""
+    import json
+
+    from dg_quant.adapters.wilds.checkpoints import _load_dataset
+    from dg_quant.adapters.wilds.compat import import_wilds
+
+    meta = {"dg_quant.backbone": str(getattr(config, "model", "")), "dg_quant.dataset": str(config.dataset)}
+    import_wilds()
+    names = getattr(_load_dataset(config), "class_names", None)
+    if names:
+        meta["dg_quant.classes"] = json.dumps([str(n) for n in names])
+    steps = list(getattr(getattr(model, "transform", None), "transforms", []))
+    kinds = [type(t).__name__ for t in steps]
+    if kinds == ["Resize", "ToTensor", "Normalize"]:
+        size = steps[0].size
+        size = size if isinstance(size, int) else size[0] if len(set(size)) == 1 else None
+        if size:
+            meta["dg_quant.image_size"] = str(size)
+            meta["dg_quant.normalize_mean"] = json.dumps([float(v) for v in steps[2].mean])
+            meta["dg_quant.normalize_std"] = json.dumps([float(v) for v in steps[2].std])
+    return meta
 
 
 def _test_batch(model: torch.nn.Module, config: argparse.Namespace) -> torch.Tensor:
@@ -187,8 +226,9 @@ def _print_onnx(out: dict) -> None:
         return
     acts = sum(1 for t in out["layers"] if t["kind"] == "activation")
     bits = sorted({t["bits"] for t in out["layers"]})
+    int4 = f" ({out['int4_weights']} of them INT4)" if out.get("int4_weights") else ""
     print(
-        f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors ({out['int_weight_params']:,} weights, "
+        f"ONNX QDQ graph: {out['int_weights']} int8 weight tensors{int4} ({out['int_weight_params']:,} weights, "
         f"bits {bits or 'none'}), {acts} activation quantize/dequantize pairs, "
         f"{out['float_params']:,} float parameters, {out['folded_batchnorms']} BatchNorms folded; "
         f"{out['file_bytes'] / 2**20:.3f} MiB"

@@ -38,6 +38,7 @@ from dg_quant.errors import CheckpointError, ConfigError, require_optional
 from dg_quant.io import atomic_write_bytes
 
 OPSET = 17
+INT4_OPSET = 21  # the first opset with INT4 tensors in Cast/DequantizeLinear
 INPUT, OUTPUT = "input", "logits"
 
 
@@ -52,12 +53,13 @@ class OnnxExport:
 
     path: str
     file_bytes: int
-    int_weights: int  # integer weight initializers (behind DequantizeLinear)
+    int_weights: int  # integer weight initializers (behind DequantizeLinear or Cast)
     int_weight_params: int
     float_params: int
     activation_qdq: int  # QuantizeLinear nodes on activations
     folded_batchnorms: int = 0
     float_convolutions: int = 0  # quantized convs onnxruntime runs in float (weights as Cast + Mul)
+    int4_weights: int = 0  # of int_weights, those stored as INT4
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,12 +73,17 @@ def export_onnx(
     *,
     fold_batchnorm: bool = True,
     float_convolutions: bool = True,
+    int4: bool = False,
     opset: int = OPSET,
+    metadata: dict[str, str] | None = None,
 ) -> OnnxExport:
     """Write ``model`` (fake-quantized or FP) to ``path`` as an ONNX QDQ graph with a dynamic batch.
 
     ``example`` is one input batch (its shape past the batch dimension is fixed in the graph).
     Layers that cannot be represented raise a one-line ``ConfigError`` naming the layer.
+    ``int4`` stores every integer weight whose codes fit [-8, 7] (4 bits or fewer) as ONNX INT4
+    (opset 21; the graph is converted from ``opset``): half the bytes of int8. ``metadata`` goes into
+    the file's ``metadata_props`` (``dgq_export`` stores the image size, normalisation and class names).
     """
     onnx = _onnx()
     from dg_quant.deploy.qdq import integer_model
@@ -102,8 +109,15 @@ def export_onnx(
             "this model has a layer the TorchScript ONNX exporter cannot write"
         ) from None
     graph = onnx.load_from_string(buffer.getvalue())
+    _constants_to_initializers(graph.graph)
+    if int4:
+        graph = _to_opset(graph, INT4_OPSET)
     folded = fold_batchnorms(graph) if fold_batchnorm else 0
     rewritten = float_convolutions_for_onnxruntime(graph) if float_convolutions else 0
+    if int4:
+        int4_weights(graph)
+    for key, value in (metadata or {}).items():
+        graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     data = graph.SerializeToString()
     atomic_write_bytes(path, data)
     report = describe(graph, str(path), len(data))
@@ -120,6 +134,7 @@ def describe(graph: Any, path: str = "", file_bytes: int = 0) -> OnnxExport:
     dq_inputs = {n.input[0] for n in graph.graph.node if n.op_type in ("DequantizeLinear", "Cast")}
     int_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
     ints = [i for name, i in inits.items() if name in dq_inputs and i.data_type in int_types]
+    int4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
     floats = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT]
     q_on_acts = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     return OnnxExport(
@@ -129,6 +144,7 @@ def describe(graph: Any, path: str = "", file_bytes: int = 0) -> OnnxExport:
         int_weight_params=sum(int(np.prod(i.dims)) for i in ints),
         float_params=sum(int(np.prod(i.dims)) for i in floats),
         activation_qdq=len(q_on_acts),
+        int4_weights=sum(1 for i in ints if i.data_type in int4),
     )
 
 
@@ -230,19 +246,96 @@ def float_convolutions_for_onnxruntime(graph: Any) -> int:
         zero = onnx.numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else 0
         if np.any(zero != 0) or codes.dtype not in (np.int8, np.uint8):
             continue
-        scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
-        key = conv.name or conv.output[0]
-        shape = (-1,) + (1,) * (codes.ndim - 1) if scale.size > 1 else ()
-        scale_name = _add_init(g, inits, f"{key}.weight_scale_float", scale.reshape(shape).astype(np.float32))
-        cast = onnx.helper.make_node("Cast", [dq.input[0]], [f"{key}.weight_float_codes"], to=onnx.TensorProto.FLOAT)
-        mul = onnx.helper.make_node("Mul", [cast.output[0], scale_name], [dq.output[0]])
-        index = list(g.node).index(dq)
-        g.node.remove(dq)
-        g.node.insert(index, mul)
-        g.node.insert(index, cast)
+        if _weight_axis(dq) != 0 and np.size(onnx.numpy_helper.to_array(inits[dq.input[1]])) > 1:
+            continue
+        _dequantize_as_cast_mul(g, inits, dq)
         rewritten += 1
     _drop_unused_initializers(g)
     return rewritten
+
+
+def int4_weights(graph: Any) -> int:
+    """Store each int8 weight initializer whose codes fit [-8, 7] as INT4, behind ``Cast`` + ``Mul``
+    (onnxruntime has no int4 kernels for per-channel conv/linear weights, so it unpacks them to
+    float at load, as it folds Cast + Mul); returns how many. Needs an opset-21 graph."""
+    onnx = _onnx()
+    g = graph.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    converted = 0
+    for name, init in list(inits.items()):
+        users = consumers.get(name, [])
+        if init.data_type != onnx.TensorProto.INT8 or len(users) != 1:
+            continue
+        node = users[0]
+        if node.op_type == "DequantizeLinear" and node.input[0] == name and _weight_axis(node) == 0:
+            if any(i not in inits for i in node.input[1:]):
+                continue
+            zero = onnx.numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else 0
+            if np.any(zero != 0):
+                continue
+            node = _dequantize_as_cast_mul(g, inits, node)
+        if node.op_type != "Cast":
+            continue
+        codes = onnx.numpy_helper.to_array(init)
+        if codes.size == 0 or codes.min() < -8 or codes.max() > 7:
+            continue
+        packed = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, codes.shape, _pack_int4(codes), raw=True)
+        g.initializer.remove(init)
+        g.initializer.append(packed)
+        inits[name] = packed
+        converted += 1
+    _drop_unused_initializers(g)
+    return converted
+
+
+def _pack_int4(codes: np.ndarray) -> bytes:
+    """Two's-complement nibbles, two per byte, the first element in the low nibble (ONNX's INT4 layout)."""
+    nibbles = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def _weight_axis(dq: Any) -> int:
+    return next((a.i for a in dq.attribute if a.name == "axis"), 1)
+
+
+def _dequantize_as_cast_mul(g: Any, inits: dict[str, Any], dq: Any) -> Any:
+    """Replace a weight's ``DequantizeLinear`` (zero point 0, axis 0) by ``Mul(Cast(codes), scale)``;
+    returns the Cast node."""
+    onnx = _onnx()
+    codes = inits[dq.input[0]]
+    scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+    shape = (-1,) + (1,) * (len(codes.dims) - 1) if scale.size > 1 else ()
+    key = dq.name or dq.output[0]
+    scale_name = _add_init(g, inits, f"{key}.weight_scale_float", scale.reshape(shape).astype(np.float32))
+    cast = onnx.helper.make_node("Cast", [dq.input[0]], [f"{key}.weight_float_codes"], to=onnx.TensorProto.FLOAT)
+    mul = onnx.helper.make_node("Mul", [cast.output[0], scale_name], [dq.output[0]])
+    index = list(g.node).index(dq)
+    g.node.remove(dq)
+    g.node.insert(index, mul)
+    g.node.insert(index, cast)
+    return cast
+
+
+def _to_opset(graph: Any, opset: int) -> Any:
+    """``graph`` converted to ``opset`` by onnx's version converter, or a one-line ``ConfigError``."""
+    onnx = _onnx()
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(graph, opset)
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/ValueError with long texts
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(
+            f"INT4 export needs ONNX opset {opset}, and onnx could not convert this graph ({first})"
+        ) from None
+    converted.ir_version = max(converted.ir_version, 10)  # INT4 tensors need IR version 10
+    return onnx.load_from_string(converted.SerializeToString())
 
 
 def _runs_as_qlinearconv(conv: Any, producers: dict, consumers: dict, inits: dict) -> bool:
@@ -279,6 +372,19 @@ def _bypass_identities(g: Any) -> None:
                 n.input[k] = alias[name]
     for n in [n for n in g.node if n.op_type == "Identity" and n.output[0] in alias]:
         g.node.remove(n)
+
+
+def _constants_to_initializers(g: Any) -> None:
+    """Turn tensor-valued ``Constant`` nodes (the exporter's zero points and clip bounds) into
+    initializers, so that the graph passes find every constant input in one place."""
+    onnx = _onnx()
+    outputs = {o.name for o in g.output}
+    for node in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in outputs]:
+        if [a.name for a in node.attribute] != ["value"]:
+            continue
+        value = onnx.numpy_helper.to_array(node.attribute[0].t)
+        g.initializer.append(onnx.numpy_helper.from_array(value, node.output[0]))
+        g.node.remove(node)
 
 
 def _drop_unused_initializers(g: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,8 @@ def test_fqat_run_exports_and_verifies_in_onnxruntime(fqat_run, tmp_path, capsys
     assert all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)
     assert sum(c.size for c in codes) == 92_160  # the three quantized convs; the first conv and head stay FP
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}  # for users without dg-quant
+    assert json.loads(meta["dg_quant.classes"]) == [str(c) for c in range(10)]
 
 
 def test_unrepresentable_layer_is_one_line(fqat_run, tmp_path, capsys):
@@ -143,3 +147,15 @@ def test_verify_only_rejects_a_corrupt_or_foreign_file(fqat_run, tmp_path, capsy
         )
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+
+
+def test_int4_export_of_a_4_bit_run_verifies(fqat_run, tmp_path, capsys):
+    out = tmp_path / "fqat_int4.onnx"
+    args = [str(fqat_run), "--checkpoint", "last", "--format", "onnx", "--int4", "-o", str(out)]
+    assert export_main([*args, "--verify", "--verify_images", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 int8 weight tensors (3 of them INT4)" in printed
+    assert "op for op (optimizations off): top-1 agreement 100.00%" in printed
+    int8 = tmp_path / "fqat_int8.onnx"
+    assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(int8)]) == 0
+    assert out.stat().st_size < int8.stat().st_size - 92_160 // 2 + 4096  # half a byte saved per weight

@@ -192,6 +192,27 @@ def test_onnxruntime_runs_requantized_convs_in_int8_and_the_rest_in_nchwc(tmp_pa
     assert ("", "DequantizeLinear") in ops  # the float conv's input still goes through its activation QDQ
 
 
+@pytest.mark.parametrize(("wbits", "int4"), [(4, 2), (3, 2), (8, 0)])
+def test_int4_containers_where_the_codes_fit(tmp_path, wbits, int4):
+    model = _cnn(wbits, 4)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 12, 12), path, int4=True)
+    assert (report.int_weights, report.int4_weights) == (2, int4)
+    graph = onnx.load(str(path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
+    packed = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(packed) == int4
+    for init in packed:  # two codes a byte
+        assert len(init.raw_data) == (int(np.prod(init.dims)) + 1) // 2
+    if int4:  # the unpacked codes are the model's integers (up to the folded channel's sign)
+        codes = sorted((numpy_helper.to_array(i).astype(np.int8) for i in packed), key=lambda a: a.shape[0])
+        first = next(q.integers(m.parametrizations[t].original) for _n, m, t, q in iter_quantized_weights(model))
+        np.testing.assert_array_equal(np.abs(codes[0]), np.abs(first.to(torch.int8).numpy()))
+    check = verify_onnx(path, model, [torch.randn(6, 3, 12, 12)])
+    assert check.op_for_op.top1_agreement == 1.0
+    assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
+
+
 def test_describe_counts_a_float_graph(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 10 * 10, 2)).eval()
     report = export_onnx(model, torch.randn(1, 3, 12, 12), tmp_path / "fp.onnx")
