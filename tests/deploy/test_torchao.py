@@ -13,7 +13,7 @@ from dg_quant.quant.api import iter_quantized_weights, quantize_
 from dg_quant.quant.config import LSQConfig, QuantConfig, default_activation_config
 
 ao = pytest.importorskip("torchao.quantization")
-from dg_quant.deploy.torchao import to_torchao  # noqa: E402
+from dg_quant.deploy.torchao import to_torchao, torchao_layers  # noqa: E402
 
 
 def _vit(act_bits: int | None) -> nn.Module:
@@ -39,7 +39,7 @@ def test_int8_tensors_hold_the_learned_codes_and_reproduce_the_model(act_bits):
         want = model(x)
     converted, names = to_torchao(model, "learned")
     linears = {n for n, m, _t, _q in iter_quantized_weights(model) if isinstance(m, nn.Linear)}
-    assert set(names) == linears and names
+    assert set(names) == linears | {"featurizer.patch_embed.proj"} and linears  # the patch conv as intx codes
     for name, module, _t, q in iter_quantized_weights(model):
         if name in linears:
             weight = converted.get_submodule(name).weight
@@ -65,6 +65,38 @@ def test_dynamic_activations_use_torchao_integer_matmul():
     assert (got - want).abs().max() < 0.1 * want.abs().max()  # another activation grid: close, not equal
     with pytest.raises(ConfigError, match="activations must be learned, dynamic or none"):
         to_torchao(model, "static")
+
+
+def test_convolutions_hold_their_codes_as_intx_tensors_and_compute_the_same():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    )
+    model(torch.randn(1, 3, 10, 10))
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(8), quantize_head=True))
+    model.eval()
+    x = torch.randn(5, 3, 10, 10)
+    with torch.no_grad():
+        model(x)  # activation steps
+        want = model(x)
+    converted, names = to_torchao(model, "learned")
+    assert names == ["0", "2", "5"]
+    layers = torchao_layers(converted)
+    assert layers["0"] == layers["2"] == "torch.int4 codes in int8, dequantized float convolution"
+    assert layers["5"] == "int8 weight, dequantized matmul"
+    for name, module, _t, q in iter_quantized_weights(model):
+        weight = converted.get_submodule(name).weight
+        assert weight.qdata.dtype == torch.int8
+        assert torch.equal(weight.qdata.to(torch.float32), q.integers(module.parametrizations.weight.original))
+    with torch.no_grad():
+        got = converted(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert "dynamic" not in torchao_layers(to_torchao(model)[0])["0"]  # convs keep the learned activations
 
 
 def test_without_torchao_the_error_names_the_extra(monkeypatch):
