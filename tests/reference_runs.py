@@ -157,11 +157,24 @@ def ptq_fingerprint(run_dir: Path) -> dict[str, Any]:
 
 def export_fingerprint(run_dir: Path, out: Path) -> dict[str, str]:
     from dg_quant.adapters.wilds.export import main
-    from dg_quant.quant.export import read_export
 
     assert main([str(run_dir), "-o", str(out)]) == 0
-    header, payload = read_export(out)
-    return {"header": digest(_strip_paths(header)), "payload": hashlib.sha256(payload).hexdigest()}
+    return file_fingerprint(out)
+
+
+def file_fingerprint(path: Path) -> dict[str, str]:
+    """What an export holds, independent of its container (DGQX version 2 or safetensors version 3):
+    its metadata, and the weights the loader rebuilds (codes times steps, bit for bit)."""
+    from dg_quant.quant.export import exported_state_dict, read_export
+
+    header, tensors = read_export(path)
+    meta = {k: v for k, v in header.items() if k not in ("entries", "version")}
+    layout = [(e["name"], e["kind"], e.get("bits"), e.get("qn")) for e in header["entries"]]
+    return {
+        "meta": digest(_strip_paths(meta)),
+        "layout": digest(sorted(layout, key=str)),
+        "weights": digest(exported_state_dict(header, tensors)),
+    }
 
 
 def _strip_paths(obj: Any) -> Any:
