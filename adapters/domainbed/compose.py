@@ -45,13 +45,17 @@ _GRAD_ALL = (
     "differentiates its loss w.r.t. every network parameter (autograd.grad without allow_unused), and the step "
     "size of a quantizer that is still off is not in the graph"
 )
-_GRAD_ALL_BASES = ("ANDMask", "SANDMask", "IGA")
+_GRAD_ALL_BASES = ("ANDMask", "SANDMask")
 REFUSED: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "Fish": ("rebuilds its network every step from a state_dict of unquantized layout (networks.WholeFish)", None),
     "ERMPlusPlus": ("predicts with a moving average copied key by key from the trained network's state_dict", None),
     "ANDMask": (_GRAD_ALL, ("QTDoG", "OBC")),
     "SANDMask": (_GRAD_ALL, ("QTDoG", "OBC")),
-    "IGA": (_GRAD_ALL, ("QTDoG", "OBC")),
+    "IGA": (
+        "differentiates its per-domain gradients a second time (create_graph=True), which LSQ's "
+        "straight-through rounding does not support",
+        ("QTDoG", "LSQ", "OBC"),
+    ),
 }
 
 

@@ -67,6 +67,7 @@ def test_composed_names_resolve_on_demand_and_never_join_algorithms(domainbed):
 def test_refused_combinations_name_the_reason():
     assert "WholeFish" in compose.refusal("Fish", "QTDoG")
     assert compose.refusal("ANDMask", "INQ") is None and "autograd.grad" in compose.refusal("ANDMask", "OBC")
+    assert compose.refusal("ANDMask", "LSQ") is None and "create_graph" in compose.refusal("IGA", "LSQ")
     assert compose.split_name("CausIRL_CORAL_QTDoG") == ("CausIRL_CORAL", "QTDoG")
     assert compose.split_name("LSQ_SAGM") is None and compose.split_name("QTDoG") is None
 
@@ -262,7 +263,7 @@ def test_real_domainbed_every_algorithm_with_every_method():
                 hp = registry.default_hparams(name, "ColoredMNIST")
                 if method == "QTDoG":
                     hp["quant_start_step"] = 2
-                if method == "LSQ" and base in ("ANDMask", "SANDMask", "IGA"):
+                if method == "LSQ" and base in ("ANDMask", "SANDMask"):
                     with pytest.raises(ConfigError, match="set quant_start_step=0"):
                         cls(shape, 2, 2, {**hp, "quant_start_step": 2})
                 algorithm, logs = _drive(cls, hp, shape)
