@@ -104,3 +104,10 @@ def test_a_usage_error_is_one_line_pointing_at_help(main, argv, prog, capsys) ->
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{prog}") and f"(see {prog}" in err, err
+
+
+def test_dgq_ptq_takes_the_obc_plugins_own_flags() -> None:
+    """One spelling: dgq_ptq's quantization flags are dg_quant.obc's (as with wilds_run --plugin dg_quant.obc)."""
+    flags = set(ptq.build_parser()._option_string_actions)
+    assert {"--bits", "--ptq-method", "--ptq-samples", "--ptq-batch-size", "--ptq-obq-max-cols"} <= flags
+    assert not {"--method", "--samples", "--obq_max_cols", "--damp"} & flags

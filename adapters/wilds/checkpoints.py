@@ -9,7 +9,7 @@ saved settings, then the weights are loaded.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,22 +68,29 @@ def saved_context(config: argparse.Namespace) -> RunContext:
     )
 
 
-def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
+def build_model(
+    state: dict[str, Any], config: argparse.Namespace, host: PluginHost | None = None, added: Sequence[str] = ()
+) -> nn.Module:
     """The run's architecture with its plugins' model changes (quantizers), weights loaded.
 
     The backbone is built as ``wilds_run`` built it, without downloading pretrained weights (the
     checkpoint replaces them). ``model.transform`` becomes the run's *evaluation* input transform
     (``--transform``/``--image_size``), so ``eval_loader`` feeds the model what it was tested on.
+    ``host``: a host with more plugins than the run had (``dgq_ptq`` adds ``dg_quant.obc``), named
+    in ``added``; the quantizers those attach are not in the checkpoint and keep their new state.
     """
     from dg_quant.adapters.wilds.run_model import build_run_model
 
     config.model = state["backbone"]
     model = build_run_model(config, int(state["num_classes"]), reload=True)
-    host = PluginHost(config.plugins)
+    host = host or PluginHost(config.plugins)
     context = host.configure(config, saved_context(config))
     host.hook.dgq_configure_model(model=model, config=config, context=context)
     try:
-        model.load_state_dict(state["model"])
+        if added:
+            _load_under_new_quantizers(model, state["model"])
+        else:
+            model.load_state_dict(state["model"])
     except RuntimeError as exc:
         lines = str(exc).splitlines()
         first = lines[1].strip() if len(lines) > 1 else str(exc)
@@ -91,6 +98,21 @@ def build_model(state: dict[str, Any], config: argparse.Namespace) -> nn.Module:
             f"the saved weights do not fit the rebuilt model ({first}); were the plugins changed since the run?"
         ) from None
     return model
+
+
+def _load_under_new_quantizers(model: nn.Module, weights: dict[str, Any]) -> None:
+    """Load weights saved before quantizers were attached: ``layer.weight`` goes to
+    ``layer.parametrizations.weight.original``; only the new quantizers' own state may be missing."""
+    expected = model.state_dict()
+    renamed = {}
+    for key, value in weights.items():
+        module, _, tensor = key.rpartition(".")
+        original = f"{module}.parametrizations.{tensor}.original" if module else f"parametrizations.{tensor}.original"
+        renamed[original if key not in expected and original in expected else key] = value
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    stray = [k for k in missing if ".parametrizations." not in k or k.endswith(".original")]
+    if stray or unexpected:
+        raise RuntimeError(f"Error(s) in loading state_dict:\n\tmissing {stray[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_run_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:

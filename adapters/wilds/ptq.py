@@ -1,138 +1,126 @@
 """``dgq_ptq``: OBC/GPTQ post-training quantization of a saved ``wilds_run`` model.
 
-    dgq_ptq runs/pacs_erm_seed0 --method obc --bits 7
-    dgq_ptq runs/pacs_erm_seed0 --method gptq --bits 4 --bn_reestimate --checkpoint last
+    dgq_ptq runs/pacs_erm_seed0 --ptq-method obc --bits 7
+    dgq_ptq runs/pacs_erm_seed0 --ptq-method gptq --bits 4 --ptq-bn-reestimate true --checkpoint last
 
-Calibration images come from the run's training split (its source domains; the held-out test
-domains are never seen). Writes, next to the run's checkpoints, ``ptq_<method>_w<bits>.pt`` (a
-model file that ``dgq_export`` and ``load_run_model``-style loaders read) and
-``ptq_<method>_w<bits>.json``: per-layer reconstruction error of the solver and of
-round-to-nearest, and the metrics of every split before and after quantization.
+The run is rebuilt with its own plugins plus ``dg_quant.obc``, whose flags (``--bits``,
+``--ptq-*``, as for ``wilds_run --plugin dg_quant.obc``) set the quantization; then it ends as a
+training run ends (``dgq_train_end``). Calibration images come from the run's training split (its
+source domains; the held-out test domains are never seen), with the evaluation transform. Writes,
+next to the run's checkpoints, ``ptq_<method>_w<bits>.pt`` (a model file that ``dgq_export`` and
+``load_run_model``-style loaders read) and ``ptq_<method>_w<bits>.json``: per-layer
+reconstruction error of the solver and of round-to-nearest, and the metrics of every split
+before and after quantization.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dg_quant.errors import run_command
-from dg_quant.options import CommandParser, HelpFormatter, plain_text
+from dg_quant.host import PluginHost
+from dg_quant.options import CommandParser, HelpFormatter, declared_options, plain_text
 
 PROG = "dgq_ptq"
 PTQ_PLUGIN = "dg_quant.obc"
+RESULT_FILE = "ptq.json"  # what dg_quant.obc writes into the log_dir of dgq_train_end
 
 
-def calibration_batches(
-    subset: Any, num_samples: int, batch_size: int, device: torch.device | str, seed: int = 0
-) -> Iterator[torch.Tensor]:
-    """Up to ``num_samples`` shuffled inputs of ``subset`` (a WILDS subset of the training split).
-
-    The order depends on ``seed`` only, so repeated calls (GPTQ's sequential passes, BN
-    re-estimation) see the same images.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=True, generator=generator)
-    seen = 0
-    for x, _y, _meta in loader:
-        if seen >= num_samples:
-            break
-        x = x[: num_samples - seen]
-        seen += len(x)
-        yield x.to(device)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from dg_quant.plugins.obc import ObcOptions
-
-    defaults = ObcOptions()
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ObcOptions)}
+def build_parser(host: PluginHost | None = None) -> CommandParser:
+    """dgq_ptq's own flags plus those of ``host``'s plugins (default: ``dg_quant.obc`` alone:
+    ``--bits``, ``--ptq-*``)."""
+    host = host or PluginHost([PTQ_PLUGIN])
     parser = CommandParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
-    parser.add_argument("--method", choices=("obc", "gptq"), default=defaults.ptq_method, help=helps["ptq_method"])
-    parser.add_argument("--bits", type=int, default=defaults.bits, help=helps["bits"])
     parser.add_argument(
         "--checkpoint",
         choices=("best", "last"),
         default="best",
         help="best_model.pt (best validation) or model.pt (last step)",
     )
-    parser.add_argument("--samples", type=int, default=defaults.ptq_samples, help="calibration images")
-    parser.add_argument("--batch_size", type=int, default=defaults.ptq_batch_size, help=helps["ptq_batch_size"])
-    parser.add_argument("--obq_max_cols", type=int, default=defaults.ptq_obq_max_cols, help=helps["ptq_obq_max_cols"])
-    parser.add_argument("--damp", type=float, default=defaults.ptq_damp, help=helps["ptq_damp"])
-    parser.add_argument("--bn_reestimate", action="store_true", help="re-estimate BatchNorm statistics afterwards")
-    parser.add_argument("--quantize_head", action="store_true", help="quantize the classifier too")
     parser.add_argument("--seed", type=int, default=0, help="order of the calibration images")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no_eval", action="store_true", help="skip evaluating the splits before and after")
+    host.add_options(parser)
     return parser
 
 
-def ptq_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Quantize the run's checkpoint; returns what the JSON file holds."""
+def run_settings(
+    saved: dict[str, Any], argv: Sequence[str]
+) -> tuple[argparse.Namespace, argparse.Namespace, PluginHost]:
+    """``(args, config, host)``: the command line parsed with the plugins of the saved run plus
+    ``dg_quant.obc``; ``config`` is the saved settings with the plugins' options from the command
+    line (an option not given keeps the run's value)."""
+    plugins = list(dict.fromkeys([*(saved.get("plugins") or []), PTQ_PLUGIN]))
+    host = PluginHost(plugins)
+    parser = build_parser(host)
+    fields = [f.name for cls in declared_options(parser) for f in dataclasses.fields(cls)]
+    parser.set_defaults(**{name: saved[name] for name in fields if name in saved})
+    args = parser.parse_args(list(argv))
+    config = argparse.Namespace(**saved)
+    for name in fields:
+        setattr(config, name, getattr(args, name))
+    config.plugins = plugins
+    return args, config, host
+
+
+def ptq_run(argv: Sequence[str]) -> dict[str, Any]:
+    """Quantize the run's checkpoint as ``argv`` says; returns what the JSON file holds."""
+    from dg_quant.adapters.wilds.calibration import TrainingCalibration
     from dg_quant.adapters.wilds.checkpoints import (
+        build_model,
         checkpoint_path,
         evaluate_splits,
-        load_run_model,
         present_splits,
+        read_checkpoint,
+        run_dataset,
     )
     from dg_quant.adapters.wilds.compat import import_wilds
     from dg_quant.adapters.wilds.datasets import SubsetSpec
-    from dg_quant.adapters.wilds.transforms import build_transforms
-    from dg_quant.io import atomic_torch_save
-    from dg_quant.options import read_options
-    from dg_quant.plugins.obc import ObcOptions, write_results
-    from dg_quant.quant.obc import attach_disabled_quantizers, ptq_
+    from dg_quant.io import atomic_torch_save, atomic_write_json
+    from dg_quant.loop import end_training
 
+    pre, _ = build_parser().parse_known_args(list(argv))  # --help; the run's own flags later
     import_wilds()
-    device = torch.device(args.device)
-    model, config, load_dataset = load_run_model(args.run_dir, args.checkpoint, device)
-    settings = {
-        "bits": args.bits,
-        "ptq_method": args.method,
-        "ptq_samples": args.samples,
-        "ptq_batch_size": args.batch_size,
-        "ptq_obq_max_cols": args.obq_max_cols,
-        "ptq_damp": args.damp,
-        "ptq_bn_reestimate": args.bn_reestimate,
-        "ptq_quantize_head": args.quantize_head,
-    }
-    options = read_options(ObcOptions, argparse.Namespace(**settings))
-    dataset = load_dataset()
-    train_transform, _ = build_transforms(
-        getattr(config, "transform", "model"), getattr(config, "image_size", None), model
-    )
+    device = torch.device(pre.device)
+    source = checkpoint_path(pre.run_dir, pre.checkpoint)
+    state = read_checkpoint(source, device)
+    args, config, host = run_settings(state["config"], argv)
+    model = build_model(state, config, host, added=(PTQ_PLUGIN,)).to(device).eval()
+    dataset = run_dataset(config)
     subsets = SubsetSpec.of(config)
-    train = subsets.subset(dataset, "train", train_transform)
+    calibration = TrainingCalibration(subsets.subset(dataset, "train", model.transform), device, args.seed)
     splits = [] if args.no_eval else present_splits(dataset)
     before = evaluate_splits(model, dataset, splits, device, subsets=subsets) if splits else {}
-    attach_disabled_quantizers(model, options.ptq)  # the layout the obc plugin rebuilds on load
-    results = ptq_(
-        model, lambda: calibration_batches(train, args.samples, args.batch_size, device, args.seed), options.ptq
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        end_training(host, model, config, tmp, calibration)
+        record = json.loads((Path(tmp) / RESULT_FILE).read_text())
+    model.eval()
     after = evaluate_splits(model, dataset, splits, device, subsets=subsets) if splits else {}
-    stem = f"ptq_{args.method}_w{args.bits}"
+    stem = f"ptq_{config.ptq_method}_w{config.bits}"
     run_dir = Path(args.run_dir)
-    saved = vars(config) | settings
-    saved["plugins"] = list(dict.fromkeys(list(config.plugins) + [PTQ_PLUGIN]))
     atomic_torch_save(
         run_dir / f"{stem}.pt",
         {
             "model": model.state_dict(),
             "backbone": config.model,
             "num_classes": int(dataset.n_classes),
-            "config": {k: v for k, v in saved.items() if _plain(v)},
-            "source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name,
+            "config": {k: v for k, v in vars(config).items() if _plain(v)},
+            "source_checkpoint": source.name,
         },
     )
-    extra = {"source_checkpoint": checkpoint_path(args.run_dir, args.checkpoint).name, "before": before, "after": after}
-    return write_results(run_dir / f"{stem}.json", options, results, extra) | {"file": str(run_dir / f"{stem}.pt")}
+    record |= {"source_checkpoint": source.name, "before": before, "after": after}
+    atomic_write_json(run_dir / f"{stem}.json", record)
+    return record | {"file": str(run_dir / f"{stem}.pt")}
 
 
 def _plain(value: Any) -> bool:
@@ -157,11 +145,8 @@ def format_result(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.samples <= 0 or args.batch_size <= 0:
-        parser.error("--samples and --batch_size must be positive")
-    return run_command(PROG, lambda: print(format_result(ptq_run(args))))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(PROG, lambda: print(format_result(ptq_run(argv))))
 
 
 if __name__ == "__main__":  # pragma: no cover

