@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dg_quant.errors import ConfigError
+from dg_quant.quant import fused
 from dg_quant.quant.config import LSQConfig, QuantConfig
 from dg_quant.quant.inq import iter_inq_layers
 from dg_quant.quant.lsq import LSQQuantizer
@@ -129,6 +130,7 @@ def quantize_(
                 quantizer = _weight_quantizer(config.weight, weight, switched_on=config.enabled)
                 quantizer.enabled = config.enabled
                 parametrize.register_parametrization(module, tensor_name, quantizer)
+                fused.install(module)  # conv/linear: keep no fake-quantized weight for backward
         if acts and act_config is not None and not hasattr(module, ACT_QUANTIZER):
             act = LSQQuantizer(act_config, (1,), is_weight=False).to(_device_of(module))
             act.enabled = config.enabled

@@ -147,42 +147,117 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, qn, qp, grad_scale, ewgs_delta, compiled):  # type: ignore[override]
-        if compiled:
-            out = _compiled_forward(x, s, qn, qp)
-        else:
-            out = torch.div(x, s).clamp_(-qn, qp).round_().mul_(s)
+        out = fake_quant_values(x, s, qn, qp, compiled)
         ctx.save_for_backward(x, s)
         ctx.qn, ctx.qp, ctx.grad_scale, ctx.ewgs_delta = qn, qp, grad_scale, ewgs_delta
-        ctx.compiled = compiled and not ewgs_delta  # EWGS keeps the eager backward
+        ctx.compiled = compiled
         return out.to(x.dtype) if x.dtype in _HALF_DTYPES else out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, s = ctx.saved_tensors
-        if ctx.compiled:
-            grad_x, grad_s = _compiled_backward(x, s, grad_out, ctx.qn, ctx.qp)
-            grad_s = (grad_s * ctx.grad_scale).to(s.dtype) if ctx.needs_input_grad[1] else None
-            grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
-            return grad_x, grad_s, None, None, None, None, None
-        v = torch.div(x, s)
-        inside, q = _inside_and_codes(v, ctx.qn, ctx.qp)
-        g = grad_out  # the gradient behind the rounding: EWGS scales it element-wise
-        if ctx.ewgs_delta:
-            g = grad_out * (1 + ctx.ewgs_delta * torch.sign(grad_out) * (v - q))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.where(inside, g, 0.0).to(x.dtype)
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            if ctx.ewgs_delta:
-                # The step reaches the output through q·s and through v = x/s inside the rounding;
-                # EWGS's scaled gradient flows along the second path (as into EWGS's interval).
-                d_s = q.mul(grad_out).sub_(v.mul_(inside).mul_(g))
-            else:
-                # q - v inside the range, q (the clipped bound) outside, times the upstream gradient.
-                d_s = q.sub_(v.mul_(inside)).mul_(grad_out)
-            grad_s = _sum_to_shape(d_s, s.shape).mul_(ctx.grad_scale).to(s.dtype)
+        grad_x, grad_s = lsq_gradients(
+            x, s, grad_out, ctx.qn, ctx.qp, ctx.grad_scale, ctx.ewgs_delta, ctx.compiled, ctx.needs_input_grad[:2]
+        )
         return grad_x, grad_s, None, None, None, None, None
+
+
+def fake_quant_values(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, compiled: bool = False) -> torch.Tensor:
+    """``round(clamp(x/s, -qn, qp))·s`` without autograd (what the forward of ``lsq_fake_quant`` returns).
+
+    Eager: one allocation (divide, then clamp/round/multiply in place); ``compiled``: one fused kernel.
+    """
+    if compiled:
+        return _compiled_forward(x, s, qn, qp)
+    return torch.div(x, s).clamp_(-qn, qp).round_().mul_(s)
+
+
+def lsq_gradients(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    grad_out: torch.Tensor,
+    qn: int,
+    qp: int,
+    grad_scale: float,
+    ewgs_delta: float = 0.0,
+    compiled: bool = False,
+    needs: tuple[bool, bool] = (True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(x gradient, step gradient) of LSQ fake quantization, given the output's gradient ``grad_out``.
+
+    ``needs`` says which of the two to compute (None for the others). Shared by ``lsq_fake_quant``
+    and the fused quantized layers (``dg_quant.quant.fused``), so both give the same numbers.
+    """
+    if compiled and not ewgs_delta:  # EWGS keeps the eager backward
+        grad_x, grad_s = _compiled_backward(x, s, grad_out, qn, qp)
+        grad_s = (grad_s * grad_scale).to(s.dtype) if needs[1] else None
+        grad_x = grad_x.to(x.dtype) if needs[0] else None
+        return grad_x, grad_s
+    v = torch.div(x, s)
+    inside, q = _inside_and_codes(v, qn, qp)
+    return _gradients_from_codes(v, inside, q, s, grad_out, grad_scale, ewgs_delta, needs, x.dtype)
+
+
+def _gradients_from_codes(
+    v: torch.Tensor,
+    inside: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_scale: float,
+    ewgs_delta: float,
+    needs: tuple[bool, bool],
+    x_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The eager gradients from ``v = x/s``, the range mask and the codes (``v`` and ``q`` are overwritten)."""
+    g = grad_out  # the gradient behind the rounding: EWGS scales it element-wise
+    if ewgs_delta:
+        g = grad_out * (1 + ewgs_delta * torch.sign(grad_out) * (v - q))
+    grad_x = None
+    if needs[0]:
+        grad_x = torch.where(inside, g, 0.0).to(x_dtype)
+    grad_s = None
+    if needs[1]:
+        if ewgs_delta:
+            # The step reaches the output through q·s and through v = x/s inside the rounding;
+            # EWGS's scaled gradient flows along the second path (as into EWGS's interval).
+            d_s = q.mul(grad_out).sub_(v.mul_(inside).mul_(g))
+        else:
+            # q - v inside the range, q (the clipped bound) outside, times the upstream gradient.
+            d_s = q.sub_(v.mul_(inside)).mul_(grad_out)
+        grad_s = _sum_to_shape(d_s, s.shape).mul_(grad_scale).to(s.dtype)
+    return grad_x, grad_s
+
+
+class WeightRecompute:
+    """Backward of a layer that saved ``x`` and ``s`` but not ``fake_quant(x, s)``: ``values`` recomputes
+    it, ``gradients`` then gives LSQ's gradients reusing that pass's intermediates (eager: the
+    recomputation costs one multiply over what ``lsq_gradients`` does anyway)."""
+
+    def __init__(self, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, compiled: bool, ewgs_delta: float) -> None:
+        self.x, self.s, self.qn, self.qp = x, s, qn, qp
+        self.compiled = compiled and not ewgs_delta
+        self.ewgs_delta = ewgs_delta
+        self._codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def values(self) -> torch.Tensor:
+        if self.compiled:
+            return _compiled_forward(self.x, self.s, self.qn, self.qp)
+        v = torch.div(self.x, self.s)
+        inside, q = _inside_and_codes(v, self.qn, self.qp)
+        self._codes = (v, inside, q)
+        return q * self.s
+
+    def gradients(
+        self, grad_out: torch.Tensor, grad_scale: float, needs: tuple[bool, bool]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self._codes is None:
+            return lsq_gradients(
+                self.x, self.s, grad_out, self.qn, self.qp, grad_scale, self.ewgs_delta, self.compiled, needs
+            )
+        v, inside, q = self._codes
+        self._codes = None
+        return _gradients_from_codes(v, inside, q, self.s, grad_out, grad_scale, self.ewgs_delta, needs, self.x.dtype)
 
 
 def lsq_fake_quant(
