@@ -33,6 +33,7 @@ from benchmarks.methods import METHODS, build_method
 from benchmarks.models import MODELS, Workload, build
 from dg_quant.errors import DGQuantError
 from dg_quant.loop import Trainer
+from dg_quant.quant.api import set_fused_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="also time the exported (baked) quantized models against FP",
     )
+    p.add_argument(
+        "--ops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the ATen ops of one step per method (one extra step each)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for <device>.md and .json")
     p.add_argument("--name", default=None, help="file stem; default the device type")
     args = p.parse_args(argv)
@@ -129,7 +136,8 @@ class Bench:
         # fp16 is harness-only (the Trainer offers bf16), so the step wraps it below.
         built.config.precision = "bf16" if self.amp == "bf16" else "fp32"
         built.config.channels_last = self.channels_last
-        built.config.quant_kernels = self.args.quant_kernel
+        reference = METHODS[method].reference
+        built.config.quant_kernels = "eager" if reference else self.args.quant_kernel
         model = copy.deepcopy(work.model).to(self.device)
         trainer = Trainer.build(
             built.host,
@@ -138,6 +146,8 @@ class Bench:
             lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
             F.cross_entropy,
         )
+        if reference:
+            set_fused_layers(trainer.model, False)
         if self.args.compile:
             # One eager forward first: activation steps initialise from the first batch (a
             # data-dependent branch that would break the compiled graph into per-layer frames).
@@ -210,7 +220,7 @@ class Bench:
                     "samples_per_s": work.batch_size / step_s,
                     "saved_mb": self._saved_mb(trainer.model, x, y),
                     "peak_mb": measure.cuda_peak_mb(step, self.device),
-                    "ops_per_step": None if self.args.compile else measure.aten_ops(step),
+                    "ops_per_step": measure.aten_ops(step) if self.args.ops and not self.args.compile else None,
                     "step_ms_all": [t * 1e3 for t in times[method]],
                     "note": built.note,
                 }

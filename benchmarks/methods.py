@@ -27,6 +27,7 @@ class Method:
     note: str = ""
     target: float | None = None  # the issue's ratio target against FP ERM (GPU)
     two_pass: bool = False  # always use the harness's two-pass step (a reference point)
+    reference: bool = False  # the pre-fusion path: parametrized weights, eager kernels (before/after)
 
 
 QUANT_NOW = ("--quant_start_step", "0")
@@ -42,6 +43,20 @@ METHODS: dict[str, Method] = {
         fallback_argv=("--bits", "4", "--act_bits", "4"),
         note="W4A4 + two passes",
         target=2.1,
+    ),
+    "qtdog_ref": Method(
+        ("dg_quant.qtdog",),
+        ("--bits", "7", *QUANT_NOW),
+        note="qtdog through the reference path (parametrized weights, eager kernels: the code before issue 20)",
+        target=1.05,
+        reference=True,
+    ),
+    "fqat_ref": Method(
+        ("dg_quant.fqat",),
+        ("--bits", "4", "--act_bits", "4", *QUANT_NOW),
+        note="fqat through the reference path (parametrized weights, eager kernels: the code before issue 20)",
+        target=2.1,
+        reference=True,
     ),
     "wa_2pass": Method(
         ("dg_quant.lsq",),

@@ -230,6 +230,20 @@ def set_compiled_kernels(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+def set_fused_layers(model: nn.Module, enabled: bool = True) -> int:
+    """Run weight-quantized convs/linears as fused layers (the default) or through the parametrization.
+
+    Both compute the same numbers; the fused layer keeps no fake-quantized weight for backward
+    (``dg_quant.quant.fused``). Off is the reference path (tests, benchmarks). Returns how many
+    weight quantizers were switched.
+    """
+    count = 0
+    for _, _, _, q in iter_quantized_weights(model):
+        q.fused_layer = enabled
+        count += 1
+    return count
+
+
 @torch.no_grad()
 def clamp_steps_(model: nn.Module, minimum: float = 1e-8) -> None:
     """Keep step sizes positive after an optimizer update (a negative step flips signs)."""

@@ -145,7 +145,7 @@ def _weight_quantizer(module: nn.Module) -> LSQQuantizer | None:
     if len(plists) != 1 or "weight" not in plists or len(plists.weight) != 1:
         return None
     q = plists.weight[0]
-    if not isinstance(q, LSQQuantizer) or not q.enabled or _hooked(q):
+    if not isinstance(q, LSQQuantizer) or not q.enabled or not q.fused_layer or _hooked(q):
         return None
     return q
 

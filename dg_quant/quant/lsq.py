@@ -293,6 +293,7 @@ class LSQQuantizer(nn.Module):
         self.signed = config.mode in ("signed", "symmetric")
         self.ewgs_delta = 0.0
         self.compiled = False  # fused torch.compile kernels (opt-in; see lsq_fake_quant)
+        self.fused_layer = True  # a weight quantizer's layer runs dg_quant.quant.fused (api.set_fused_layers)
 
     @property
     def bits(self) -> int:
