@@ -74,9 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (all methods alike)")
     p.add_argument(
         "--quant-kernel",
-        choices=("eager", "compiled"),
-        default="eager",
-        help="LSQ kernels of an eager model: eager, or the fused torch.compile ones (set_compiled_kernels)",
+        choices=("auto", "eager", "compiled"),
+        default="auto",
+        help="LSQ kernels of an eager model: eager, the fused torch.compile ones (set_compiled_kernels), or "
+        "auto (compiled where a compiler is available: the runs' default)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(

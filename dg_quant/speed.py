@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +21,12 @@ from torch import nn
 
 from dg_quant.errors import ConfigError
 from dg_quant.options import option
-from dg_quant.quant.api import set_compiled_kernels
+from dg_quant.quant.api import iter_quantizers, set_compiled_kernels
+from dg_quant.quant.lsq import lsq_fake_quant
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-QUANT_KERNELS = ("eager", "compiled")
+QUANT_KERNELS = ("auto", "eager", "compiled")
+KERNELS_ENV = "DG_QUANT_QUANT_KERNELS"  # what ``auto`` means here: eager or compiled (the tests pin eager)
 
 
 @dataclass
@@ -36,8 +41,10 @@ class SpeedOptions:
     channels_last: bool = option(False, "store 4-D weights NHWC (faster convolutions on GPUs with tensor cores)")
     compile: bool = option(False, "torch.compile the model in place (the first steps are slow while it compiles)")
     quant_kernels: str = option(
-        "eager",
-        "LSQ fake-quant kernels: eager, or fused torch.compile kernels (compiled on first use)",
+        "auto",
+        "LSQ fake-quant kernels: fused torch.compile kernels (compiled), eager, or auto: compiled where a "
+        f"compiler is available (C++ on CPU, triton on CUDA; the first step compiles), else eager; ${KERNELS_ENV} "
+        "overrides auto",
         choices=QUANT_KERNELS,
     )
 
@@ -45,7 +52,7 @@ class SpeedOptions:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.quant_kernels not in QUANT_KERNELS:
-            raise ConfigError(f"--quant-kernels {self.quant_kernels}: choose eager or compiled")
+            raise ConfigError(f"--quant-kernels {self.quant_kernels}: choose auto, eager or compiled")
 
     @property
     def needs_compiler(self) -> bool:
@@ -67,14 +74,51 @@ def check_compiler(device: torch.device) -> None:
         )
 
 
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: a C++ compiler on CPU, triton on CUDA."""
+    if device.type == "cpu":
+        return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _compiled_kernels_work(device: torch.device) -> bool:
+    """Build the fused LSQ kernels once on a tiny tensor (the compile every later call reuses); False
+    with a warning if that fails (then the eager kernels run: same numbers, slower)."""
+    try:
+        for rows in (1, 4):  # per tensor and per channel
+            x = torch.randn(rows, 8, device=device, requires_grad=True)
+            s = torch.full((rows, 1), 0.1, device=device, requires_grad=True)
+            lsq_fake_quant(x, s, 8, 7, 1.0, 0.0, True).sum().backward()
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager kernels
+        warnings.warn(f"--quant-kernels auto: compiled LSQ kernels failed ({exc!s:.120}); using eager", stacklevel=2)
+        return False
+
+
+def resolve_quant_kernels(choice: str, device: torch.device) -> str:
+    """``eager`` or ``compiled`` for ``choice``; ``auto`` is $DG_QUANT_QUANT_KERNELS if set, else compiled where
+    the kernels build on ``device`` (they are compiled here, once per process), else eager."""
+    if choice != "auto":
+        return choice
+    pinned = os.environ.get(KERNELS_ENV, "")
+    if pinned:
+        if pinned not in ("eager", "compiled"):
+            raise ConfigError(f"{KERNELS_ENV}={pinned}: set it to eager or compiled, or unset it")
+        return pinned
+    return "compiled" if compiler_available(device) and _compiled_kernels_work(device) else "eager"
+
+
 def prepare_model(model: nn.Module, options: SpeedOptions) -> nn.Module:
     """Apply the memory-format and compile settings to ``model`` in place (state_dict keys unchanged)."""
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if options.needs_compiler:
         check_compiler(model_device(model))
-    if options.quant_kernels == "compiled":
-        set_compiled_kernels(model)  # every quantizer the methods attached (none: nothing to do)
+    # A whole-model compile fuses the quantizers itself; auto then keeps the eager kernels.
+    if any(True for _ in iter_quantizers(model)) and not (options.compile and options.quant_kernels == "auto"):
+        if resolve_quant_kernels(options.quant_kernels, model_device(model)) == "compiled":
+            set_compiled_kernels(model)  # every quantizer the methods attached
     if options.compile:
         model.compile()  # in place: checkpoints keep their keys, hooks still see the same module
     return model

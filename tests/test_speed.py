@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dg_quant import PluginHost, Trainer, create_adapter
+from dg_quant import PluginHost, Trainer, create_adapter, speed
 from dg_quant.errors import ConfigError
 from dg_quant.options import read_options
 from dg_quant.quant import iter_quantized_weights, iter_quantizers, latent_weight
@@ -77,6 +77,35 @@ def test_quant_kernels_compiled_switches_every_quantizer_the_method_attached() -
     quantizers = [q for _, q in iter_quantizers(trainer.model)]
     assert len(quantizers) > 2 and all(q.compiled for q in quantizers)
     assert not any(q.compiled for _, q in iter_quantizers(build().model))
+
+
+def test_quant_kernels_auto_follows_the_environment_and_the_compiler(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(speed.KERNELS_ENV, "compiled")
+    assert speed.resolve_quant_kernels("auto", cpu) == "compiled"
+    assert speed.resolve_quant_kernels("eager", cpu) == "eager"
+    monkeypatch.setenv(speed.KERNELS_ENV, "fast")
+    with pytest.raises(ConfigError, match=speed.KERNELS_ENV):
+        speed.resolve_quant_kernels("auto", cpu)
+    monkeypatch.delenv(speed.KERNELS_ENV, raising=False)
+    monkeypatch.setattr("dg_quant.speed.shutil.which", lambda _name: None)
+    assert speed.resolve_quant_kernels("auto", cpu) == "eager"  # no C++ compiler: eager, no error
+
+
+def test_quant_kernels_auto_falls_back_to_eager_when_the_kernels_do_not_build(monkeypatch) -> None:
+    def broken(*_args):
+        raise RuntimeError("inductor: cannot build")
+
+    monkeypatch.delenv(speed.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(speed, "lsq_fake_quant", broken)
+    monkeypatch.setattr(speed, "compiler_available", lambda _device: True)
+    speed._compiled_kernels_work.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="cannot build"):
+            trainer = build()
+    finally:
+        speed._compiled_kernels_work.cache_clear()
+    assert not any(q.compiled for _, q in iter_quantizers(trainer.model))
 
 
 @pytest.mark.parametrize("field, value", [("precision", "fp16"), ("quant_kernels", "triton")])
