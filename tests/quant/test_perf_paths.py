@@ -207,6 +207,7 @@ def test_bench_writes_markdown_and_json_with_side_by_side_ratios(bench_modules, 
         "digits_cnn",
         "--plugins",
         "qtdog",
+        "qtdog_ref",
         "fqat",
         "--warmup",
         "1",
@@ -224,16 +225,23 @@ def test_bench_writes_markdown_and_json_with_side_by_side_ratios(bench_modules, 
     assert bench.main(argv) == 0
     result = json.loads((tmp_path / "cpu.json").read_text())
     rows = {r["method"]: r for r in result["training"]}
-    assert list(rows) == ["erm", "qtdog", "fqat"]  # erm is added as the baseline
+    assert list(rows) == ["erm", "qtdog", "qtdog_ref", "fqat"]  # erm is added as the baseline
     assert rows["erm"]["ratio_vs_fp"] == 1.0
     assert all(r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 for r in rows.values())
-    assert rows["qtdog"]["saved_mb"] > rows["erm"]["saved_mb"]  # the latent weights are kept too
+    # Fused layers keep FP's tensors plus the steps; the parametrized path adds every fake-quantized weight.
+    assert rows["erm"]["saved_mb"] < rows["qtdog"]["saved_mb"] < 1.01 * rows["erm"]["saved_mb"]
+    assert rows["qtdog_ref"]["saved_mb"] > 1.02 * rows["erm"]["saved_mb"]
     variants = [r["variant"] for r in result["inference"]]
     assert variants[0] == "fp32" and "qtdog" in variants
     qtdog_infer = next(r for r in result["inference"] if r["variant"] == "qtdog")
     assert qtdog_infer["size_mb"] < result["inference"][0]["size_mb"]
     md = (tmp_path / "cpu.md").read_text()
     assert "| digits_cnn | qtdog |" in md and result["meta"]["device"] == "cpu"
+    from benchmarks import summary
+
+    line = summary.table([tmp_path / "cpu.json"]).splitlines()[2]
+    before, after = rows["qtdog_ref"]["ratio_vs_fp"], rows["qtdog"]["ratio_vs_fp"]
+    assert line.startswith("| digits_cnn | 64 | 8 |") and f"{before:.2f} -> {after:.2f}" in line
 
 
 def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, tmp_path, monkeypatch) -> None:
