@@ -41,9 +41,9 @@ class SpeedOptions:
     channels_last: bool = option(False, "store 4-D weights NHWC (faster convolutions on GPUs with tensor cores)")
     compile: bool = option(False, "torch.compile the model in place (the first steps are slow while it compiles)")
     quant_kernels: str = option(
-        "auto",
-        "LSQ fake-quant kernels: fused torch.compile kernels (compiled), eager, or auto: compiled where a "
-        f"compiler is available (C++ on CPU, triton on CUDA; the first step compiles), else eager; ${KERNELS_ENV} "
+        "eager",
+        "LSQ fake-quant kernels: eager, fused torch.compile kernels (compiled), or auto: compiled where a "
+        f"compiler is available (C++ on CPU, triton on CUDA; built when the run starts), else eager; ${KERNELS_ENV} "
         "overrides auto",
         choices=QUANT_KERNELS,
     )

@@ -102,7 +102,7 @@ def test_quant_kernels_auto_falls_back_to_eager_when_the_kernels_do_not_build(mo
     speed._compiled_kernels_work.cache_clear()
     try:
         with pytest.warns(UserWarning, match="cannot build"):
-            trainer = build()
+            trainer = build("--quant-kernels", "auto")
     finally:
         speed._compiled_kernels_work.cache_clear()
     assert not any(q.compiled for _, q in iter_quantizers(trainer.model))
