@@ -41,6 +41,10 @@ class Trainer:
         self.loss_fn, self.config, self.scheduler = loss_fn, config, scheduler
         self.precision = read_options(SpeedOptions, config).precision
         self.step = 0
+        # The module the gradient passes run through: the model, or a data-parallel wrapper of it
+        # (DistributedDataParallel averages the gradients of every backward over the processes).
+        # Every other hook, the state and evaluation see the model itself.
+        self.forward_model: nn.Module = model
 
     @property
     def context(self) -> RunContext:
@@ -89,7 +93,9 @@ class Trainer:
         # The methods' forward passes and their backward run under autocast (backward ops keep the
         # dtypes of their forward); parameters and gradients stay fp32.
         with self.autocast():
-            metrics = hook.dgq_compute_gradients(batch=batch, loss_fn=self.loss_fn, **self._kwargs())
+            metrics = hook.dgq_compute_gradients(
+                batch=batch, loss_fn=self.loss_fn, **{**self._kwargs(), "model": self.forward_model}
+            )
         hook.dgq_after_backward(**self._kwargs())
         self.optimizer.step()
         if self.scheduler is not None:

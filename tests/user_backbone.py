@@ -33,3 +33,19 @@ def small_cnn(num_classes: int, weights: str | None = None, img_size: int = 32) 
 def not_a_model(num_classes: int) -> nn.Module:
     """A factory that breaks the contract: a bare network instead of a ``DGModel``."""
     return nn.Linear(4, num_classes)
+
+
+def groupnorm_cnn(num_classes: int, in_channels: int = 1, width: int = 8) -> DGModel:
+    """Conv-GroupNorm-ReLU blocks: per-sample normalisation, so a data-parallel run (each process
+    normalising its share of the batch) computes what one process computes on the whole batch."""
+    featurizer = nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.GroupNorm(2, width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.GroupNorm(2, 2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return DGModel(featurizer, nn.Linear(2 * width, num_classes), 2 * width)

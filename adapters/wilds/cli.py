@@ -282,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         apply_threads(config.threads)
 
-        print(format_run(run(config, host)))
+        final = run(config, host)
+        if final:  # under torchrun only rank 0 reports (distributed.py)
+            print(format_run(final))
 
     try:
         return run_command(PROG, body)

@@ -16,6 +16,7 @@ data order is a function of (seed, epoch) only and the RNG state is restored mid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dg_quant.adapters.wilds import distributed
 from dg_quant.adapters.wilds.calibration import TrainingCalibration
 from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import SubsetSpec, load_dataset
@@ -56,13 +58,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def host_rng_state() -> dict[str, Any]:
+    """The RNGs that decide the data order (CPU side; each GPU's generator belongs to its process)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
 def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    return {**host_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -167,13 +169,16 @@ def saved_settings(config: argparse.Namespace, context: RunContext) -> dict[str,
 class Run:
     """Holds the pieces of one run so that training, evaluation and checkpoints share them."""
 
-    def __init__(self, config: argparse.Namespace, host: PluginHost) -> None:
+    def __init__(
+        self, config: argparse.Namespace, host: PluginHost, procs: distributed.Processes | None = None
+    ) -> None:
         import_wilds()
         from wilds.common.data_loaders import get_eval_loader, get_train_loader
         from wilds.common.grouper import CombinatorialGrouper
 
         self.config, self.host = config, host
-        self.device = resolve_device(config.device)
+        self.procs = procs or distributed.Processes()  # torchrun: this process's rank (distributed.py)
+        self.device = distributed.local_device(resolve_device(config.device), self.procs)
         self.log_dir = Path(config.log_dir)
         seed_everything(config.seed)
         self.dataset = load_dataset(config)
@@ -194,6 +199,7 @@ class Run:
                 f"the train split has {len(self.train_data)} examples, fewer than --batch_size {config.batch_size}; "
                 "lower --batch_size"
             )
+        distributed.check_batch_size(config.batch_size, self.procs)
         check_batch_size = getattr(self.dataset, "check_batch_size", None)
         if check_batch_size is not None:
             check_batch_size(config.batch_size)
@@ -217,6 +223,7 @@ class Run:
         loss = nn.CrossEntropyLoss()
         scheduler = make_scheduler(config, self.context.total_steps)
         self.trainer = Trainer.build(host, self.model, config, make_optimizer(config), loss, scheduler)
+        self.trainer.forward_model = distributed.data_parallel(self.model, self.procs, self.device)
         self.records: list[dict[str, Any]] = []
         self.loggers = RecordLoggers(getattr(config, "logger", None), self.log_dir)
         self.best: dict[str, Any] | None = None
@@ -240,10 +247,12 @@ class Run:
         }
         try:
             if config.train_loader == "group":
-                return self._get_train_loader(
+                loader = self._get_train_loader(
                     "group", self.train_data, n_groups_per_batch=config.n_groups_per_batch, **common
                 )
-            return self._get_train_loader("standard", self.train_data, drop_last=True, **common)
+            else:
+                loader = self._get_train_loader("standard", self.train_data, drop_last=True, **common)
+            return distributed.shard_loader(loader, self.procs)  # this process's share of each batch
         except ValueError as exc:  # batch not divisible by groups, too few groups
             raise ConfigError(f"--train_loader {config.train_loader}: {exc}") from None
 
@@ -407,7 +416,7 @@ class Run:
     def fit(self) -> dict[str, Any]:
         config, trainer = self.config, self.trainer
         resume_rng = self.load_checkpoint() if config.resume else None
-        if not (config.resume and (self.log_dir / "config.json").is_file()):
+        if self.procs.is_main and not (config.resume and (self.log_dir / "config.json").is_file()):
             atomic_write_json(self.log_dir / "config.json", saved_settings(config, self.context))
         total, eval_every = self.context.total_steps, self.context.eval_every
         if config.resume and trainer.step >= total and (self.log_dir / "final.json").is_file():
@@ -415,28 +424,47 @@ class Run:
         window: list[dict[str, Any]] = list(self.resumed_window)
         if self.resumed_pending_eval:  # stopped during this step's evaluation: run it first
             set_rng_state(resume_rng)
-            self._log_eval(window)
+            self._log_eval_on_rank0(window)
             window, resume_rng = [], rng_state()
         save_every = getattr(config, "save_every", None) or 0
-        bar = progress_bar(total, "train", "step", initial=trainer.step, disable=config.no_progress)
+        main = self.procs.is_main
+        bar = progress_bar(total, "train", "step", initial=trainer.step, disable=config.no_progress or not main)
         batches = self.batches(trainer.step, resume_rng)
         while trainer.step < total:
             metrics = trainer.train_step(next(batches))
             window.append(metrics)
             bar.update(1)
-            if trainer.step % eval_every == 0 or trainer.step == total:
-                self._log_eval(window)
+            distributed.share_torch_rng(self.procs, self.device)
+            stopping = distributed.any_rank(self.stop.requested, self.procs, self.device)
+            evaluating = trainer.step % eval_every == 0 or trainer.step == total
+            if evaluating or (save_every and trainer.step % save_every == 0) or stopping:
+                window = distributed.average_metrics(window, self.procs, self.device)  # each process: its share
+            if evaluating:
+                self._log_eval_on_rank0(window)
                 window = []
                 bar.set_postfix(
-                    {k: f"{v:.3f}" for k, v in self.records[-1].items() if k in ("train/loss", config.val_metric)},
+                    {k: f"{v:.3f}" for k, v in self.records[-1].items() if k in ("train/loss", config.val_metric)}
+                    if main
+                    else {},
                     refresh=False,
                 )
-            elif (save_every and trainer.step % save_every == 0) or self.stop.requested:
+            elif main and ((save_every and trainer.step % save_every == 0) or stopping):
                 self.save_checkpoint(window)
-            if self.stop.requested:
+            if stopping:
                 raise Terminated(trainer.step)
         bar.close()
-        return self._finish()
+        return self._finish() if main else {}
+
+    def _log_eval_on_rank0(self, window: list[dict[str, Any]]) -> None:
+        """``_log_eval`` on rank 0 alone; under torchrun every process first checks it holds the same
+        state, and afterwards takes rank 0's RNG (its evaluation loaders drew from it)."""
+        if self.procs.parallel:
+            state = {**self.trainer.state_dict(), "rng": host_rng_state()}
+            distributed.check_in_step(state, self.procs, self.trainer.step)
+        if self.procs.is_main:
+            self._log_eval(window)
+        if self.procs.parallel:
+            set_rng_state({**distributed.follow_rank0(host_rng_state(), self.procs), "cuda": []})
 
     def _log_eval(self, window: list[dict[str, Any]]) -> None:
         config = self.config
@@ -584,11 +612,14 @@ def run(config: argparse.Namespace, host: PluginHost) -> dict[str, Any]:
     The run folder is locked for the whole run (``run_folder.RunFolder``); a folder this call
     created is removed again if the run fails before writing anything into it.
     """
+    procs = distributed.from_environment()  # several under torchrun: rank 0 owns the folder
     stop = StopRequest()
-    with stop.installed(), RunFolder(config.log_dir):
-        check_log_dir(config)
+    folder = RunFolder(config.log_dir) if procs.is_main else contextlib.nullcontext()
+    with stop.installed(), distributed.process_group(procs, resolve_device(config.device)), folder:
+        if procs.is_main:
+            check_log_dir(config)
         with stop.interrupting(0):  # SIGTERM while the data loads: stop at once, nothing to save
-            this_run = Run(config, host)
+            this_run = Run(config, host, procs)
         this_run.stop = stop
         try:
             return this_run.fit()

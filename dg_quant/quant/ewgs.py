@@ -148,6 +148,12 @@ def hessian_deltas(
         for i, delta in deltas.items():
             totals[names[i]] += delta
         count += 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # data-parallel training: every process measured its own share of the batch; all take the
+        # mean, so that the quantizers (and FQAT's saved δ) stay identical across processes
+        values = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=quantizers[0].step.device)
+        torch.distributed.all_reduce(values)
+        totals = dict(zip(names, (values / torch.distributed.get_world_size()).tolist()))
     return {n: total / max(count, 1) for n, total in totals.items()}
 
 
