@@ -38,6 +38,7 @@ OPTIONAL_EXTRAS = {
     "torchao": "torchao",
     "submitit": "sweep",
     "tensorboard": "tensorboard",
+    "wandb": "wandb",
 }
 
 

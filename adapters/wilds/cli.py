@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=LOGGERS,
         default=[],
-        help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard) "
-        "and/or CSV (log_dir/results.csv)",
+        help="also write every results.jsonl record to TensorBoard (log_dir/tensorboard), Weights & Biases "
+        "(log_dir/wandb, offline unless WANDB_MODE is set) and/or CSV (log_dir/results.csv)",
     )
     run.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     run.add_argument(
