@@ -165,7 +165,8 @@ def _global_activation_init(model: nn.Module, procs: Processes) -> None:
     """
 
     def initialise(quantizer: nn.Module, args: tuple) -> None:
-        if quantizer.enabled and not quantizer.initialized and quantizer.training:
+        # training steps only: every process runs them (rank 0 alone may run no-grad passes)
+        if quantizer.enabled and not quantizer.initialized and quantizer.training and torch.is_grad_enabled():
             x = args[0].detach().contiguous()
             shares = [torch.empty_like(x) for _ in range(procs.world_size)]
             dist.all_gather(shares, x)
@@ -216,8 +217,8 @@ def check_in_step(parts: Mapping[str, Any], procs: Processes, step: int) -> None
     differ = [name for name in mine if any(other[name] != mine[name] for other in everyone)]
     if differ:
         raise TrainingError(
-            f"step {step}: the processes' {', '.join(differ)} differ; a plugin changes state from data "
-            "one process alone sees; train with one process or make the plugin broadcast it"
+            f"step {step}: the processes hold different {', '.join(differ)} (a plugin changed state from what "
+            "one process alone saw); train with one process, or make the plugin average or broadcast that state"
         )
 
 
