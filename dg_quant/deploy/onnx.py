@@ -340,12 +340,13 @@ def _to_opset(graph: Any, opset: int) -> Any:
 
 def _runs_as_qlinearconv(conv: Any, producers: dict, consumers: dict, inits: dict) -> bool:
     """Whether onnxruntime's QDQ fusion turns ``conv`` into QLinearConv: a DequantizeLinear'd
-    activation input and one QuantizeLinear (after at most one Relu) consuming its output."""
+    activation input and one QuantizeLinear (after at most one Relu or Clip) consuming its output."""
     source = producers.get(conv.input[0])
     if source is None or source.op_type != "DequantizeLinear" or source.input[0] in inits:
         return False
     users = consumers.get(conv.output[0], [])
-    if len(users) == 1 and users[0].op_type == "Relu":
+    # a Relu, or a Clip (ReLU6) whose range holds the quantizer's, is dropped before QuantizeLinear
+    if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
         users = consumers.get(users[0].output[0], [])
     return len(users) == 1 and users[0].op_type == "QuantizeLinear"
 
