@@ -198,6 +198,16 @@ def share_torch_rng(procs: Processes, device: torch.device) -> None:
     torch.set_rng_state(state.cpu())
 
 
+def follow_rank0_buffers(model: nn.Module, procs: Processes) -> None:
+    """Rank 0's BatchNorm running statistics on every process, as DDP sets them at every forward
+    (each process updated them from its own share of the last batch)."""
+    if not procs.parallel:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.broadcast(buffer, src=0)
+
+
 def follow_rank0(state: Any, procs: Processes) -> Any:
     """Rank 0's ``state`` on every process (the RNG after rank 0 alone evaluated)."""
     if not procs.parallel:

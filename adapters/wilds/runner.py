@@ -459,6 +459,7 @@ class Run:
         """``_log_eval`` on rank 0 alone; under torchrun every process first checks it holds the same
         state, and afterwards takes rank 0's RNG (its evaluation loaders drew from it)."""
         if self.procs.parallel:
+            distributed.follow_rank0_buffers(self.model, self.procs)
             state = {**self.trainer.state_dict(), "rng": host_rng_state()}
             distributed.check_in_step(state, self.procs, self.trainer.step)
         if self.procs.is_main:

@@ -126,6 +126,13 @@ def test_a_run_killed_on_one_process_resumes_on_two(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_a_batchnorm_model_trains_on_two_processes(tmp_path) -> None:
+    """Each process updates BN running statistics from its share; rank 0's are kept (as DDP does)."""
+    torchrun(tmp_path / "bn", "--model", "digits_cnn")
+    assert [r["step"] for r in records(tmp_path / "bn")] == [3, 6]
+
+
+@pytest.mark.slow
 def test_processes_whose_state_drifts_apart_stop_in_one_line(tmp_path) -> None:
     done = torchrun(tmp_path / "drift", "--plugin", "ddp_drift", check=False)
     assert done.returncode != 0
