@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from dg_quant.errors import ConfigError
+from dg_quant.errors import CheckpointError, ConfigError
 from dg_quant.model import DGModel
 
 AdapterFn = Callable[..., DGModel]
@@ -136,3 +136,14 @@ def create_adapter(name: str, num_classes: int, **kwargs: Any) -> DGModel:
             "(featurizer + classifier); see docs/backbones.md"
         )
     return model
+
+
+def rebuild_adapter(meta: dict[str, Any]) -> DGModel:
+    """The network an export or checkpoint names in ``meta`` (``backbone``, ``num_classes``, ``backbone_kwargs``).
+
+    The builder handed to ``dg_quant.quant.export.load_export`` when no model is at hand;
+    ``backbone_kwargs`` are the adapter settings that shape the network (e.g. a ViT's img_size).
+    """
+    if "backbone" not in meta or "num_classes" not in meta:
+        raise CheckpointError("the export does not name its backbone; pass the model to load_export")
+    return create_adapter(meta["backbone"], num_classes=int(meta["num_classes"]), **meta.get("backbone_kwargs", {}))

@@ -90,6 +90,7 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     from dg_quant.adapters.wilds.checkpoints import build_model, read_checkpoint
     from dg_quant.adapters.wilds.run_model import adapter_kwargs
     from dg_quant.quant.export import export_model, load_export, torch_save_bytes
+    from dg_quant.registry import rebuild_adapter
 
     path = _resolve(args.run_dir, args.checkpoint)
     state = read_checkpoint(path)
@@ -115,7 +116,7 @@ def export_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.verify:
         x = _test_batch(model, config)
         with torch.no_grad():
-            same = torch.equal(load_export(args.output)(x), model(x))
+            same = torch.equal(load_export(args.output, rebuild_adapter)(x), model(x))
         if not same:
             raise CheckpointError(f"{args.output} does not reproduce the checkpoint's outputs; please report this")
         out["verified_on"] = list(x.shape)
@@ -181,7 +182,7 @@ def _test_batch(model: torch.nn.Module, config: argparse.Namespace) -> torch.Ten
 def _test_batches(model: torch.nn.Module, config: argparse.Namespace, images: int) -> list[torch.Tensor]:
     """Up to ``images`` test (else first present split) inputs of the run, in batches of 16."""
     from dg_quant.adapters.wilds.checkpoints import _load_dataset, eval_loader, present_splits
-    from dg_quant.adapters.wilds.compat import import_wilds
+    from dg_quant.adapters.wilds_compat import import_wilds
 
     import_wilds()
     dataset = _load_dataset(config)

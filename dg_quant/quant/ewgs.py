@@ -17,7 +17,7 @@ from torch import nn
 
 from dg_quant.quant.api import iter_quantizers
 from dg_quant.quant.lsq import LSQQuantizer
-from dg_quant.sharpness import frozen_bn_stats
+from dg_quant.quant.norm_stats import frozen_bn_stats
 
 STD_EPS = 1e-12
 

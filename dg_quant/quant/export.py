@@ -42,6 +42,8 @@ from dg_quant.quant.export_legacy import MAGIC, read_legacy
 from dg_quant.quant.inq import INQ_BUFFERS, InqLayer, inq_decode, inq_encode, iter_inq_layers
 from dg_quant.quant.lsq import LSQQuantizer
 
+ModelBuilder = Callable[[dict[str, Any]], nn.Module]
+
 FORMAT = "dg-quant packed model"
 VERSION = 3  # 3: safetensors; 2: "pow2" entries for INQ weights (DGQX container); 1: DGQX
 CHUNK = 1 << 20  # values packed per numpy call (a multiple of 8 keeps chunks byte aligned)
@@ -150,8 +152,8 @@ def _act_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
 def export_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> SizeReport:
     """Write ``model`` (fake-quantized or not) to ``path``; returns the size report of the file.
 
-    ``meta`` may carry ``backbone``, ``num_classes`` and ``backbone_kwargs`` so that ``load_export``
-    can rebuild the network from the adapter registry without being handed a model.
+    ``meta`` may carry ``backbone``, ``num_classes`` and ``backbone_kwargs`` so that a builder handed
+    to ``load_export`` can rebuild the network from the file alone.
     """
     quantized, skip = _quantizer_keys(model)
     inq, inq_skip = _inq_keys(model, quantized)
@@ -358,18 +360,17 @@ def _pow2_weight(e: dict[str, Any], codes: bytes, tensors: dict[str, torch.Tenso
     return weight.reshape(e["shape"])
 
 
-def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the exported model (from the adapter registry unless ``model`` is given), in eval mode."""
-    header, tensors = read_export(path)
-    if model is None:
-        if "backbone" not in header or "num_classes" not in header:
-            raise CheckpointError(f"{path} does not name its backbone; pass the model to load_export")
-        from dg_quant.registry import create_adapter
+def load_export(path: str | os.PathLike, model: nn.Module | ModelBuilder) -> nn.Module:
+    """Load the export at ``path`` into ``model``, in eval mode.
 
-        # backbone_kwargs: the adapter settings that shape the network (e.g. a ViT's img_size)
-        model = create_adapter(
-            header["backbone"], num_classes=int(header["num_classes"]), **header.get("backbone_kwargs", {})
-        )
+    ``model`` is the built network, or a builder called with the file's header (its ``backbone``,
+    ``num_classes`` and ``backbone_kwargs`` metadata) that returns it: the file format does not
+    know how networks are made, the caller does (``dg_quant.registry.rebuild_adapter`` builds
+    from the adapter registry).
+    """
+    header, tensors = read_export(path)
+    if not isinstance(model, nn.Module):
+        model = model(header)
     _attach_act_quantizers(model, header.get("act_quantizers", {}))
     state = exported_state_dict(header, tensors)
     for name, spec in header.get("act_quantizers", {}).items():

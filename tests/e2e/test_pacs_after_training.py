@@ -24,6 +24,7 @@ from dg_quant.adapters.wilds.checkpoints import (
     read_checkpoint,
 )
 from dg_quant.quant.export import load_export
+from dg_quant.registry import rebuild_adapter
 from tests.e2e.conftest import PACS_METHODS, read_json, read_records, selected
 
 SPLITS = ("id_val", "val", "test")
@@ -114,7 +115,7 @@ def test_export_reloads_to_the_same_logits_on_real_test_images(pacs_runs, export
     else:
         loaded = reloaded(pacs_runs(method), "best")
         reference, dataset = loaded.model, loaded.load_dataset()
-    exported = load_export(exports[method])
+    exported = load_export(exports[method], rebuild_adapter)
     logits, _y, _meta = predict(reference, eval_loader(dataset, "test", reference, batch_size=64))
     again, _y, _meta = predict(exported, eval_loader(dataset, "test", reference, batch_size=64))
     assert logits.shape == (23, 7)

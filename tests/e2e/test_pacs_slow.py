@@ -16,6 +16,7 @@ from sklearn.metrics import balanced_accuracy_score
 from dg_quant.adapters.wilds import export
 from dg_quant.adapters.wilds.checkpoints import eval_loader, load_run_model, predict
 from dg_quant.quant.export import load_export
+from dg_quant.registry import rebuild_adapter
 from tests.assets import PACS_TAR
 from tests.e2e.conftest import QUIET, extract_pacs_subset, read_json, wilds_run
 
@@ -68,7 +69,9 @@ def test_exported_qtdog_model_beats_chance_on_the_held_out_domain(mobilenet_file
     assert export.main([str(run), "-o", str(out), "--verify"]) == 0
     loaded = load_run_model(run, "best")
     dataset = loaded.load_dataset()
-    logits, y, _meta = predict(load_export(out), eval_loader(dataset, "test", loaded.model, batch_size=64))
+    logits, y, _meta = predict(
+        load_export(out, rebuild_adapter), eval_loader(dataset, "test", loaded.model, batch_size=64)
+    )
     assert (logits.argmax(1) == y).float().mean().item() == pytest.approx(final["test_at_best"], abs=1e-6)
     balanced = balanced_accuracy_score(y.numpy(), logits.argmax(1).numpy())
     print(

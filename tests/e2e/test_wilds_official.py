@@ -18,6 +18,7 @@ from wilds import get_dataset
 from dg_quant.adapters.wilds import analyze, export
 from dg_quant.adapters.wilds.checkpoints import load_run_model, predict
 from dg_quant.quant.export import load_export
+from dg_quant.registry import rebuild_adapter
 from tests.e2e.conftest import read_json, read_records, selected
 
 OFFICIAL = {"camelyon17": "test/acc_avg", "amazon": "test/10th_percentile_acc"}
@@ -41,7 +42,7 @@ def official_metric_of_export(run: Path, exported: Path) -> dict[str, float]:
     )
     transform = load_run_model(run, "last").model.transform  # the run's evaluation input transform
     test = dataset.get_subset("test", transform=transform)
-    logits, y, meta = predict(load_export(exported), torch.utils.data.DataLoader(test, batch_size=64))
+    logits, y, meta = predict(load_export(exported, rebuild_adapter), torch.utils.data.DataLoader(test, batch_size=64))
     results, _text = dataset.eval(logits.argmax(1), y, meta)
     return {f"test/{k}": float(v) for k, v in results.items()}
 

@@ -17,7 +17,8 @@ from dg_quant.errors import ConfigError
 from dg_quant.host import PluginHost
 from dg_quant.loop import Trainer
 from dg_quant.options import read_options
-from dg_quant.sharpness import SAGMOptions, apply_sagm_, frozen_bn_stats, sagm_gradients
+from dg_quant.quant.norm_stats import frozen_bn_stats
+from dg_quant.sharpness import SAGMOptions, apply_sagm_, sagm_gradients
 
 
 def tiny_net() -> nn.Module:

@@ -35,7 +35,7 @@ from dg_quant.quant.export import (
     unpack_bits,
 )
 from dg_quant.quant.inq import INQ_BUFFERS, inq_levels, iter_inq_layers
-from dg_quant.registry import create_adapter
+from dg_quant.registry import create_adapter, rebuild_adapter
 
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 7, 8])
@@ -67,7 +67,7 @@ def test_loaded_model_outputs_equal_the_fake_quant_model(tmp_path, bits, acts, g
     model = _quantized_cnn(bits, acts, granularity)
     path = tmp_path / "m.dgq"
     report = export_model(model, path, meta={"backbone": "test_cnn", "num_classes": 5})
-    loaded = load_export(path)  # rebuilt from the registry, no model handed over
+    loaded = load_export(path, rebuild_adapter)  # rebuilt from the registry, no model handed over
     x = torch.randn(7, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -153,7 +153,7 @@ def _edit_metadata(data: bytearray, old: bytes, new: bytes) -> bytearray:
 def test_damaged_files_give_one_line_errors(tmp_path, mutate, message):
     path = _damaged(tmp_path, mutate)
     with pytest.raises(CheckpointError, match=message) as info:
-        load_export(path)
+        load_export(path, rebuild_adapter)
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError):
         size_report(path)
@@ -161,12 +161,12 @@ def test_damaged_files_give_one_line_errors(tmp_path, mutate, message):
 
 def test_missing_file_and_wrong_model_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_export(tmp_path / "nope.dgq")
+        load_export(tmp_path / "nope.dgq", rebuild_adapter)
     model = _quantized_cnn()
     path = tmp_path / "m.dgq"
     export_model(model, path)
     with pytest.raises(CheckpointError, match="does not name its backbone"):
-        load_export(path)
+        load_export(path, rebuild_adapter)
     with pytest.raises(CheckpointError, match="does not match") as info:
         load_export(path, create_adapter("test_cnn", num_classes=5, width=4))
     assert "\n" not in str(info.value)
@@ -213,7 +213,7 @@ def test_inq_model_is_stored_as_b_bit_codes_and_reloads_bit_exactly(tmp_path, bi
     assert [layer.bits for layer in layers] == [bits, bits]
     path = tmp_path / "inq.dgq"
     report = export_model(model, path, META)
-    _assert_bit_exact(load_export(path), model)
+    _assert_bit_exact(load_export(path, rebuild_adapter), model)
     numels = [layer.module.weight.numel() for layer in layers]
     assert report.bits == [bits, bits] and report.escape_params == 0 and report.scale_bytes == 0
     assert report.quantized_params == sum(numels)
@@ -235,7 +235,7 @@ def test_unfinished_inq_partition_keeps_the_free_weights_exactly(tmp_path):
     assert free > 0
     path = tmp_path / "half.dgq"
     report = export_model(model, path, META)
-    loaded = load_export(path)
+    loaded = load_export(path, rebuild_adapter)
     _assert_bit_exact(loaded, model)
     assert report.escape_params == free and report.bits == [5, 5]
     for layer in iter_inq_layers(model):  # frozen weights are on levels, the free ones are not
@@ -253,11 +253,11 @@ def test_inq_tensors_that_codes_would_not_shrink_stay_fp(tmp_path):
     model = _inq_cnn(bits=5, due=1, partitions="0.05,1")  # 95% of the weights still free
     report = export_model(model, tmp_path / "early.dgq", META)
     assert report.quantized_params == 0  # codes + mask + 95% FP values > FP: written as FP
-    _assert_bit_exact(load_export(tmp_path / "early.dgq"), model)
+    _assert_bit_exact(load_export(tmp_path / "early.dgq", rebuild_adapter), model)
     assert compression_report(model).ratio == pytest.approx(1.0, abs=0.01)
     untouched = _inq_cnn(bits=5, due=0)  # no partition yet: n1, n2 unknown, plain FP
     assert export_model(untouched, tmp_path / "fp.dgq", META).quantized_params == 0
-    _assert_bit_exact(load_export(tmp_path / "fp.dgq"), untouched)
+    _assert_bit_exact(load_export(tmp_path / "fp.dgq", rebuild_adapter), untouched)
     assert not compression_report(untouched).layers
 
 
@@ -333,7 +333,7 @@ def test_version_1_files_still_load(tmp_path, kind):
     path = tmp_path / "v1.dgq"
     _write_version_1(model, path, META)
     assert path.read_bytes()[:6] == b"DGQX\x01\x00"
-    loaded = load_export(path)  # v1 INQ files carry the training buffers: dropped for the plain model
+    loaded = load_export(path, rebuild_adapter)  # v1 INQ files carry the training buffers: dropped for the plain model
     x = torch.randn(5, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -353,7 +353,7 @@ def test_version_2_files_written_by_the_old_writer_still_load(kind):
     assert path.read_bytes()[:6] == b"DGQX\x02\x00"
     expected = torch.load(DATA / "dgq_v2_expected.pt")
     with torch.no_grad():
-        assert torch.equal(load_export(path)(expected["input"]), expected[kind])
+        assert torch.equal(load_export(path, rebuild_adapter)(expected["input"]), expected[kind])
     report = size_report(path)
     assert report.file_bytes == path.stat().st_size and report.bits == ([4, 4] if kind == "lsq" else [5, 5])
 

@@ -250,6 +250,7 @@ def test_singular_group_hessian_needs_damping():
 
 def test_ptq_quantizes_depthwise_convs_of_mobilenet(tmp_path):
     from dg_quant.quant.export import export_model, load_export
+    from dg_quant.registry import rebuild_adapter
 
     model = create_adapter("test_mobilenet", num_classes=4)
     x = F.interpolate(torch.randn(32, 3, 8, 8), size=32, mode="bilinear", align_corners=False)
@@ -267,7 +268,7 @@ def test_ptq_quantizes_depthwise_convs_of_mobilenet(tmp_path):
     # the depthwise grids pack like any other: the exported file gives the same outputs
     export_model(model, tmp_path / "mobilenet.dgqx", meta={"backbone": "test_mobilenet", "num_classes": 4})
     with torch.no_grad():
-        assert torch.equal(load_export(tmp_path / "mobilenet.dgqx").eval()(x), model(x))
+        assert torch.equal(load_export(tmp_path / "mobilenet.dgqx", rebuild_adapter).eval()(x), model(x))
 
 
 # -- groups=1 against plain reference solvers written here (docs/methods.md 5.2, 5.3) -------------------

@@ -25,7 +25,7 @@ from dg_quant.adapters.wilds.run_model import adapter_kwargs, build_run_model
 from dg_quant.adapters.wilds.transforms import resize_transform
 from dg_quant.errors import ConfigError
 from dg_quant.quant.export import load_export
-from dg_quant.registry import create_adapter, register_adapter
+from dg_quant.registry import create_adapter, rebuild_adapter, register_adapter
 from tests.assets import PACS_TAR, mobilenet_weights
 
 needs_pacs = pytest.mark.skipif(not PACS_TAR.is_file(), reason=f"{PACS_TAR} not present")
@@ -246,7 +246,7 @@ def test_ptq_runs_on_an_image_run(pacs_subset: Path, tmp_path: Path) -> None:
     assert ptq.main([str(run), "--ptq-method", "gptq", "--bits", "4", "--ptq-samples", "8", "--no_eval"]) == 0
     out = tmp_path / "ptq.dgq"
     assert export.main([str(run), "--checkpoint", "ptq_gptq_w4.pt", "-o", str(out), "--verify"]) == 0
-    conv = load_export(out).featurizer[1][0]  # rebuilt from the saved module:factory name alone
+    conv = load_export(out, rebuild_adapter).featurizer[1][0]  # rebuilt from the saved module:factory name alone
     assert conv.weight[0].unique().numel() <= 2**4  # 4-bit levels per output channel
 
 
