@@ -161,7 +161,7 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
     """Register the algorithms and run DomainBed's ``command`` script with ``script_args``."""
     root = locate_domainbed(domainbed)
     from dg_quant.adapters.domainbed import register
-    from dg_quant.adapters.wilds.compat import import_wilds
+    from dg_quant.adapters.wilds_compat import import_wilds
 
     import_wilds()  # domainbed.datasets imports wilds: no network version check, no torch_scatter
     random_init = False
@@ -207,7 +207,7 @@ def list_algorithms(domainbed: str | None) -> None:
     locate_domainbed(domainbed)
     from dg_quant.adapters.domainbed import register
     from dg_quant.adapters.domainbed.compose import COMPOSABLE, composed_names
-    from dg_quant.adapters.wilds.compat import import_wilds
+    from dg_quant.adapters.wilds_compat import import_wilds
 
     import_wilds()
     algorithms = importlib.import_module("domainbed.algorithms")

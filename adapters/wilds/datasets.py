@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dg_quant.adapters.wilds.compat import import_wilds
+from dg_quant.adapters.wilds_compat import import_wilds
 from dg_quant.errors import ConfigError, DataError
 
 DEFAULT_DATASET = "rotated_digits"

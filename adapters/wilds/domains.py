@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dg_quant.adapters.wilds.compat import import_wilds
+from dg_quant.adapters.wilds_compat import import_wilds
 from dg_quant.errors import ConfigError
 
 import_wilds()

@@ -156,7 +156,7 @@ def _onnx_metadata(model: torch.nn.Module, config: argparse.Namespace) -> dict[s
     import json
 
     from dg_quant.adapters.wilds.checkpoints import _load_dataset
-    from dg_quant.adapters.wilds.compat import import_wilds
+    from dg_quant.adapters.wilds_compat import import_wilds
 
     meta = {"dg_quant.backbone": str(getattr(config, "model", "")), "dg_quant.dataset": str(config.dataset)}
     import_wilds()

@@ -84,8 +84,8 @@ def ptq_run(argv: Sequence[str]) -> dict[str, Any]:
         read_checkpoint,
         run_dataset,
     )
-    from dg_quant.adapters.wilds.compat import import_wilds
     from dg_quant.adapters.wilds.datasets import SubsetSpec
+    from dg_quant.adapters.wilds_compat import import_wilds
     from dg_quant.io import atomic_torch_save, atomic_write_json
     from dg_quant.loop import end_training
 

@@ -30,7 +30,6 @@ from torch import nn
 
 from dg_quant.adapters.wilds import distributed
 from dg_quant.adapters.wilds.calibration import TrainingCalibration
-from dg_quant.adapters.wilds.compat import import_wilds
 from dg_quant.adapters.wilds.datasets import SubsetSpec, load_dataset
 from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
 from dg_quant.adapters.wilds.loggers import RecordLoggers
@@ -38,6 +37,7 @@ from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
 from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
 from dg_quant.adapters.wilds.transforms import build_transforms
+from dg_quant.adapters.wilds_compat import import_wilds
 from dg_quant.context import RunContext
 from dg_quant.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dg_quant.hookimpl import hookimpl

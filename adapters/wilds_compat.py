@@ -1,5 +1,8 @@
 """Import ``wilds`` safely on a current, offline stack.
 
+Shared by both hosts (the WILDS host, and DomainBed whose ``domainbed.datasets`` imports
+``wilds``), so it belongs to neither host's package.
+
 Two fixes: the import-time version check, a network request without timeout,
 is disabled by making ``outdated`` unimportable for wilds; and group-wise metrics, which need
 the source-only ``torch_scatter`` for one grouped mean, get that mean from plain torch.
