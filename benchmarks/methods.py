@@ -25,7 +25,7 @@ class Method:
     fallback_plugins: tuple[str, ...] | None = None
     fallback_argv: tuple[str, ...] = ()
     note: str = ""
-    target: float | None = None  # the ratio target against FP ERM (GPU)
+    target: float | None = None  # the wall-clock ratio to aim for against FP ERM (a GPU target; see README)
     two_pass: bool = False  # always use the harness's two-pass step (a reference point)
     reference: bool = False  # the pre-fusion path: parametrized weights, eager kernels (before/after)
 

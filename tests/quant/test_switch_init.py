@@ -1,4 +1,4 @@
-"""QT-DoG's switch-on keeps a pretrained depthwise network's predictions (issue 14, item 12).
+"""QT-DoG's switch-on keeps a pretrained depthwise network's predictions (the default step initialisation).
 
 The LSQ rule s = 2·mean|w|/√Q_P spreads the grid over ~16·mean|w| whatever the bit width: at 7
 bits a depthwise-separable net uses a fifth of its levels per channel, and the per-layer errors
