@@ -132,11 +132,9 @@ def read_options(cls: type[T], config: Any) -> T:
     return cls(**values)
 
 
-def option_defaults(cls: type) -> dict[str, Any]:
-    """``{name: default}`` of every field."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 def option_search_space(cls: type) -> dict[str, Callable[[Any], Any] | None]:
-    """``{name: sampler}`` of every field (None when the field is not searched)."""
+    """``{name: sampler}`` of every field (None when the field is not searched).
+
+    The DomainBed host's random hyperparameter search draws from these samplers.
+    """
     return {f.name: f.metadata.get("search") for f in dataclasses.fields(cls)}

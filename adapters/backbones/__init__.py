@@ -2,7 +2,8 @@
 
 Each module registers its adapters with ``@register_adapter``; an adapter returns a
 ``dg_quant.DGModel`` (featurizer + classifier head, ``d_out``, input transform or tokenizer)
-with its quantization policy attached as ``model.quant_policy`` (see ``policy.py``).
+whose quantizable modules are every convolution, linear and attention input projection of the
+featurizer (``dg_quant.quant.quantize_``'s default plan), the head staying in full precision.
 Names starting with ``test_`` are tiny variants of the real code paths, for fast tests.
 
 | family | adapters |

@@ -17,7 +17,6 @@ import torch
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import TRANSFORMER, attach
 from dg_quant.adapters.backbones.transforms import image_transform
 from dg_quant.adapters.backbones.weights import (
     hub_call,
@@ -67,7 +66,7 @@ def clip_adapter(visual: nn.Module, num_classes: int) -> DGModel:
     size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
     transform = image_transform(size, cfg["mean"], cfg["std"], crop_pct=1.0, interpolation=cfg["interpolation"])
     d_out = featurizer.proj.out_features
-    return attach(DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, transform), TRANSFORMER)
+    return DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, transform)
 
 
 @register_adapter

@@ -6,7 +6,6 @@ Policy: the patch-embedding Conv2d and every Linear of the blocks (``qkv``, ``pr
 
 from __future__ import annotations
 
-from dg_quant.adapters.backbones.policy import TRANSFORMER
 from dg_quant.adapters.backbones.timm_backbone import timm_adapter
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
@@ -25,7 +24,6 @@ def _deit(size: str):
             num_classes=num_classes,
             pretrained=pretrained,
             weights=weights,
-            policy=TRANSFORMER,
             img_size=img_size,
         )
 
@@ -46,7 +44,6 @@ def test_deit(num_classes: int, weights: str | None = None, img_size: int = 32) 
         num_classes=num_classes,
         pretrained=False,
         weights=weights,
-        policy=TRANSFORMER,
         img_size=img_size,
         patch_size=8,
         embed_dim=32,

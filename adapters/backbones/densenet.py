@@ -12,7 +12,6 @@ from typing import Any
 from torchvision.models import DenseNet121_Weights, densenet121
 from torchvision.models.densenet import DenseNet
 
-from dg_quant.adapters.backbones.policy import CONV
 from dg_quant.adapters.backbones.torchvision_backbone import (
     register_imagenet_adapter,
     torchvision_adapter,
@@ -54,7 +53,6 @@ def test_densenet(num_classes: int, weights: str | None = None, img_size: int = 
         enum_weights=DenseNet121_Weights.IMAGENET1K_V1,
         pretrained=False,
         weights=weights,
-        policy=CONV,
         img_size=img_size,
         fix_keys=new_keys,
     )

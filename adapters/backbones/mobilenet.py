@@ -9,7 +9,6 @@ from functools import partial
 
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from dg_quant.adapters.backbones.policy import CONV
 from dg_quant.adapters.backbones.torchvision_backbone import enum_weights_for, torchvision_adapter
 from dg_quant.model import DGModel
 from dg_quant.registry import register_adapter
@@ -33,7 +32,6 @@ def mobilenet_v2_adapter(
         enum_weights=enum_weights_for(MobileNet_V2_Weights, tag),
         pretrained=pretrained,
         weights=weights,
-        policy=CONV,
         img_size=img_size,
     )
 

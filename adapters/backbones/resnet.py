@@ -13,7 +13,6 @@ from functools import partial
 from torchvision.models import ResNet50_Weights, ResNeXt50_32X4D_Weights, resnet50, resnext50_32x4d
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from dg_quant.adapters.backbones.policy import CONV
 from dg_quant.adapters.backbones.timm_backbone import timm_adapter
 from dg_quant.adapters.backbones.torchvision_backbone import (
     register_imagenet_adapter,
@@ -51,7 +50,6 @@ def resnext50_32x4d_ig1b(
         num_classes=num_classes,
         pretrained=pretrained,
         weights=weights,
-        policy=CONV,
         img_size=img_size,
         fixed_size=False,
     )
@@ -68,7 +66,6 @@ def test_resnet(num_classes: int, weights: str | None = None, img_size: int = 32
         enum_weights=ResNet50_Weights.IMAGENET1K_V1,
         pretrained=False,
         weights=weights,
-        policy=CONV,
         img_size=img_size,
     )
 
@@ -85,6 +82,5 @@ def test_resnext(num_classes: int, weights: str | None = None, img_size: int = 3
         enum_weights=ResNeXt50_32X4D_Weights.IMAGENET1K_V1,
         pretrained=False,
         weights=weights,
-        policy=CONV,
         img_size=img_size,
     )

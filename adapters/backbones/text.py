@@ -19,7 +19,6 @@ import torch
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import TEXT, attach
 from dg_quant.adapters.backbones.weights import (
     DEFAULT,
     WeightsError,
@@ -192,10 +191,7 @@ def text_adapter(
         max_length = tok.model_max_length if tok.model_max_length <= 8192 else FALLBACK_MAX_LENGTH
     featurizer = TextFeaturizer(encoder, pooling)
     d_out = encoder.config.hidden_size
-    return attach(
-        DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, PackedTokenizer(tok, max_length)),
-        TEXT,
-    )
+    return DGModel(featurizer, nn.Linear(d_out, num_classes), d_out, PackedTokenizer(tok, max_length))
 
 
 def _local_config(folder: str) -> PretrainedConfig:

@@ -7,7 +7,6 @@ from typing import Any
 from huggingface_hub.constants import HF_HUB_CACHE
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import QuantPolicy, attach
 from dg_quant.adapters.backbones.transforms import image_transform
 from dg_quant.adapters.backbones.weights import (
     hub_call,
@@ -46,7 +45,6 @@ def timm_adapter(
     num_classes: int,
     pretrained: bool,
     weights: str | None,
-    policy: QuantPolicy,
     img_size: int = 224,
     fixed_size: bool = True,
     **model_kwargs: Any,
@@ -80,4 +78,4 @@ def timm_adapter(
     model.reset_classifier(0)
     data = timm.data.resolve_data_config(model=model)
     transform = image_transform(img_size, data["mean"], data["std"], data["crop_pct"], data["interpolation"])
-    return attach(DGModel(model, head, model.num_features, transform), policy)
+    return DGModel(model, head, model.num_features, transform)

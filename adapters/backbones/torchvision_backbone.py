@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import CONV, QuantPolicy, attach
 from dg_quant.adapters.backbones.transforms import image_transform
 from dg_quant.adapters.backbones.weights import (
     WeightsError,
@@ -66,7 +65,6 @@ def torchvision_adapter(
     enum_weights: Any,
     pretrained: bool,
     weights: str | None,
-    policy: QuantPolicy,
     img_size: int = 224,
     fix_keys: Callable[[dict[str, Any]], dict[str, Any]] = dict,
 ) -> DGModel:
@@ -99,7 +97,7 @@ def torchvision_adapter(
             ) from None
     head, d_out = split_head(model, head_attr, num_classes, keep_trained=loaded)
     transform = image_transform(img_size, crop_pct=224 / 256)
-    return attach(DGModel(model, head, d_out, transform), policy)
+    return DGModel(model, head, d_out, transform)
 
 
 def register_imagenet_adapter(
@@ -110,7 +108,7 @@ def register_imagenet_adapter(
     doc: str,
     fix_keys: Callable[[dict[str, Any]], dict[str, Any]] = dict,
 ) -> Callable[..., DGModel]:
-    """Register ``name`` as a torchvision ImageNet classifier adapter (Conv2d policy, FP head).
+    """Register ``name`` as a torchvision ImageNet classifier adapter (FP head).
 
     The adapters of ResNet-50, ResNeXt-50 and DenseNet-121 differ only in these arguments;
     ``tag`` picks the torchvision weights (e.g. ``IMAGENET1K_V2``).
@@ -131,7 +129,6 @@ def register_imagenet_adapter(
             enum_weights=enum_weights_for(weights_enum, tag),
             pretrained=pretrained,
             weights=weights,
-            policy=CONV,
             img_size=img_size,
             fix_keys=fix_keys,
         )

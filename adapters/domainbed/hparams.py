@@ -10,7 +10,6 @@ value is a plain Python scalar, so ``results.jsonl`` and ``model.pkl`` stay JSON
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -20,7 +19,7 @@ import numpy as np
 
 from dg_quant.errors import ConfigError
 from dg_quant.host import PluginHost
-from dg_quant.options import declared_options
+from dg_quant.options import declared_options, option_search_space
 
 Sampler = Callable[[np.random.RandomState], Any]
 SeedHash = Callable[..., int]
@@ -70,8 +69,8 @@ def _samplers(parser: argparse.ArgumentParser) -> dict[str, Sampler | None]:
     """The ``search`` sampler of each option, from the first dataclass declaring it (as its flag)."""
     samplers: dict[str, Sampler | None] = {}
     for cls in declared_options(parser):
-        for f in dataclasses.fields(cls):
-            samplers.setdefault(f.name, f.metadata.get("search"))
+        for name, sampler in option_search_space(cls).items():
+            samplers.setdefault(name, sampler)
     return samplers
 
 

@@ -1,4 +1,4 @@
-"""Backbone adapters: one interface, each policy's quantized modules, training under ``wilds_run``.
+"""Backbone adapters: one interface, the modules QAT quantizes, training under ``wilds_run``.
 
 Default tests use the tiny ``test_*`` variants (the real code paths at small sizes); the
 ``slow`` tests build every real backbone at its real size and take one QT-DoG step.
@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dg_quant.adapters.backbones.policy import policy_of
 from dg_quant.adapters.backbones.text import PackedTokenizer
 from dg_quant.adapters.wilds import datasets as wilds_datasets
 from dg_quant.adapters.wilds.cli import main as wilds_run
 from dg_quant.adapters.wilds.domains import DomainDataset, resolve_domains
 from dg_quant.host import PluginHost
 from dg_quant.loop import Trainer
-from dg_quant.quant import iter_quantized_weights
+from dg_quant.quant import QuantConfig, iter_quantized_weights, quantize_
+from dg_quant.quant.api import weight_names
 from dg_quant.registry import create_adapter, list_adapters
 
 IMAGE_TINY = [
@@ -36,6 +36,7 @@ IMAGE_TINY = [
     "test_clip_vit",
 ]
 TEXT_TINY = ["test_distilbert"]
+MATMULS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
 REAL = [
     "resnet50",
     "resnext50_32x4d",
@@ -48,6 +49,21 @@ REAL = [
     "clip_vit_b16",
 ]
 QTDOG_FLAGS = ["--plugin", "dg_quant.qtdog", "--act_bits", "8", "--quant_start_step", "0"]
+
+
+def promised_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """What every adapter promises (docs/backbones.md): each conv, linear and attention input
+    projection of the featurizer is quantized; the head stays in full precision."""
+    return {
+        n: m
+        for n, m in model.featurizer.named_modules(prefix="featurizer")
+        if isinstance(m, MATMULS) and weight_names(m)
+    }
+
+
+def promised_weights(model: nn.Module) -> set[str]:
+    """``module.tensor`` names of the promised weights (``attn.in_proj_weight`` for attention)."""
+    return {f"{name}.{t}" for name, m in promised_modules(model).items() for t in weight_names(m)}
 
 
 def sample_input(model: nn.Module, n: int = 2) -> torch.Tensor:
@@ -80,22 +96,20 @@ def test_tiny_adapter_interface(name):
 
 
 @pytest.mark.parametrize("name", IMAGE_TINY + TEXT_TINY)
-def test_policy_quantizes_every_matmul_weight_but_the_head(name):
+def test_qat_quantizes_every_matmul_weight_but_the_head(name):
     model = create_adapter(name, num_classes=3)
-    policy = policy_of(model)
-    quantized = policy.quantized_modules(model)
-    matmuls = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))}
+    quantized = promised_modules(model)
+    matmuls = {n for n, m in model.named_modules() if isinstance(m, MATMULS)}
     assert set(quantized) == matmuls - {"classifier"}
-    # the same plan as quantize_'s default (the QAT plugins), through the policy's own filter
-    from dg_quant.quant import QuantConfig, quantize_
-
-    quantize_(model, QuantConfig(), filter_fn=policy.filter_fn(model))
-    assert {f"{n}.{t}" for n, _m, t, _q in iter_quantized_weights(model)} == policy.quantized_weights(model)
+    # quantize_'s default plan (the one the QAT plugins use) quantizes exactly those
+    quantize_(model, QuantConfig())
+    assert {f"{n}.{t}" for n, _m, t, _q in iter_quantized_weights(model)} == promised_weights(model)
 
 
-def test_clip_policy_quantizes_attention_input_projections_and_image_projection():
+def test_clip_qat_quantizes_attention_input_projections_and_image_projection():
     model = create_adapter("test_clip_vit", num_classes=3)
-    weights = policy_of(model).quantized_weights(model)
+    quantize_(model, QuantConfig())
+    weights = {f"{n}.{t}" for n, _m, t, _q in iter_quantized_weights(model)}
     attn = [w for w in weights if w.endswith(".attn.in_proj_weight")]
     assert len(attn) == 2  # two blocks; the fused q/k/v matrix is not an nn.Linear
     assert "featurizer.proj.weight" in weights  # CLIP's bare projection matrix became a Linear
@@ -163,12 +177,11 @@ def quantized_state(log_dir: Path) -> tuple[set[str], dict[str, bool]]:
     return weights, inputs
 
 
-def check_policy_was_applied(name: str, log_dir: Path, num_classes: int, **kwargs) -> None:
+def check_promise_was_kept(name: str, log_dir: Path, num_classes: int, **kwargs) -> None:
     fresh = create_adapter(name, num_classes=num_classes, **kwargs)
-    policy = policy_of(fresh)
     weights, inputs = quantized_state(log_dir)
-    assert weights == policy.quantized_weights(fresh)
-    assert set(inputs) == set(policy.quantized_modules(fresh))
+    assert weights == promised_weights(fresh)
+    assert set(inputs) == set(promised_modules(fresh))
     uninitialised = {m for m, ok in inputs.items() if not ok}
     assert not uninitialised  # every input quantizer saw data, attention out_proj included
 
@@ -227,11 +240,11 @@ def tiny_text(tmp_path, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("name", IMAGE_TINY)
-def test_wilds_run_trains_image_backbone_with_its_policy(name, image_root, tmp_path, capsys):
+def test_wilds_run_trains_image_backbone_quantizing_what_it_promises(name, image_root, tmp_path, capsys):
     log_dir = tmp_path / "run"
     assert train_on_image_folders(name, image_root, log_dir) == 0, capsys.readouterr().err
     assert (log_dir / "final.json").exists()
-    check_policy_was_applied(name, log_dir, num_classes=2)
+    check_promise_was_kept(name, log_dir, num_classes=2)
 
 
 class TinyTextDataset(DomainDataset):
@@ -265,11 +278,11 @@ class TinyTextDataset(DomainDataset):
 
 
 @pytest.mark.parametrize("name", TEXT_TINY)
-def test_wilds_run_trains_text_backbone_with_its_policy(name, tiny_text, tmp_path, capsys):
+def test_wilds_run_trains_text_backbone_quantizing_what_it_promises(name, tiny_text, tmp_path, capsys):
     log_dir = tmp_path / "run"
     rc = train_briefly(name, log_dir, "--dataset", tiny_text, "--max_token_length", "24")
     assert rc == 0, capsys.readouterr().err
-    check_policy_was_applied(name, log_dir, num_classes=2, max_token_length=24)
+    check_promise_was_kept(name, log_dir, num_classes=2, max_token_length=24)
 
 
 def minilm_dir() -> Path:
@@ -311,7 +324,7 @@ def one_qtdog_step(model: nn.Module, x: torch.Tensor) -> dict:
 @pytest.mark.parametrize("name", REAL)
 def test_real_image_backbone_takes_a_qtdog_step(name):
     model = create_adapter(name, num_classes=3)
-    expected = policy_of(model).quantized_weights(model)
+    expected = promised_weights(model)
     x = sample_input(model)
     assert x.shape == (2, 3, 224, 224)
     metrics = one_qtdog_step(model, x)
@@ -324,7 +337,7 @@ def test_real_distilbert_takes_a_qtdog_step():
     # MiniLM ships bert-base-uncased's vocabulary, which is DistilBERT's.
     model = create_adapter("distilbert", num_classes=3, tokenizer=str(minilm_dir()), max_token_length=128)
     assert model.d_out == 768 and model.transform.tokenizer.vocab_size == 30522
-    expected = policy_of(model).quantized_weights(model)
+    expected = promised_weights(model)
     assert len(expected) == 6 * 6  # q, k, v, out, lin1, lin2 in each of the six layers
     metrics = one_qtdog_step(model, sample_input(model))
     assert np.isfinite(float(metrics["loss"]))
@@ -336,7 +349,7 @@ def test_real_distilbert_takes_a_qtdog_step():
 def test_real_backbone_trains_under_wilds_run(name, image_root, tmp_path, capsys):
     log_dir = tmp_path / "run"
     assert train_on_image_folders(name, image_root, log_dir, "--frac", "0.5") == 0, capsys.readouterr().err
-    check_policy_was_applied(name, log_dir, num_classes=2)
+    check_promise_was_kept(name, log_dir, num_classes=2)
 
 
 @pytest.mark.slow
@@ -354,4 +367,4 @@ def test_minilm_text_encoder_trains_under_wilds_run(tiny_text, tmp_path, capsys)
         "32",
     )
     assert rc == 0, capsys.readouterr().err
-    check_policy_was_applied("hf_encoder", log_dir, num_classes=2, weights=str(folder), max_token_length=32)
+    check_promise_was_kept("hf_encoder", log_dir, num_classes=2, weights=str(folder), max_token_length=32)

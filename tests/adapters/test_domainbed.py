@@ -10,6 +10,7 @@ against a real checkout is the slow test at the end (set ``DGQ_DOMAINBED`` to it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,6 @@ from dg_quant.adapters.domainbed import algorithms as dgq_algorithms
 from dg_quant.adapters.domainbed import launcher
 from dg_quant.adapters.domainbed.hparams import HParam, extend_registry
 from dg_quant.errors import ConfigError
-from dg_quant.options import option_defaults
 from dg_quant.quant import is_quantization_enabled, iter_quantized_weights
 from dg_quant.speed import SpeedOptions
 
@@ -519,7 +519,7 @@ def test_plugin_options_become_hparams_with_their_samplers(fake_root, tmp_path, 
     (tmp_path / "toy_dgq_plugin.py").write_text(textwrap.dedent(TOY_PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
     specs = plugin_hparams(["toy_dgq_plugin"])
-    speed = option_defaults(SpeedOptions)  # every algorithm also gets the host's speed settings
+    speed = dataclasses.asdict(SpeedOptions())  # every algorithm also gets the host's speed settings
     assert {k: v.default for k, v in specs.items()} == {**speed, "width": 4, "mode": "a", "bits": 6}
     extend_registry(registry, {"Toy": specs}, misc.seed_hash)
     for seed in range(1, 6):

@@ -238,16 +238,11 @@ def _slow(name: str):
     ],
 )
 def test_every_backbone_family_exports_w8a8(tmp_path, backbone):
-    """Each registry family, with its own quantization policy, exports and runs op for op exactly."""
+    """Each registry family, with the default quantization plan, exports and runs op for op exactly."""
     from dg_quant.registry import create_adapter
 
     model = create_adapter(backbone, num_classes=5)
-    policy = getattr(model, "quant_policy", None)
-    quantize_(
-        model,
-        QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
-        filter_fn=policy.filter_fn(model) if policy else None,
-    )
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)))
     model.eval()
     if backbone == "test_distilbert":  # WILDS' packed text: [B, L, 2] ids and mask
         x = torch.stack([torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long)], -1)
@@ -284,11 +279,7 @@ def test_real_mobilenet_v2_on_pacs_images(tmp_path, pacs_root):
     ]
     test = [x for x, _y, _m in loader(data.get_subset("test", transform=resize_transform(128)), batch_size=32)][:3]
     model = create_adapter("mobilenet_v2", num_classes=1000, weights=str(mobilenet_weights()))
-    quantize_(
-        model,
-        QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)),
-        filter_fn=model.quant_policy.filter_fn(model) if getattr(model, "quant_policy", None) else None,
-    )
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=8), activation=default_activation_config(8)))
     model.eval()
     with torch.no_grad():
         model(train)

@@ -22,9 +22,7 @@ def _vit(act_bits: int | None) -> nn.Module:
     torch.manual_seed(0)
     model = create_adapter("test_deit", num_classes=5)
     act = default_activation_config(act_bits) if act_bits else None
-    quantize_(
-        model, QuantConfig(weight=LSQConfig(bits=6), activation=act), filter_fn=model.quant_policy.filter_fn(model)
-    )
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=6), activation=act))
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 3, 32, 32))
