@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="autocast dtype; auto is bf16 on CUDA and none on CPU",
     )
     p.add_argument(
-        "--channels-last",
+        "--channels_last",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="NHWC models and inputs; default on for CUDA",

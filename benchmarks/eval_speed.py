@@ -60,7 +60,7 @@ def build(args: argparse.Namespace, variant: dict):
         str(Path(tempfile.gettempdir()) / "eval_speed_unused"),
         "--num_workers",
         str(variant.get("num_workers", 0)),
-        "--channels-last",
+        "--channels_last",
         str(variant.get("channels_last", False)).lower(),
         *([f"--weights={args.weights}"] if args.weights else []),
     ]

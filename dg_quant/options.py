@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Container, Sequence
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -38,7 +39,34 @@ def option(
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The flag of an option field: its name as written (``quant_start_step`` -> ``--quant_start_step``).
+
+    Every dg-quant flag is spelled with underscores, like WILDS' own flags (``--log_dir``) and the
+    keys of config files and DomainBed hparams; ``CommandParser`` also accepts the dashed spelling.
+    """
+    return "--" + name
+
+
+def respell_flags(args: Sequence[str], known: Container[str]) -> list[str]:
+    """``args`` with each ``--a-b`` (or ``--a_b``) that is not a flag but whose other spelling is one
+    written as that flag (``--act-bits=4`` -> ``--act_bits=4``); nothing after a bare ``--``.
+
+    This is the hidden alias of every flag: old commands keep working, help shows one spelling.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if not arg.startswith("--") or len(arg) < 3:
+            continue
+        name, eq, value = arg.partition("=")
+        if name in known:
+            continue
+        for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+            if other in known:
+                out[i] = other + eq + value
+                break
+    return out
 
 
 def _parse_bool(text: str) -> bool:
@@ -51,7 +79,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one flag per field of ``cls`` (``--quant-start-step``, alias ``--quant_start_step``).
+    """Add one flag per field of ``cls`` (``--quant_start_step``; ``CommandParser`` also takes
+    ``--quant-start-step``).
 
     Flags already defined are skipped, so plugins sharing an options class can all add it.
     """
@@ -66,9 +95,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     for f in fields:
         default = f.default
         kind = f.metadata.get("type") or (_parse_bool if isinstance(default, bool) else type(default))
-        names = list(dict.fromkeys([flag(f.name), "--" + f.name]))
         group.add_argument(
-            *names,
+            flag(f.name),
             dest=f.name,
             type=kind,
             default=default,
@@ -103,7 +131,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class CommandParser(argparse.ArgumentParser):
-    """The parser of every dg-quant command: a usage error is one line naming the fix.
+    """The parser of every dg-quant command: a usage error is one line naming the fix, and every
+    flag is also accepted in its other spelling (``--act-bits`` for ``--act_bits``, hidden in help).
 
     argparse prints the whole usage block (30+ lines for ``wilds_run``) above the error, which
     buries it; the pointer to ``--help`` says where the usage is.
@@ -111,6 +140,11 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        """Parse, after writing each flag given in its other spelling (``--act-bits``) as the flag."""
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(respell_flags(args, self._option_string_actions), namespace)
 
 
 def plain_text(doc: str) -> str:

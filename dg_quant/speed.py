@@ -52,7 +52,7 @@ class SpeedOptions:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.quant_kernels not in QUANT_KERNELS:
-            raise ConfigError(f"--quant-kernels {self.quant_kernels}: choose auto, eager or compiled")
+            raise ConfigError(f"--quant_kernels {self.quant_kernels}: choose auto, eager or compiled")
 
     @property
     def needs_compiler(self) -> bool:
@@ -69,7 +69,7 @@ def check_compiler(device: torch.device) -> None:
     """torch.compile on CPU builds C++: fail now, in one line, rather than at the first step."""
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         raise ConfigError(
-            "--compile / --quant-kernels compiled need a C++ compiler on CPU (none on PATH); install "
+            "--compile / --quant_kernels compiled need a C++ compiler on CPU (none on PATH); install "
             "g++ or drop the option"
         )
 
@@ -92,7 +92,7 @@ def _compiled_kernels_work(device: torch.device) -> bool:
             lsq_fake_quant(x, s, 8, 7, 1.0, 0.0, True).sum().backward()
         return True
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager kernels
-        warnings.warn(f"--quant-kernels auto: compiled LSQ kernels failed ({exc!s:.120}); using eager", stacklevel=2)
+        warnings.warn(f"--quant_kernels auto: compiled LSQ kernels failed ({exc!s:.120}); using eager", stacklevel=2)
         return False
 
 

@@ -1,7 +1,7 @@
 """INQ (Zhou et al., ICLR 2017) as a plugin: partitions of weights frozen onto powers of two.
 
 ``--plugin dg_quant.inq --bits 7`` spreads the partitions (default 0.5, 0.75, 0.875, 1.0 of each
-weight tensor, largest magnitudes first) evenly over the run from ``--inq-start-step``. A frozen
+weight tensor, largest magnitudes first) evenly over the run from ``--inq_start_step``. A frozen
 weight never changes again: its gradient is masked before the optimizer step, its exact value
 is kept aside, and after the step that value is written back and its optimizer state (momentum,
 Adam moments) is zeroed. Writing the kept value back, rather than re-rounding the moved one,
@@ -51,7 +51,7 @@ RUN_NAME = "dg_quant.inq.run"  # the per-run ``InqRun``
 
 
 @dataclass
-class InqOptions:
+class INQOptions:
     """Flags of ``dg_quant.inq``."""
 
     bits: int = option(7, "weight bit width, 2..8 (INQ: 2^(bits-1)+1 power-of-two levels)")
@@ -81,7 +81,7 @@ def inq_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield layer.name, layer.module
 
 
-def prepare_inq(model: nn.Module, options: InqOptions) -> list[str]:
+def prepare_inq(model: nn.Module, options: INQOptions) -> list[str]:
     """Register the INQ buffers on every conv/linear weight the policy quantizes; returns their names."""
     decisions = plan(model, QuantConfig(weight=LSQConfig(bits=options.bits), quantize_head=options.inq_quantize_head))
     modules = dict(model.named_modules())
@@ -101,7 +101,7 @@ def prepare_inq(model: nn.Module, options: InqOptions) -> list[str]:
 
 
 @torch.no_grad()
-def apply_partitions(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: InqOptions, due: int) -> int:
+def apply_partitions(model: nn.Module, optimizer: torch.optim.Optimizer | None, options: INQOptions, due: int) -> int:
     """Bring every INQ tensor up to ``due`` partitions; returns how many tensors changed."""
     changed = 0
     for _, module in inq_modules(model):
@@ -146,12 +146,12 @@ def frozen_fraction(model: nn.Module) -> float:
 
 @hookimpl
 def dgq_add_options(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, InqOptions, "INQ (dg_quant.inq)")
+    add_options(parser, INQOptions, "INQ (dg_quant.inq)")
 
 
 @hookimpl
 def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
-    options = read_options(InqOptions, config)
+    options = read_options(INQOptions, config)
     schedule = options.schedule(context.total_steps)
     if not context.total_steps:
         warnings.warn(
@@ -174,7 +174,7 @@ class InqRun:
     no ``state_dict`` of its own.
     """
 
-    def __init__(self, options: InqOptions, schedule: PartitionSchedule) -> None:
+    def __init__(self, options: INQOptions, schedule: PartitionSchedule) -> None:
         self.options, self.schedule = options, schedule
 
     @hookimpl

@@ -36,7 +36,7 @@ RUN_NAME = "dg_quant.obc.run"  # the per-run ``ObcRun``
 
 
 @dataclass
-class ObcOptions:
+class OBCOptions:
     """Flags of ``dg_quant.obc`` (also read by ``dgq_ptq``)."""
 
     bits: int = option(7, "weight bit width, 2..8")
@@ -63,7 +63,7 @@ class ObcOptions:
         )
 
 
-def write_results(path: Path, options: ObcOptions, results: list, extra: dict[str, Any] | None = None) -> dict:
+def write_results(path: Path, options: OBCOptions, results: list, extra: dict[str, Any] | None = None) -> dict:
     """``ptq.json``: the settings, the totals and one row per layer (solver vs round-to-nearest)."""
     record = {
         "method": options.ptq_method,
@@ -81,18 +81,18 @@ def write_results(path: Path, options: ObcOptions, results: list, extra: dict[st
 
 @hookimpl
 def dgq_add_options(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, ObcOptions, "post-training quantization (dg_quant.obc)")
+    add_options(parser, OBCOptions, "post-training quantization (dg_quant.obc)")
 
 
 @hookimpl
 def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
-    host.register(ObcRun(read_options(ObcOptions, config)), name=RUN_NAME)
+    host.register(ObcRun(read_options(OBCOptions, config)), name=RUN_NAME)
 
 
 class ObcRun:
     """One run's post-training quantization with its options, parsed once."""
 
-    def __init__(self, options: ObcOptions) -> None:
+    def __init__(self, options: OBCOptions) -> None:
         self.options = options
         self.results: list = []  # the per-layer results of the last quantization
 

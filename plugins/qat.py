@@ -1,6 +1,6 @@
 """LSQ quantization-aware training, the method behind ``dg_quant.qtdog``, ``dg_quant.lsq`` (and FQAT's quantizers).
 
-``QATOptions`` declares the flags (``--bits``, ``--quant-start-step``, ...); ``configure_qat``
+``QATOptions`` declares the flags (``--bits``, ``--quant_start_step``, ...); ``configure_qat``
 parses them once per run, validates them against the run's length and registers a ``QATRun``,
 which attaches the quantizers (``dgq_configure_model``), switches them on at the start step and
 keeps the step sizes positive. ``dg_quant.qtdog`` and ``dg_quant.lsq`` are this module with
@@ -42,7 +42,7 @@ def _valid_bits(bits: object) -> bool:
 
 @dataclass
 class QATOptions:
-    """Quantization options shared by the QAT plugins (flags ``--bits``, ``--quant-start-step``, ...)."""
+    """Quantization options shared by the QAT plugins (flags ``--bits``, ``--quant_start_step``, ...)."""
 
     bits: int = option(7, "weight bit width, 2..8", search=lambda r: int(r.choice([5, 6, 7, 8])))
     quant_start_step: int | None = option(
@@ -60,7 +60,7 @@ class QATOptions:
     weight_init: str = option(
         "auto",
         "step initialisation for weights at the switch; auto is mse (the LSQ rule wrecks pretrained "
-        "depthwise nets, see docs/step_init.md), or lsq under --qtdog-compat as the released code",
+        "depthwise nets, see docs/step_init.md), or lsq under --qtdog_compat as the released code",
         choices=("auto", "lsq", "mse"),
     )
     act_bits: int = option(0, "input-activation bit width; 0 keeps activations in full precision")
@@ -77,7 +77,7 @@ class QATOptions:
         if not _valid_bits(self.bits):
             raise ConfigError(f"--bits must be an integer from {MIN_BITS} to {MAX_BITS}; got {self.bits!r}")
         if self.act_bits != 0 and not _valid_bits(self.act_bits):
-            raise ConfigError(f"--act-bits must be 0 (off) or from {MIN_BITS} to {MAX_BITS}; got {self.act_bits!r}")
+            raise ConfigError(f"--act_bits must be 0 (off) or from {MIN_BITS} to {MAX_BITS}; got {self.act_bits!r}")
         self.quant_config(enabled=True)  # validates the remaining choices
         if self.quant_start_step is not None and self.quant_start_step < 0:
             raise ConfigError(f"quant_start_step must be >= 0; got {self.quant_start_step}")
@@ -123,12 +123,12 @@ def resolve_start_step(
 
 
 def check_start_in_run(options: QATOptions, context: RunContext) -> None:
-    """ConfigError if ``--quant-start-step`` is at or past the run's last step (nothing would be quantized)."""
+    """ConfigError if ``--quant_start_step`` is at or past the run's last step (nothing would be quantized)."""
     total = context.total_steps
     start = options.quant_start_step
     if start is not None and isinstance(total, int) and total > 0 and start >= total:
         raise ConfigError(
-            f"--quant-start-step {start} is not before the end of the run ({total} steps), so nothing would be "
+            f"--quant_start_step {start} is not before the end of the run ({total} steps), so nothing would be "
             "quantized; lower it or train longer"
         )
 
@@ -197,7 +197,7 @@ def configure_qat(
 ) -> QATRun:
     """Parse and check the QAT options once, and register the run's ``QATRun`` under ``name``.
 
-    ``default_start``: the switch-on step when ``--quant-start-step`` is not given (None:
+    ``default_start``: the switch-on step when ``--quant_start_step`` is not given (None:
     QT-DoG's paper schedule for the dataset, scaled to the run's length).
     """
     options = read_options(QATOptions, config)

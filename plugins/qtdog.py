@@ -2,7 +2,7 @@
 
 Defaults follow the paper: 7-bit signed weights, per-channel steps, switched on at step 2000
 (40% of a shorter run), classifier and activations in full precision. Unlike the released code,
-the step sizes and the quantized weights keep training after the switch; ``--qtdog-compat true``
+the step sizes and the quantized weights keep training after the switch; ``--qtdog_compat true``
 reproduces the released behaviour (docs/methods.md 11.3).
 """
 

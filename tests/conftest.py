@@ -9,7 +9,7 @@ import sys
 sys.modules.setdefault("outdated", None)  # type: ignore[arg-type]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# --quant-kernels auto would compile the LSQ kernels (minutes on 2 cores) in every run the tests start.
+# --quant_kernels auto would compile the LSQ kernels (minutes on 2 cores) in every run the tests start.
 os.environ.setdefault("DG_QUANT_QUANT_KERNELS", "eager")
 
 import pytest  # noqa: E402

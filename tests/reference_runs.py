@@ -83,7 +83,7 @@ RUNS: dict[str, list[str]] = {
     ],
     "erm": ["--n_steps", "3", "--transform", "wilds"],
 }
-PTQ_ARGS = ["--ptq-method", "obc", "--bits", "4", "--ptq-samples", "20", "--ptq-batch-size", "8"]
+PTQ_ARGS = ["--ptq_method", "obc", "--bits", "4", "--ptq_samples", "20", "--ptq_batch_size", "8"]
 KILL_AT = 4  # the old-checkpoint run: killed before step 4, so last.pt holds step 3
 PATHS = ("log_dir", "root_dir", "resume")  # where the run lives, and whether it was resumed
 

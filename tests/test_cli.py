@@ -177,7 +177,7 @@ def test_help_lists_plugin_options(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--plugin", "dg_quant.qtdog", "--help"])
     out = capsys.readouterr().out
-    assert "--bits" in out and "--quant-start-step" in out
+    assert "--bits" in out and "--quant_start_step" in out
 
 
 class _StopBefore:
@@ -196,9 +196,9 @@ def test_compat_run_resumes_after_the_switch_like_an_uninterrupted_run(tmp_path)
     compat = [
         "--plugin",
         "dg_quant.qtdog",
-        "--qtdog-compat",
+        "--qtdog_compat",
         "true",
-        "--quant-start-step",
+        "--quant_start_step",
         "5",
         "--eval_every",
         "10",

@@ -30,7 +30,7 @@ def test_wilds_run_help_does_not_import_heavy_libraries() -> None:
         f"print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "--quant-start-step" in out  # the plugins' flags are there
+    assert "--quant_start_step" in out  # the plugins' flags are there
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
@@ -109,5 +109,54 @@ def test_a_usage_error_is_one_line_pointing_at_help(main, argv, prog, capsys) ->
 def test_dgq_ptq_takes_the_obc_plugins_own_flags() -> None:
     """One spelling: dgq_ptq's quantization flags are dg_quant.obc's (as with wilds_run --plugin dg_quant.obc)."""
     flags = set(ptq.build_parser()._option_string_actions)
-    assert {"--bits", "--ptq-method", "--ptq-samples", "--ptq-batch-size", "--ptq-obq-max-cols"} <= flags
+    assert {"--bits", "--ptq_method", "--ptq_samples", "--ptq_batch_size", "--ptq_obq_max_cols"} <= flags
     assert not {"--method", "--samples", "--obq_max_cols", "--damp"} & flags
+
+
+def _every_parser() -> dict[str, argparse.ArgumentParser]:
+    from dg_quant.adapters.domainbed import launcher
+    from dg_quant.adapters.wilds import sweep
+
+    found = {**_parsers(), "domainbed launcher": launcher.build_parser()}
+    top = sweep.build_parser()
+    found["dgq_sweep"] = top
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update({f"dgq_sweep {name}": sub for name, sub in action.choices.items()})
+    return found
+
+
+@pytest.mark.parametrize("name", list(_every_parser()))
+def test_every_flag_is_spelled_with_underscores_and_help_shows_one_spelling(name: str) -> None:
+    parser = _every_parser()[name]
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            long = long[:1]  # argparse's own --no-NAME
+        assert all("-" not in o[2:] for o in long), f"{name}: {long}"
+    assert "--quant-start-step" not in parser.format_help() and "--act-bits" not in parser.format_help()
+
+
+def test_every_flag_takes_its_dashed_spelling_too() -> None:
+    """Commands written with the old dashed flags (``--act-bits``) still run, with the same settings."""
+    from dg_quant.adapters.domainbed import launcher
+
+    parser = _wilds_parser(["dg_quant.qtdog"])
+    canonical = [
+        "--n_steps",
+        "7",
+        "--quant_start_step=3",
+        "--act_bits",
+        "8",
+        "--log_dir",
+        "x",
+        "--qtdog_compat",
+        "true",
+    ]
+    dashed = ["--n-steps", "7", "--quant-start-step=3", "--act-bits", "8", "--log-dir", "x", "--qtdog-compat", "true"]
+    assert parser.parse_args(dashed) == parser.parse_args(canonical)
+    assert parser.parse_args(dashed).act_bits == 8
+    args, rest = launcher.build_parser().parse_known_args(
+        ["train", "--no-pretrained", "--test-envs", "0", "--", "--x-y"]
+    )
+    assert args.no_pretrained and rest == ["--test-envs", "0", "--", "--x-y"]  # DomainBed's flags pass untouched

@@ -55,7 +55,7 @@ def changed(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
 
 
 def test_qtdog_switches_on_at_the_start_step_and_then_trains_steps_and_weights() -> None:
-    trainer = build("dg_quant.qtdog", "--quant-start-step", "3")
+    trainer = build("dg_quant.qtdog", "--quant_start_step", "3")
     for _ in range(3):
         trainer.train_step(batch())
         assert not is_quantization_enabled(trainer.model)
@@ -81,7 +81,7 @@ def test_switch_keeps_the_optimizer_state_of_the_weights() -> None:
 
 
 def test_step_sizes_get_gradients_only_after_the_switch() -> None:
-    trainer = build("dg_quant.qtdog", "--quant-start-step", "1")
+    trainer = build("dg_quant.qtdog", "--quant_start_step", "1")
     trainer.train_step(batch())
     assert all(p.grad is None for p in step_parameters(trainer.model))
     trainer.train_step(batch())
@@ -89,7 +89,7 @@ def test_step_sizes_get_gradients_only_after_the_switch() -> None:
 
 
 def test_compat_flag_reproduces_the_released_code() -> None:
-    trainer = build("dg_quant.qtdog", "--quant-start-step", "1", "--qtdog-compat", "true")
+    trainer = build("dg_quant.qtdog", "--quant_start_step", "1", "--qtdog_compat", "true")
     trainer.train_step(batch())
     trainer.train_step(batch())
     steps_before, weights_before = snapshot(trainer)
@@ -102,7 +102,7 @@ def test_compat_flag_reproduces_the_released_code() -> None:
 
 def test_compat_quantizes_conv2d_only_even_where_a_linear_is_not_the_head() -> None:
     """The released code maps only Conv2d: a hidden Linear (not the excluded head) stays FP under
-    --qtdog-compat, and is quantized without it."""
+    --qtdog_compat, and is quantized without it."""
     from dg_quant.plugins.qat import prepare
 
     def net() -> nn.Module:
@@ -125,7 +125,7 @@ def test_lsq_plugin_quantizes_from_the_first_step() -> None:
 
 
 def test_activation_bits_add_input_quantizers() -> None:
-    trainer = build("dg_quant.lsq", "--act-bits", "4")
+    trainer = build("dg_quant.lsq", "--act_bits", "4")
     names = [n for n, m in trainer.model.named_modules() if hasattr(m, "act_quantizer")]
     assert names and "classifier" not in names
 

@@ -1,4 +1,4 @@
-"""Speed settings (--precision, --channels-last, --compile, --quant-kernels) through the Trainer."""
+"""Speed settings (--precision, --channels_last, --compile, --quant_kernels) through the Trainer."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.test_qat import make_config
 def build(*argv: str, plugin: str = "dg_quant.qtdog") -> Trainer:
     torch.manual_seed(0)
     host = PluginHost([plugin])
-    config = make_config(host, "--quant-start-step", "0", *argv)
+    config = make_config(host, "--quant_start_step", "0", *argv)
     model = create_adapter("test_cnn", num_classes=3)
     return Trainer.build(
         host, model, config, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), nn.CrossEntropyLoss()
@@ -50,7 +50,7 @@ def test_bf16_runs_the_forward_in_bf16_and_keeps_parameters_and_gradients_fp32()
 @pytest.mark.parametrize("plugin", ["dg_quant.qtdog", "dg_quant.fqat"])
 def test_bf16_training_tracks_fp32_training(plugin: str) -> None:
     """Same run in both precisions: bf16 losses follow the fp32 ones and both fit the batch."""
-    extra = ("--act-bits", "8") if plugin == "dg_quant.fqat" else ()
+    extra = ("--act_bits", "8") if plugin == "dg_quant.fqat" else ()
     losses = {}
     for precision in ("fp32", "bf16"):
         trainer = build("--precision", precision, *extra, plugin=plugin)
@@ -62,7 +62,7 @@ def test_bf16_training_tracks_fp32_training(plugin: str) -> None:
 
 
 def test_channels_last_stores_nhwc_weights_and_computes_the_same_losses() -> None:
-    plain, nhwc = build(), build("--channels-last", "true")
+    plain, nhwc = build(), build("--channels_last", "true")
     weights = [latent_weight(m, t) for _, m, t, _ in iter_quantized_weights(nhwc.model)]
     four_d = [w for w in weights if w.dim() == 4]
     assert four_d and all(w.is_contiguous(memory_format=torch.channels_last) for w in four_d)
@@ -73,7 +73,7 @@ def test_channels_last_stores_nhwc_weights_and_computes_the_same_losses() -> Non
 
 
 def test_quant_kernels_compiled_switches_every_quantizer_the_method_attached() -> None:
-    trainer = build("--quant-kernels", "compiled", "--act-bits", "8", plugin="dg_quant.lsq")
+    trainer = build("--quant_kernels", "compiled", "--act_bits", "8", plugin="dg_quant.lsq")
     quantizers = [q for _, q in iter_quantizers(trainer.model)]
     assert len(quantizers) > 2 and all(q.compiled for q in quantizers)
     assert not any(q.compiled for _, q in iter_quantizers(build().model))
@@ -102,7 +102,7 @@ def test_quant_kernels_auto_falls_back_to_eager_when_the_kernels_do_not_build(mo
     speed._compiled_kernels_work.cache_clear()
     try:
         with pytest.warns(UserWarning, match="cannot build"):
-            trainer = build("--quant-kernels", "auto")
+            trainer = build("--quant_kernels", "auto")
     finally:
         speed._compiled_kernels_work.cache_clear()
     assert not any(q.compiled for _, q in iter_quantizers(trainer.model))

@@ -65,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         "default: wherever `import domainbed` finds it (current folder, PYTHONPATH)",
     )
     parser.add_argument(
-        "--no-pretrained",
         "--no_pretrained",
         dest="no_pretrained",
         action="store_true",
@@ -103,7 +102,7 @@ def job_prefix(root: Path, no_pretrained: bool) -> str:
     """The command that replaces ``python -m domainbed.scripts.train`` in sweep jobs."""
     words = [sys.executable, "-m", "dg_quant.adapters.domainbed", "train", "--domainbed", str(root)]
     if no_pretrained:
-        words.append("--no-pretrained")
+        words.append("--no_pretrained")
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -135,7 +134,7 @@ def _hparams_position(args: list[str]) -> tuple[int | None, dict[str, Any]]:
 
 
 def mark_random_init(script_args: Sequence[str], no_pretrained: bool) -> tuple[list[str], bool]:
-    """(script args, random init?): with ``--no-pretrained``, ``--hparams`` gains
+    """(script args, random init?): with ``--no_pretrained``, ``--hparams`` gains
     ``dgq_random_init: true``, so every record, ``model.pkl`` and sweep job hash carry it; a
     ``--hparams`` that carries it (a sweep job) asks for random weights by itself."""
     args = list(script_args)
@@ -169,7 +168,7 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
         script_args, random_init = mark_random_init(script_args, no_pretrained)
     if random_init:
         print(
-            f"dg-quant: --no-pretrained: backbones start from RANDOM weights, not ImageNet ones; the runs carry "
+            f"dg-quant: --no_pretrained: backbones start from RANDOM weights, not ImageNet ones; the runs carry "
             f"hparams {RANDOM_INIT_HPARAM}=true and collect_results lists them as "
             f"'<algorithm>{RANDOM_INIT_SUFFIX}' (never report these numbers)",
             file=sys.stderr,

@@ -4,8 +4,8 @@ A DomainBed algorithm builds several networks (featurizer, classifier, DANN's di
 SagNet's style networks, CAD's projection head); only those that ``predict`` runs are deployed.
 ``PredictPath`` traces one ``predict`` call and holds the leaf modules it ran, in the order they
 ran, so the quantization policy's rules for ``DGModel`` apply unchanged: the first layer that
-runs is the first layer (``--first-layer``), the last ``nn.Linear`` that runs is the classifier
-head (kept in full precision unless ``--quantize-head``), everything between is quantized, and
+runs is the first layer (``--first_layer``), the last ``nn.Linear`` that runs is the classifier
+head (kept in full precision unless ``--quantize_head``), everything between is quantized, and
 networks used in training only stay in full precision. Its modules are the algorithm's own
 objects, so quantizers attached to it sit in the algorithm (and in its ``state_dict``).
 """

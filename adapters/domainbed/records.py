@@ -4,7 +4,7 @@
   switch, INQ once every weight is frozen, OBC's appended post-training record) keeps only its
   quantized records, so every selection method picks a quantized model for a quantization
   method (``dg_quant.selection``). Runs that were never quantized (ERM, SAGM) keep all.
-- A run trained with ``--no-pretrained`` (hparam ``dgq_random_init``) is listed under
+- A run trained with ``--no_pretrained`` (hparam ``dgq_random_init``) is listed under
   ``"<algorithm> (random init)"``, never mixed with runs from ImageNet weights.
 
 DomainBed's own ``python -m domainbed.scripts.collect_results`` applies neither rule.
@@ -20,7 +20,7 @@ from typing import Any
 
 from dg_quant.selection import is_quantized_record
 
-RANDOM_INIT_HPARAM = "dgq_random_init"  # set in --hparams by the launcher's --no-pretrained
+RANDOM_INIT_HPARAM = "dgq_random_init"  # set in --hparams by the launcher's --no_pretrained
 RANDOM_INIT_SUFFIX = " (random init)"
 
 
@@ -53,7 +53,7 @@ def _load_records(load: Callable[[str], Any], path: str) -> Any:
     kept, dropped, renamed = selectable_records(records)
     print(
         f"dg-quant: {dropped} full-precision evaluations of runs that were quantized later left out of "
-        f"model selection; {renamed} records of --no-pretrained runs listed as '<algorithm>{RANDOM_INIT_SUFFIX}'"
+        f"model selection; {renamed} records of --no_pretrained runs listed as '<algorithm>{RANDOM_INIT_SUFFIX}'"
     )
     return type(records)(kept)
 

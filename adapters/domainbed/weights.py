@@ -5,9 +5,9 @@ DomainBed's ``networks`` build ImageNet backbones with downloads: torchvision's 
 ``resnet50_augmix`` default, built after the torchvision ResNet-50) and DINOv2 through
 ``torch.hub`` (``vit`` + ``dinov2``). ``train.py`` builds the network only after loading the
 data (minutes), so an offline run fails late with a long traceback; ``check_backbone_weights``
-builds it first and turns that failure into one line naming the files and ``--no-pretrained``.
+builds it first and turns that failure into one line naming the files and ``--no_pretrained``.
 ``random_init_backbones`` builds every one of them without downloading weights (for
-``--no-pretrained`` and for reloading a ``model.pkl``, whose own weights replace them anyway).
+``--no_pretrained`` and for reloading a ``model.pkl``, whose own weights replace them anyway).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _hub_without_weights(load: Callable[..., Any], *args: Any, **kwargs: Any) ->
     except RuntimeError as exc:
         if "no internet connection" in str(exc):
             raise ConfigError(
-                f"torch.hub.load{args[:2]}: {exc}; --no-pretrained skips the weights, not the "
+                f"torch.hub.load{args[:2]}: {exc}; --no_pretrained skips the weights, not the "
                 "model code: copy the hub repository into torch.hub.get_dir() on this machine"
             ) from None
         raise
@@ -130,7 +130,7 @@ def image_dataset(datasets: Any, name: str) -> bool:
 
 def check_backbone_weights(argv: Sequence[str], package: str = "domainbed") -> None:
     """Build the run's featurizer now, before ``train.py`` loads the data, so that missing
-    pretrained weights fail in one line naming the files and ``--no-pretrained``."""
+    pretrained weights fail in one line naming the files and ``--no_pretrained``."""
     try:
         datasets = importlib.import_module(f"{package}.datasets")
         networks = importlib.import_module(f"{package}.networks")
@@ -152,5 +152,5 @@ def check_backbone_weights(argv: Sequence[str], package: str = "domainbed") -> N
         raise ConfigError(
             f"DomainBed's backbone for {dataset} needs pretrained weights that could not be loaded "
             f"({type(exc).__name__}: {first[:160]}): put {' and '.join(weight_files(hparams))} on this machine, "
-            "or pass --no-pretrained (random weights, marked in the results; not for reported numbers)"
+            "or pass --no_pretrained (random weights, marked in the results; not for reported numbers)"
         ) from None

@@ -1,7 +1,7 @@
 """``dgq_ptq``: OBC/GPTQ post-training quantization of a saved ``wilds_run`` model.
 
-    dgq_ptq runs/pacs_erm_seed0 --ptq-method obc --bits 7
-    dgq_ptq runs/pacs_erm_seed0 --ptq-method gptq --bits 4 --ptq-bn-reestimate true --checkpoint last
+    dgq_ptq runs/pacs_erm_seed0 --ptq_method obc --bits 7
+    dgq_ptq runs/pacs_erm_seed0 --ptq_method gptq --bits 4 --ptq_bn_reestimate true --checkpoint last
 
 The run is rebuilt with its own plugins plus ``dg_quant.obc``, whose flags (``--bits``,
 ``--ptq-*``, as for ``wilds_run --plugin dg_quant.obc``) set the quantization; then it ends as a

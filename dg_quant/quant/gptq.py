@@ -78,7 +78,7 @@ def inverse_hessian(H: torch.Tensor, name: str) -> torch.Tensor:
         return torch.cholesky_inverse(torch.linalg.cholesky(H))
     except torch.linalg.LinAlgError:
         raise ConfigError(
-            f"{name}: the calibration Hessian is singular; raise the damping (--ptq-damp / PTQConfig.damp)"
+            f"{name}: the calibration Hessian is singular; raise the damping (--ptq_damp / PTQConfig.damp)"
         ) from None
 
 

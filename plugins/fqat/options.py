@@ -89,7 +89,7 @@ class FQATOptions(QATOptions, SAGMOptions):
         if self.quant_start_step is not None and self.quant_start_step < 0:
             raise ConfigError(f"quant_start_step must be >= 0; got {self.quant_start_step}")
         if self.qtdog_compat:
-            raise ConfigError("--qtdog-compat is a QT-DoG switch; FQAT trains every quantizer, drop it")
+            raise ConfigError("--qtdog_compat is a QT-DoG switch; FQAT trains every quantizer, drop it")
         if self.freeze_steps < 2:
             raise ConfigError(f"freeze_steps (K) must be >= 2 to see a sign flip; got {self.freeze_steps}")
         if not 0 <= self.freeze_tau <= 1:

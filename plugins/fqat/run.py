@@ -97,7 +97,7 @@ class FQATRun:
 
     @hookimpl
     def dgq_configure_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        """Give the scale factors their own fixed learning rate when ``--scale-lr`` is set."""
+        """Give the scale factors their own fixed learning rate when ``--scale_lr`` is set."""
         if self.options.scale_lr is None:
             return
         steps = step_parameters(model)

@@ -773,12 +773,12 @@ def test_launcher_train_runs_domainbed_script_with_registered_algorithm(fake_roo
 
 
 def test_launcher_sweep_jobs_come_back_through_the_launcher(fake_root, capsys):
-    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--no-pretrained", "--command_launcher", "dummy"])
+    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--no_pretrained", "--command_launcher", "dummy"])
     assert code == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
     assert any("--algorithm QTDoG" in line for line in lines)
     for line in lines:
-        assert f"-m dg_quant.adapters.domainbed train --domainbed {fake_root} --no-pretrained" in line
+        assert f"-m dg_quant.adapters.domainbed train --domainbed {fake_root} --no_pretrained" in line
 
 
 def test_launcher_errors_are_one_line(tmp_path, capsys):
@@ -824,7 +824,7 @@ def test_missing_pretrained_weights_fail_at_once_in_one_line(fake_root, tmp_path
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
-    assert "resnet18-f37072fd.pth" in err and "--no-pretrained" in err and "URLError" in err
+    assert "resnet18-f37072fd.pth" in err and "--no_pretrained" in err and "URLError" in err
     assert datasets.BUILT == []  # failed before train.py loaded any data
 
 
@@ -838,7 +838,7 @@ def test_no_pretrained_runs_are_marked_everywhere(fake_root, tmp_path, monkeypat
             "QTDoG",
             "--steps",
             "2",
-            "--no-pretrained",
+            "--no_pretrained",
             "--dataset",
             "Toy224",
             quant_start_step=1,
@@ -861,7 +861,7 @@ def test_no_pretrained_runs_are_marked_everywhere(fake_root, tmp_path, monkeypat
                 "sweep",
                 "--domainbed",
                 str(fake_root),
-                "--no-pretrained",
+                "--no_pretrained",
                 "--command_launcher",
                 "dummy",
                 "--hparams",
@@ -921,7 +921,7 @@ def test_no_pretrained_covers_torch_hub_backbones(monkeypatch):
         raise RuntimeError("It looks like there is no internet connection and the repo could not be found")
 
     monkeypatch.setattr(torch.hub, "load", hub_load)
-    with random_init_backbones(), pytest.raises(ConfigError, match="--no-pretrained skips the weights"):
+    with random_init_backbones(), pytest.raises(ConfigError, match="--no_pretrained skips the weights"):
         torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")  # DomainBed's DinoV2 call
     assert seen == [{"pretrained": False}] and torch.hub.load is hub_load  # restored afterwards
 
@@ -1143,7 +1143,7 @@ def test_real_domainbed_train_and_collect_results(tmp_path):
             "launch",
             "--domainbed",
             root,
-            "--no-pretrained",
+            "--no_pretrained",
             "--datasets",
             "Debug224",
             "--algorithms",
@@ -1201,7 +1201,7 @@ def test_real_domainbed_inq_spreads_its_partitions_over_the_run(tmp_path):
             "train",
             "--domainbed",
             root,
-            "--no-pretrained",
+            "--no_pretrained",
             "--dataset",
             "Debug224",
             "--algorithm",

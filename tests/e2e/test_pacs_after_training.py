@@ -43,7 +43,7 @@ def ptq_file(pacs_runs) -> Path:
     run = pacs_runs("erm")
     assert (
         ptq.main(
-            [str(run), "--ptq-method", "gptq", "--bits", str(PTQ_BITS), "--ptq-samples", "8", "--ptq-batch-size", "8"]
+            [str(run), "--ptq_method", "gptq", "--bits", str(PTQ_BITS), "--ptq_samples", "8", "--ptq_batch_size", "8"]
         )
         == 0
     )

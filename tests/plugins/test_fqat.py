@@ -347,7 +347,7 @@ def test_disorder_frame_names_the_missing_log(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_wilds_run_with_fqat_ewgs_hessian(tmp_path) -> None:
-    argv = fqat_argv(tmp_path, "--quantizer", "ewgs", "--ewgs-hessian", "true", "--ewgs-update-every", "10")
+    argv = fqat_argv(tmp_path, "--quantizer", "ewgs", "--ewgs_hessian", "true", "--ewgs_update_every", "10")
     argv[argv.index("--n_steps") + 1] = "10"
     assert main(argv) == 0
     rows = read_jsonl(tmp_path / "fqat_disorder.jsonl")

@@ -144,7 +144,7 @@ def test_obc_plugin_quantizes_at_train_end_and_beats_rtn(tmp_path):
     from dg_quant.adapters.wilds.checkpoints import load_run_model
     from dg_quant.quant import compression_report, iter_quantized_weights
 
-    log_dir = _train_run(tmp_path, "obc", "--plugin", "dg_quant.obc", "--bits", "4", "--ptq-samples", "128")
+    log_dir = _train_run(tmp_path, "obc", "--plugin", "dg_quant.obc", "--bits", "4", "--ptq_samples", "128")
     ptq = json.loads((log_dir / "ptq.json").read_text())
     assert ptq["calibration_split"] == "train" and ptq["bits"] == 4
     assert [row["method"] for row in ptq["layers"]] == ["obq", "gptq", "gptq", "gptq"]  # 9 cols vs 288/576
@@ -207,7 +207,7 @@ def test_dgq_ptq_then_dgq_export_reproduce_outputs(tmp_path, capsys):
     from dg_quant.adapters.wilds.ptq import main as ptq_main
 
     log_dir = _train_run(tmp_path, "erm")
-    argv = ["--ptq-method", "gptq", "--bits", "5", "--ptq-samples", "128", "--ptq-bn-reestimate", "true"]
+    argv = ["--ptq_method", "gptq", "--bits", "5", "--ptq_samples", "128", "--ptq_bn_reestimate", "true"]
     assert ptq_main([str(log_dir), *argv]) == 0
     record = json.loads((log_dir / "ptq_gptq_w5.json").read_text())
     assert record["ptq/layers"] == 4 and record["ptq/layers_better_than_rtn"] == 4
@@ -224,7 +224,7 @@ def test_dgq_export_of_a_qat_run_is_bit_exact(tmp_path, capsys):
     from dg_quant.adapters.wilds.export import main as export_main
     from dg_quant.quant.export import size_report
 
-    log_dir = _train_run(tmp_path, "qtdog", "--plugin", "dg_quant.qtdog", "--bits", "6", "--quant-start-step", "0")
+    log_dir = _train_run(tmp_path, "qtdog", "--plugin", "dg_quant.qtdog", "--bits", "6", "--quant_start_step", "0")
     out = tmp_path / "qat.dgq"
     assert export_main([str(log_dir), "-o", str(out), "--checkpoint", "last", "--verify"]) == 0
     assert "verified" in capsys.readouterr().out

@@ -179,10 +179,10 @@ META = {"backbone": "test_cnn", "num_classes": 5}
 
 def _inq_cnn(bits: int = 5, due: int = 4, partitions: str = "0.5,0.75,0.875,1"):
     """test_cnn after ``due`` INQ partitions, its free weights moved on as retraining would."""
-    from dg_quant.plugins.inq import InqOptions, apply_partitions, prepare_inq
+    from dg_quant.plugins.inq import INQOptions, apply_partitions, prepare_inq
 
     model = create_adapter("test_cnn", num_classes=5)
-    options = InqOptions(bits=bits, inq_partitions=partitions)
+    options = INQOptions(bits=bits, inq_partitions=partitions)
     prepare_inq(model, options)
     model.train()
     model(torch.randn(16, 3, 12, 12))  # BN statistics

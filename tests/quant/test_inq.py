@@ -117,7 +117,7 @@ def test_plugin_registers_the_buffers_the_core_reads():
     from dg_quant.plugins import inq as plugin
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 2))
-    prepared = plugin.prepare_inq(model, plugin.InqOptions())
+    prepared = plugin.prepare_inq(model, plugin.INQOptions())
     assert prepared and [layer.name for layer in iter_inq_layers(model)] == prepared
     for name in prepared:
         assert set(INQ_BUFFERS) <= {b for b, _ in getattr(model, name).named_buffers()}

@@ -269,7 +269,7 @@ def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, t
         "1",
         "--amp",
         "bf16",
-        "--channels-last",
+        "--channels_last",
         "--no-inference",
         "--out",
         str(tmp_path),

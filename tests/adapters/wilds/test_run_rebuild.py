@@ -132,7 +132,7 @@ def test_vit_trained_at_48px_is_rebuilt_at_48px(pacs_subset: Path, tmp_path: Pat
         "48",
         "-p",
         "dg_quant.qtdog",
-        "--quant-start-step",
+        "--quant_start_step",
         "1",
     )
     model = load_run_model(run).model
@@ -209,7 +209,7 @@ def user_runs(pacs_subset: Path, user_weights: Path, tmp_path_factory: pytest.Te
             "24",
             "-p",
             "dg_quant.qtdog",
-            "--quant-start-step",
+            "--quant_start_step",
             "1",
             "--seed",
             str(seed),
@@ -243,7 +243,7 @@ def test_user_backbone_trains_from_its_weights_and_every_command_rebuilds_it(
 def test_ptq_runs_on_an_image_run(pacs_subset: Path, tmp_path: Path) -> None:
     """``dgq_ptq`` rebuilds the run (domainbed transform over a v2-transform backbone) and quantizes it."""
     run = _train(pacs_subset, tmp_path / "erm", "--model", USER_FACTORY, "--image_size", "24")
-    assert ptq.main([str(run), "--ptq-method", "gptq", "--bits", "4", "--ptq-samples", "8", "--no_eval"]) == 0
+    assert ptq.main([str(run), "--ptq_method", "gptq", "--bits", "4", "--ptq_samples", "8", "--no_eval"]) == 0
     out = tmp_path / "ptq.dgq"
     assert export.main([str(run), "--checkpoint", "ptq_gptq_w4.pt", "-o", str(out), "--verify"]) == 0
     conv = load_export(out, rebuild_adapter).featurizer[1][0]  # rebuilt from the saved module:factory name alone

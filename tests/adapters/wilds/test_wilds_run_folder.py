@@ -348,8 +348,8 @@ def test_test_domain_on_an_official_wilds_split_is_refused(camelyon_root, tmp_pa
 
 @pytest.mark.parametrize("plugin", ["dg_quant.qtdog", "dg_quant.fqat"])
 def test_a_quantization_start_past_the_end_is_refused(tmp_path, capsys, plugin):
-    assert main([*TINY, "--log_dir", str(tmp_path / "run"), "-p", plugin, "--quant-start-step", "4"]) == 2
-    assert "--quant-start-step 4 is not before the end of the run (4 steps)" in _one_line(capsys)
+    assert main([*TINY, "--log_dir", str(tmp_path / "run"), "-p", plugin, "--quant_start_step", "4"]) == 2
+    assert "--quant_start_step 4 is not before the end of the run (4 steps)" in _one_line(capsys)
     assert not (tmp_path / "run").exists()
 
 
