@@ -1,33 +1,45 @@
-"""Reading run folders and printing their results: one run, or several side by side.
+"""Printing run results: one run, or several side by side (``dgq_results``).
 
-``dgq_results runs/erm runs/qtdog`` prints a comparison table of the runs' ``final.json``.
+A run's result is a host-neutral record (a dict): ``dataset``, ``model``, ``seed``, ``plugins``,
+``val_metric``, ``test_metric``, the ``best`` and ``last`` evaluation records, ``compression``
+and, for the comparison table, the run's settings under ``config``. Hosts read their own run
+folders into it (the WILDS host: ``dg_quant.adapters.wilds.run_results``), and into the
+``RunResult``/``EnsembleResult`` records that ``dg_quant.analysis`` tabulates.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from dg_quant.errors import DataError, run_command
-from dg_quant.options import CommandParser
-
 SPLIT_ORDER = ("train", "id_val", "val", "test", "id_test")
+TEST_METRIC = "test/acc_avg"
 
 
-def load_final(run_dir: str | Path) -> dict[str, Any]:
-    """The ``final.json`` of a finished run, or a one-line error naming the folder."""
-    path = Path(run_dir) / "final.json"
-    if not path.is_file():
-        raise DataError(f"{run_dir} has no final.json; is it a finished wilds_run folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path} is not valid JSON ({exc.msg}); the run may have been written by another tool"
-        ) from None
+@dataclass
+class RunResult:
+    """One run as its host reports it.
+
+    ``info``: ``run`` (its name or folder), ``dataset``, ``method``, ``model``, ``bits``, ``seed``,
+    ``val_metric``, ``test_metric`` and ``test_env`` (None: named by the records' test groups).
+    ``records``: its evaluation records in step order, each a ``step`` and ``split/metric`` values.
+    """
+
+    info: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EnsembleResult:
+    """An ensemble's evaluation (``metrics``) with its first member's ``info``, its members' seeds and
+    the selection rule its members were picked by (``training_domain`` or ``last``)."""
+
+    run: str
+    info: dict[str, Any]
+    seeds: str
+    rule: str
+    metrics: dict[str, Any]
 
 
 def _splits(record: dict[str, Any]) -> list[str]:
@@ -78,21 +90,6 @@ def format_run(final: dict[str, Any]) -> str:
             f"(compression x{c['compression_ratio']:.2f}, {c['quantized_layers']} quantized tensors)"
         )
     return "\n".join(lines)
-
-
-def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Finished run folders among ``paths``: each path is a run folder (with ``final.json``) or a
-    folder searched recursively for them, as ``dgq_analyze table`` does."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if (path / "final.json").is_file() or not path.is_dir():
-            found.append(path)  # load_final names a missing or broken final.json
-            continue
-        inner = sorted(p.parent for p in path.rglob("final.json"))
-        if not inner:
-            raise DataError(f"{path} has no final.json, nor any folder under it; is it a finished wilds_run folder?")
-        found.extend(inner)
-    return list(dict.fromkeys(found))
 
 
 def comparison_rows(finals: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
@@ -165,40 +162,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _with_config(final: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """``final`` with the run's ``config.json`` under ``config`` (test domain, bit widths)."""
-    path = run_dir / "config.json"
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        config = {}
-    return {**final, "config": config}
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandParser(
-        prog="dgq_results",
-        description="Compare finished runs side by side: each run's official test metric at the "
-        "best-validation and the last step.",
-    )
-    parser.add_argument("runs", nargs="+", help="run folders (each with a final.json), or folders that hold them")
-    args = parser.parse_args(argv)
-
-    def show() -> None:
-        runs = find_finished_runs(args.runs)
-        finals = [_with_config(load_final(r), r) for r in runs]
-        print(format_table(comparison_rows(finals, [str(r) for r in runs])))
-
-    return run_command("dgq_results", show)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from dg_quant.adapters.wilds.cli import main, parse_config
+from dg_quant.adapters.wilds.results import main as results_main
 from dg_quant.adapters.wilds.runner import run
 from dg_quant.hookimpl import hookimpl
 from dg_quant.io import read_jsonl
-from dg_quant.results import main as results_main
 
 FAST = ["--n_steps", "40", "--eval_every", "20", "--no_progress"]
 

@@ -177,3 +177,9 @@ def test_top_level_plugins_is_not_importable_outside_the_repository(tmp_path) ->
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True)
     assert result.returncode == 0
     assert dg_quant.__version__
+
+
+def test_the_core_reads_no_host_run_folder() -> None:
+    """Run folders are the hosts' business (``adapters/wilds/run_results.py``); the core tabulates records."""
+    names = ("final.json", "results.jsonl", "config.json", "eoq.json")
+    assert [str(p.relative_to(ROOT)) for p in py_files(CORE) if any(n in p.read_text() for n in names)] == []

@@ -110,7 +110,7 @@ def test_quant_kernels_auto_falls_back_to_eager_when_the_kernels_do_not_build(mo
 
 @pytest.mark.parametrize("field, value", [("precision", "fp16"), ("quant_kernels", "triton")])
 def test_unknown_settings_are_config_errors(field: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=field.replace("_", "-")):
+    with pytest.raises(ConfigError, match=field):
         SpeedOptions(**{field: value})
 
 

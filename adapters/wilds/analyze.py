@@ -159,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
+    from dg_quant.adapters.wilds.run_results import read_runs
     from dg_quant.analysis import tables
     from dg_quant.io import atomic_write_text
 
-    frame = tables.collect(args.runs, metric=args.metric, selections=args.selection, group_by=args.by)
+    runs, ensembles = read_runs(args.runs, args.by)
+    frame = tables.collect(runs, ensembles, metric=args.metric, selections=args.selection)
     summary = tables.summarize(frame)
     wide = tables.wide_tables(summary)
     outputs = {
@@ -280,10 +282,12 @@ def cmd_noise(args: argparse.Namespace) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> None:
+    from dg_quant.adapters.wilds.run_results import read_run
     from dg_quant.analysis.plots import plot_stability, save_frame
     from dg_quant.analysis.stability import stability_frame, stability_summary
 
-    frame = stability_frame(args.runs, args.labels, args.id_metric, args.ood_metric)
+    runs = [read_run(d) for d in args.runs]
+    frame = stability_frame(runs, args.labels, args.id_metric, args.ood_metric)
     summary = stability_summary(frame, args.after_step)
     out = output_folder(args.out, args.runs)
     png, csv = plot_stability(frame, out / "stability")

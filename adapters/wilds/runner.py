@@ -35,6 +35,7 @@ from dg_quant.adapters.wilds.input_checks import guard_inputs, worker_message
 from dg_quant.adapters.wilds.loggers import RecordLoggers
 from dg_quant.adapters.wilds.run_folder import RunFolder, check_resume_settings
 from dg_quant.adapters.wilds.run_model import build_run_model
+from dg_quant.adapters.wilds.run_results import load_final
 from dg_quant.adapters.wilds.stopping import StopRequest, Terminated, check_finite
 from dg_quant.adapters.wilds.transforms import build_transforms
 from dg_quant.adapters.wilds_compat import import_wilds
@@ -46,7 +47,6 @@ from dg_quant.io import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.progress import progress_bar
 from dg_quant.quant import compression_report
-from dg_quant.results import load_final
 from dg_quant.selection import SELECTION_RULE, replaces_selected
 
 EVAL_SPLITS_PREFERRED = ("train", "id_val", "val", "test", "id_test")

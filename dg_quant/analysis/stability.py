@@ -1,5 +1,5 @@
 """Training stability (QT-DoG Fig. 4): in-domain validation and OOD accuracy over the steps of
-several runs, read from their ``results.jsonl``, plus numbers that summarise each curve."""
+several runs (their evaluation records), plus numbers that summarise each curve."""
 
 from __future__ import annotations
 
@@ -9,25 +9,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dg_quant.analysis.tables import run_info, run_records
 from dg_quant.errors import DataError
+from dg_quant.results import RunResult
 
 
 def stability_frame(
-    run_dirs: Sequence[str | Path],
+    runs: Sequence[RunResult],
     labels: Sequence[str] | None = None,
     id_metric: str | None = None,
     ood_metric: str = "test/acc_avg",
 ) -> pd.DataFrame:
     """Long frame: label, run, step, ``id_val`` (each run's val_metric unless given), ``ood``."""
-    if labels is not None and len(labels) != len(run_dirs):
-        raise DataError(f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run")
+    if labels is not None and len(labels) != len(runs):
+        raise DataError(f"{len(labels)} labels for {len(runs)} runs; give one label per run")
     rows = []
-    for i, run_dir in enumerate(run_dirs):
-        info = run_info(run_dir)
+    for i, run in enumerate(runs):
+        run_dir, records = run.info["run"], run.records
         label = labels[i] if labels else Path(run_dir).name
-        metric = id_metric or info["val_metric"]
-        records = run_records(run_dir)
+        metric = id_metric or run.info["val_metric"]
         usable = [r for r in records if r.get(metric) is not None and r.get(ood_metric) is not None]
         if not usable:
             raise DataError(f"{run_dir} has no records with both {metric!r} and {ood_metric!r}")

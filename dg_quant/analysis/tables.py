@@ -1,11 +1,14 @@
-"""DomainBed-style result tables from a folder of run folders.
+"""DomainBed-style result tables from the runs' evaluation records.
+
+The tables know no host: each host reads its own run folders into ``RunResult`` (and
+``EnsembleResult``, ``dg_quant.results``) records (the WILDS host: ``dg_quant.adapters.wilds.run_results``).
 
 One table per (selection rule, dataset): rows are methods, columns are test domains plus
 ``Avg``; a cell is ``mean +- standard error`` over seeds in percent. As DomainBed's
 ``collect_results`` does, the standard error is ``np.std(values) / sqrt(n)`` (population std),
 ``Avg`` is the mean of the column means, and a missing cell is ``X``.
 
-Each cell reports the run's own ``test_metric`` (``final.json``/``config.json``): the
+Each cell reports the run's own ``test_metric`` (as its host recorded it): the
 dataset's official metric as the WILDS presets set it (Amazon: ``test/10th_percentile_acc``),
 ``test/acc_avg`` for the DomainBed-layout datasets; ``--metric`` overrides it for every run.
 The metric is named in each table's title, and runs reporting different metrics never share a table.
@@ -25,125 +28,51 @@ are never merged. Several runs that agree on all of them and on the test domain 
 an lr sweep, are reduced to the one whose selection-rule validation is best. The row label names
 the backbone and bit widths only where they vary within the table (``qtdog resnet50 w7``).
 
-An EoQ folder (``eoq.json`` from ``dgq_eoq``) adds a row ``EoQ <method>``: its members' own runs
+An ensemble (``EnsembleResult``, e.g. a ``dgq_eoq`` folder) adds a row ``EoQ <method>``: its members' own runs
 count as usual, and the ensemble counts once (its seed is the members' seeds) under the rule its
 members were picked by (``training_domain`` for best checkpoints, ``last`` for last ones).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dg_quant.errors import DataError
-from dg_quant.io import read_jsonl
-from dg_quant.results import bits_label
+from dg_quant.results import TEST_METRIC, EnsembleResult, RunResult
 from dg_quant.selection import selection_key
 
 SELECTIONS = ("training_domain", "last", "oracle")
-TEST_METRIC = "test/acc_avg"
 # What tells two runs' rows apart besides the method (and the ``--by`` settings).
 IDENTITY = ("model", "bits")
-RUN_FILES = ("final.json", "results.jsonl")
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders among ``paths``: each path is a run folder or a folder searched recursively."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise DataError(f"{path} does not exist; pass run folders or a folder that holds them")
-        if any((path / f).is_file() for f in RUN_FILES):
-            found.append(path)
-            continue
-        inner = sorted({p.parent for f in RUN_FILES for p in path.rglob(f)})
-        found.extend(inner)
-    if not found:
-        raise DataError(f"no run folders (with final.json or results.jsonl) under {', '.join(map(str, paths))}")
-    return list(dict.fromkeys(found))
-
-
-def find_ensembles(paths: Iterable[str | Path]) -> list[Path]:
-    """``eoq.json`` files of ``dgq_eoq`` folders among or under ``paths``."""
-    found = []
-    for path in map(Path, paths):
-        found += [path / "eoq.json"] if (path / "eoq.json").is_file() else sorted(path.rglob("eoq.json"))
-    return list(dict.fromkeys(found))
-
-
-def _ensemble_rows(path: Path, metric: str | None, selections: Sequence[str], group_by: Sequence[str]) -> list[dict]:
-    summary = _read_json(path)
-    rule = "training_domain" if summary.get("which", "best") == "best" else "last"
-    members = [Path(m) for m in summary.get("members", [])]
-    if rule not in selections or not members or not members[0].exists():
+def _ensemble_rows(ensemble: EnsembleResult, metric: str | None, selections: Sequence[str]) -> list[dict]:
+    info, rule = ensemble.info, ensemble.rule
+    if rule not in selections:
         return []
-    info = run_info(members[0], group_by)
     metric = metric or info["test_metric"]
-    value = summary.get("ensemble", {}).get(metric)
+    value = ensemble.metrics.get(metric)
     if value is None:
         return []
-    seeds = ",".join(str(run_info(m).get("seed")) for m in members if m.exists())
-    env = info["test_env"] or _test_env([summary["ensemble"]], metric)
+    env = info["test_env"] or _test_env([ensemble.metrics], metric)
     return [
         {
             **info,
-            "run": str(path.parent),
+            "run": ensemble.run,
             "method": f"EoQ {info['method']}",
-            "seed": seeds,
+            "seed": ensemble.seeds,
             "test_env": env,
             "selection": rule,
             "step": None,
-            "val": summary["ensemble"].get(info["val_metric"]),
+            "val": ensemble.metrics.get(info["val_metric"]),
             "metric": metric,
             "value": float(value),
         }
     ]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path} ({type(exc).__name__}); is it a wilds_run result?") from None
-
-
-def run_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Evaluation records of a run: ``results.jsonl``, else the two kept in ``final.json``."""
-    run_dir = Path(run_dir)
-    if (run_dir / "results.jsonl").is_file():
-        return read_jsonl(run_dir / "results.jsonl")
-    final = _read_json(run_dir / "final.json")
-    records = [r for r in (final.get("best"), final.get("last")) if r]
-    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
-
-
-def run_info(run_dir: str | Path, group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """dataset, method (plugins plus any ``group_by`` settings), backbone, bit widths, seed, test
-    domain and the run's validation and test metrics."""
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    final = _read_json(run_dir / "final.json") if (run_dir / "final.json").is_file() else {}
-    plugins = final.get("plugins", config.get("plugins")) or []
-    method = "+".join(p.rsplit(".", 1)[-1] for p in plugins) or "erm"
-    extras = [f"{key}={config.get(key)}" for key in group_by]
-    if extras:
-        method = f"{method} ({', '.join(extras)})"
-    return {
-        "run": str(run_dir),
-        "dataset": final.get("dataset", config.get("dataset", "?")),
-        "method": method,
-        "model": str(final.get("model", config.get("model", "?"))),
-        "bits": bits_label(final, config),
-        "seed": final.get("seed", config.get("seed", 0)),
-        "val_metric": final.get("val_metric", config.get("val_metric", "id_val/acc_avg")),
-        "test_metric": final.get("test_metric") or config.get("test_metric") or TEST_METRIC,
-        "test_env": config.get("test_domain"),
-    }
 
 
 def oracle_metric(metric: str) -> str:
@@ -181,17 +110,16 @@ ROW_KEYS = ["dataset", "metric", "method", *IDENTITY]
 
 
 def collect(
-    paths: Iterable[str | Path],
+    runs: Iterable[RunResult],
+    ensembles: Iterable[EnsembleResult] = (),
     metric: str | None = None,
     selections: Sequence[str] = SELECTIONS,
-    group_by: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per (selection rule, run): the selected step, its validation and the reported metric
     (``metric``, or each run's own ``test_metric`` when None)."""
     rows = []
-    for run_dir in find_runs(paths):
-        info = run_info(run_dir, group_by)
-        records = run_records(run_dir)
+    for run in runs:
+        info, records = dict(run.info), run.records
         if not records:
             continue
         reported = metric or info["test_metric"]
@@ -211,8 +139,8 @@ def collect(
                     "value": float(record[reported]),
                 }
             )
-    for path in find_ensembles(paths):
-        rows += _ensemble_rows(path, metric, selections, group_by)
+    for ensemble in ensembles:
+        rows += _ensemble_rows(ensemble, metric, selections)
     columns = ["selection", *ROW_KEYS, "test_env", "seed", "run", "step", "val", "value", "val_metric"]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from dg_quant.adapters.wilds import run_results
 from dg_quant.analysis import tables
 from dg_quant.errors import DataError
 
@@ -18,6 +19,11 @@ SYNTHETIC = {
     ((), "B", 0): [(10, 0.9, 0.10, 0.20), (20, 0.8, 0.90, 0.80)],
     (("dg_quant.qtdog",), "A", 0): [(10, 0.4, 0.10, 0.10), (20, 0.9, 0.20, 0.90)],
 }
+
+
+def collect(paths, group_by=(), **kwargs):
+    """The tables over run folders, as ``dgq_analyze table`` builds them."""
+    return tables.collect(*run_results.read_runs(paths, group_by), **kwargs)
 
 
 def write_run(
@@ -83,7 +89,7 @@ def test_selection_rules_pick_the_documented_record():
 
 
 def test_mean_and_stderr_follow_domainbed(synthetic):
-    summary = tables.summarize(tables.collect([synthetic]))
+    summary = tables.summarize(collect([synthetic]))
     row = summary[(summary.selection == "training_domain") & (summary.method == "erm") & (summary.test_env == "A")]
     values = np.array([0.50, 0.60]) * 100  # test acc at the best id_val of seed 0 and seed 1
     assert row["mean"].item() == pytest.approx(values.mean())
@@ -96,7 +102,7 @@ def test_mean_and_stderr_follow_domainbed(synthetic):
 
 
 def test_wide_table_has_avg_and_marks_missing_cells(synthetic):
-    wide = tables.wide_tables(tables.summarize(tables.collect([synthetic])))
+    wide = tables.wide_tables(tables.summarize(collect([synthetic])))
     assert list(wide) == [(rule, "toy", "test/acc_avg") for rule in ("training_domain", "last", "oracle")]
     table = wide[("training_domain", "toy", "test/acc_avg")]
     assert list(table.columns) == ["A", "B", "Avg"]
@@ -106,7 +112,7 @@ def test_wide_table_has_avg_and_marks_missing_cells(synthetic):
 
 
 def test_renderers(synthetic):
-    wide = tables.wide_tables(tables.summarize(tables.collect([synthetic], selections=["training_domain"])))
+    wide = tables.wide_tables(tables.summarize(collect([synthetic], selections=["training_domain"])))
     text = tables.render(wide, "text")
     assert "toy, test/acc_avg, model selection: training-domain" in text and "55.0 +- 3.5" in text
     markdown = tables.render(wide, "markdown")
@@ -127,9 +133,9 @@ def test_group_by_setting_and_duplicate_seeds(tmp_path):
         write_run(tmp_path / name, ["dg_quant.qtdog"], "A", 0, [record], bits=8)
         config = json.loads((tmp_path / name / "config.json").read_text())
         (tmp_path / name / "config.json").write_text(json.dumps({**config, "lr": lr}))
-    merged = tables.collect([tmp_path], selections=["training_domain"])
+    merged = collect([tmp_path], selections=["training_domain"])
     assert len(merged) == 1 and merged["value"].item() == 0.7  # best validation among duplicates
-    split = tables.collect([tmp_path], selections=["training_domain"], group_by=["lr"])
+    split = collect([tmp_path], selections=["training_domain"], group_by=["lr"])
     assert sorted(split["method"]) == ["qtdog (lr=0.1)", "qtdog (lr=0.2)"]
 
 
@@ -147,7 +153,7 @@ def test_cells_report_each_runs_official_metric(tmp_path):
         test_metric="test/10th_percentile_acc",
     )
     write_run(tmp_path / "pacs", [], "A", 0, [(10, 0.5, 0.1, 0.7)], dataset="pacs")
-    frame = tables.collect([tmp_path])
+    frame = collect([tmp_path])
     amazon = frame[frame.dataset == "amazon"].set_index("selection")
     assert set(amazon["metric"]) == {"test/10th_percentile_acc"}
     assert amazon.loc["training_domain", "value"] == pytest.approx(0.21)
@@ -158,7 +164,7 @@ def test_cells_report_each_runs_official_metric(tmp_path):
     text = tables.render(wide, "text")
     assert "amazon, test/10th_percentile_acc, model selection: training-domain" in text and "21.0 +- 0.0" in text
     # --metric still overrides every run's own
-    assert set(tables.collect([tmp_path], metric="test/acc_avg")["metric"]) == {"test/acc_avg"}
+    assert set(collect([tmp_path], metric="test/acc_avg")["metric"]) == {"test/acc_avg"}
 
 
 def test_runs_with_different_backbones_or_bits_get_their_own_rows(tmp_path):
@@ -166,7 +172,7 @@ def test_runs_with_different_backbones_or_bits_get_their_own_rows(tmp_path):
     write_run(tmp_path / "mnv2", [], "A", 0, [(10, 0.9, 0.1, 0.6)], model="mobilenet_v2")
     write_run(tmp_path / "q7", ["dg_quant.qtdog"], "A", 0, [(10, 0.9, 0.1, 0.5)], model="resnet50", bits=7)
     write_run(tmp_path / "q5", ["dg_quant.qtdog"], "A", 0, [(10, 0.9, 0.1, 0.4)], model="resnet50", bits=5)
-    frame = tables.collect([tmp_path], selections=["training_domain"])
+    frame = collect([tmp_path], selections=["training_domain"])
     assert len(frame) == 4  # nothing merged away
     table = tables.wide_tables(tables.summarize(frame))[("training_domain", "toy", "test/acc_avg")]
     assert sorted(table.index) == [
@@ -180,7 +186,7 @@ def test_runs_with_different_backbones_or_bits_get_their_own_rows(tmp_path):
 
 
 def test_real_runs(tiny_runs):
-    frame = tables.collect([tiny_runs["root"]], selections=["training_domain", "last"])
+    frame = collect([tiny_runs["root"]], selections=["training_domain", "last"])
     erm = frame[(frame.method == "erm") & (frame.selection == "training_domain")]
     assert sorted(erm["seed"]) == ["0", "1"] and set(erm["test_env"]) == {"rot75"}
     for _, row in erm.iterrows():
@@ -196,6 +202,6 @@ def test_real_runs(tiny_runs):
 
 def test_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        tables.find_runs([tmp_path / "nope"])
+        run_results.find_runs([tmp_path / "nope"])
     with pytest.raises(DataError, match="no run folders"):
-        tables.find_runs([tmp_path])
+        run_results.find_runs([tmp_path])

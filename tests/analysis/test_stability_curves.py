@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dg_quant.adapters.wilds.run_results import read_run
 from dg_quant.analysis.stability import stability_frame, stability_summary
 from dg_quant.errors import DataError
 from dg_quant.io import read_jsonl
@@ -13,7 +14,7 @@ from dg_quant.io import read_jsonl
 
 def test_frame_reads_every_evaluation(tiny_runs):
     runs = [tiny_runs["erm0"], tiny_runs["qtdog"]]
-    frame = stability_frame(runs, labels=["erm", "qtdog"])
+    frame = stability_frame([read_run(r) for r in runs], labels=["erm", "qtdog"])
     for label, run in zip(["erm", "qtdog"], runs):
         records = read_jsonl(run / "results.jsonl")
         part = frame[frame.label == label]
@@ -21,9 +22,9 @@ def test_frame_reads_every_evaluation(tiny_runs):
         assert part["ood"].tolist() == [r["test/acc_avg"] for r in records]
         assert part["id_val"].tolist() == [r["id_val/acc_avg"] for r in records]
     with pytest.raises(DataError):
-        stability_frame(runs, labels=["one"])
+        stability_frame([read_run(r) for r in runs], labels=["one"])
     with pytest.raises(DataError):
-        stability_frame(runs, ood_metric="test/nothing")
+        stability_frame([read_run(r) for r in runs], ood_metric="test/nothing")
 
 
 def test_summary_numbers():
