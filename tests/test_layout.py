@@ -9,8 +9,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 import dg_quant
 from dg_quant.host import BUILTIN_PLUGINS, PluginHost
 
@@ -115,10 +113,6 @@ def test_deploy_imports_only_the_quantizers_and_the_base() -> None:
     assert offenders(py_files(CORE / "deploy"), lambda m: within(m, "dg_quant") and not within(m, *allowed)) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/wilds/ptq.py imports dg_quant.plugins.obc (dgq_ptq is to reach OBC through the hooks)",
-)
 def test_adapters_never_import_plugins() -> None:
     assert offenders(py_files(ROOT / "adapters"), lambda m: within(m, "dg_quant.plugins", "plugins")) == {}
 

@@ -4,7 +4,7 @@
     dgq_ptq runs/pacs_erm_seed0 --ptq_method gptq --bits 4 --ptq_bn_reestimate true --checkpoint last
 
 The run is rebuilt with its own plugins plus ``dg_quant.obc``, whose flags (``--bits``,
-``--ptq-*``, as for ``wilds_run --plugin dg_quant.obc``) set the quantization; then it ends as a
+``--ptq_*``, as for ``wilds_run --plugin dg_quant.obc``) set the quantization; then it ends as a
 training run ends (``dgq_train_end``). Calibration images come from the run's training split (its
 source domains; the held-out test domains are never seen), with the evaluation transform. Writes,
 next to the run's checkpoints, ``ptq_<method>_w<bits>.pt`` (a model file that ``dgq_export`` and
@@ -37,7 +37,7 @@ RESULT_FILE = "ptq.json"  # what dg_quant.obc writes into the log_dir of dgq_tra
 
 def build_parser(host: PluginHost | None = None) -> CommandParser:
     """dgq_ptq's own flags plus those of ``host``'s plugins (default: ``dg_quant.obc`` alone:
-    ``--bits``, ``--ptq-*``)."""
+    ``--bits``, ``--ptq_*``)."""
     host = host or PluginHost([PTQ_PLUGIN])
     parser = CommandParser(prog=PROG, description=plain_text(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a finished wilds_run folder")
