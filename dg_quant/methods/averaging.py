@@ -1,0 +1,86 @@
+"""Uniform weight averages of a model's parameters, and BatchNorm statistics recomputed for one.
+
+Shared by SWA (Izmailov et al., 2018) and SWAD (Cha et al., 2021). An average holds CPU copies of
+the parameters only (``model.named_parameters()``: weights, biases, BN affines and, on a
+quantized model, the latent weights and LSQ step sizes), as ``torch.optim.swa_utils.AveragedModel``
+and SWAD's copy of it do; buffers are not averaged, BatchNorm running statistics are recomputed
+with ``torch.optim.swa_utils.update_bn`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ParameterAverage:
+    """Running mean of parameter snapshots: ``mean_k = mean_{k-1} + (x_k - mean_{k-1}) / k``."""
+
+    def __init__(self) -> None:
+        self.mean: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.start_step: int | None = None
+        self.end_step: int | None = None
+
+    def add(self, params: dict[str, torch.Tensor], step: int | None = None, weight: int = 1) -> None:
+        """Add a snapshot counted ``weight`` times (a segment average counts once in SWAD)."""
+        if self.count == 0:
+            self.mean = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in params.items()}
+        else:
+            if params.keys() != self.mean.keys():
+                raise ValueError("parameter names changed between snapshots of the average")
+            total = self.count + weight
+            for k, v in params.items():
+                self.mean[k].add_((v.detach().to("cpu", torch.float32) - self.mean[k]) * (weight / total))
+        self.count += weight
+        if step is not None:
+            self.start_step = step if self.start_step is None else self.start_step
+            self.end_step = step
+
+    def add_average(self, other: ParameterAverage) -> None:
+        """Add ``other``'s mean as one snapshot (SWAD averages segment averages uniformly)."""
+        start = self.start_step
+        self.add(other.mean, other.end_step)
+        self.start_step = other.start_step if start is None else start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "count": self.count, "start_step": self.start_step, "end_step": self.end_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean = {k: v.clone() for k, v in state["mean"].items()}
+        self.count = int(state["count"])
+        self.start_step, self.end_step = state["start_step"], state["end_step"]
+
+
+def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an average takes from ``model``: its floating-point parameters by name."""
+    return {k: p for k, p in model.named_parameters() if p.is_floating_point()}
+
+
+@torch.no_grad()
+def load_average_(model: nn.Module, average: ParameterAverage) -> None:
+    """Copy the averaged parameters into ``model`` (buffers and quantizer flags stay the model's)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(average.mean) - set(params))
+    if missing:
+        raise ValueError(f"the average holds parameters the model lacks: {', '.join(missing[:3])}")
+    for name, value in average.mean.items():
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_bn_(model: nn.Module, batches: Iterable[Any], device: torch.device | None = None) -> None:
+    """Reset BatchNorm running statistics and re-estimate them (cumulative mean) over ``batches``.
+
+    ``torch.optim.swa_utils.update_bn``: the step SWA and SWAD take after averaging, because the
+    running statistics of the averaged weights are not the average of the running statistics.
+    """
+    if has_batchnorm(model):
+        torch.optim.swa_utils.update_bn(batches, model, device=device)
