@@ -18,6 +18,7 @@ hook but ``dgq_add_options`` receives it. docs/plugins.md walks through the cont
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -101,7 +102,12 @@ def dgq_configure_optimizer(
 
 @hookspec
 def dgq_step_start(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: argparse.Namespace, context: RunContext
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: argparse.Namespace,
+    context: RunContext,
+    domains: torch.Tensor | None,
 ) -> None:
     """Called before each step's gradients (e.g. switch quantization on at a given step).
 
@@ -110,10 +116,47 @@ def dgq_step_start(
     :param step: 0-based index of the step about to run.
     :param config: the run's settings.
     :param context: the run as the host set it up (length, steps per epoch, output folder).
+    :param domains: the batch's domain label per sample (``[B]`` integers: WILDS' grouper groups,
+        DomainBed's environment index), or None when the host does not know them (e.g. MixStyle's
+        cross-domain pairing reads them here, before the forward passes).
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
-       ``context`` added.
+       ``context`` and ``domains`` added.
+    """
+
+
+@hookspec
+def dgq_loss_terms(
+    model: nn.Module,
+    features: torch.Tensor | None,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    domains: torch.Tensor | None,
+    step: int,
+    config: argparse.Namespace,
+    context: RunContext,
+) -> dict[str, torch.Tensor] | None:
+    """Add terms to the training loss (e.g. CORAL's penalty), at every forward pass that is scored.
+
+    The host's ``loss_fn`` returns the task loss plus every term returned here, so the terms
+    reach the gradient whoever computes it: the default backward, or a plugin that owns the step
+    (SAGM and SAM evaluate the loss, and so the terms, at the clean and at the perturbed point).
+    Each term is logged under its name in the step's metrics (its value in the first pass).
+
+    :param model: the model being trained.
+    :param features: the classifier's input for the same samples (``[B, d]``), or None when the
+        model has no ``classifier``.
+    :param logits: the model's output.
+    :param y: the labels.
+    :param domains: each sample's domain label, or None when unknown or when the pass scores a
+        part of the batch (e.g. FQAT's Hessian sub-batches).
+    :param step: 0-based step index.
+    :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
+    :return: ``{name: scalar tensor}`` added to the loss, or None.
+
+    .. versionadded:: 0.2
     """
 
 
@@ -206,6 +249,51 @@ def dgq_evaluate(model: nn.Module, step: int, config: argparse.Namespace, contex
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        ``context`` added.
+    """
+
+
+@hookspec
+def dgq_evaluated(
+    model: nn.Module, step: int, record: dict[str, Any], config: argparse.Namespace, context: RunContext
+) -> None:
+    """Called with each finished evaluation record of the model being trained (not of the final model).
+
+    SWAD reads the in-domain validation loss here (``<split>/loss``) to find its loss valley.
+
+    :param model: the model that was evaluated (in eval mode).
+    :param step: number of steps done.
+    :param record: the evaluation record (``<split>/<metric>`` keys, ``<split>/loss`` included
+        where the host computes it); read only.
+    :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(firstresult=True)
+def dgq_final_model(
+    model: nn.Module,
+    train_batches: Callable[[int], Iterable[Any]],
+    config: argparse.Namespace,
+    context: RunContext,
+) -> dict[str, Any] | None:
+    """Replace the trained weights, in place, by the model that stands for the run (*first result*).
+
+    A weight averager (SWAD, SWA) loads its averaged parameters into ``model`` and recomputes its
+    BatchNorm statistics here. The host then evaluates that model as the run's final record, makes
+    it the selected model (best-model selection and the exported files use it) and runs
+    ``dgq_train_end`` on it. Called once, after the last step and before ``dgq_train_end``.
+
+    :param model: the trained model, to be changed in place (same architecture and quantizers).
+    :param train_batches: ``train_batches(n)`` yields up to ``n`` batches of training inputs on
+        the model's device (the inputs only, as ``torch.optim.swa_utils.update_bn`` takes them).
+    :param config: the run's settings.
+    :param context: the run as the host set it up (length, steps per epoch, output folder).
+    :return: flat ``{name: number}`` describing the replacement (merged into the final results),
+        or None when the plugin leaves the trained model as it is.
+
+    .. versionadded:: 0.2
     """
 
 

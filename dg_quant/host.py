@@ -37,6 +37,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "dg_quant.fqat": "dg_quant.plugins.fqat",
     "dg_quant.inq": "dg_quant.plugins.inq",
     "dg_quant.obc": "dg_quant.plugins.obc",
+    "dg_quant.coral": "dg_quant.plugins.coral",
+    "dg_quant.mixstyle": "dg_quant.plugins.mixstyle",
+    "dg_quant.sam": "dg_quant.plugins.sam",
+    "dg_quant.swa": "dg_quant.plugins.swa",
+    "dg_quant.swad": "dg_quant.plugins.swad",
 }
 
 

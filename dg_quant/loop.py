@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,18 +84,24 @@ class Trainer:
             "context": self.context,
         }
 
-    def train_step(self, batch: tuple[Any, torch.Tensor]) -> dict[str, Any]:
-        """Run one step on ``(x, y)`` (already on the device); returns the step's metrics."""
+    def train_step(self, batch: tuple[Any, torch.Tensor], domains: torch.Tensor | None = None) -> dict[str, Any]:
+        """Run one step on ``(x, y)`` (already on the device); returns the step's metrics.
+
+        :param domains: each sample's domain label (``[B]``), for plugins that use them (CORAL,
+            MixStyle's cross-domain mixing); None when the host does not know them.
+        """
         hook = self.host.hook
         self.model.train()
-        hook.dgq_step_start(**self._kwargs())
+        hook.dgq_step_start(domains=domains, **self._kwargs())
         self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
         # The methods' forward passes and their backward run under autocast (backward ops keep the
         # dtypes of their forward); parameters and gradients stay fp32.
-        with self.autocast():
+        with self.autocast(), self._loss_with_terms(domains, terms) as loss_fn:
             metrics = hook.dgq_compute_gradients(
-                batch=batch, loss_fn=self.loss_fn, **{**self._kwargs(), "model": self.forward_model}
+                batch=batch, loss_fn=loss_fn, **{**self._kwargs(), "model": self.forward_model}
             )
+        metrics.update(terms)
         hook.dgq_after_backward(**self._kwargs())
         self.optimizer.step()
         if self.scheduler is not None:
@@ -103,6 +109,54 @@ class Trainer:
         hook.dgq_after_step(metrics=metrics, **self._kwargs())
         self.step += 1
         return metrics
+
+    @contextlib.contextmanager
+    def _loss_with_terms(
+        self, domains: torch.Tensor | None, terms: dict[str, torch.Tensor]
+    ) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The step's ``loss_fn``: the task loss plus the plugins' ``dgq_loss_terms``.
+
+        Without such plugins it is the host's own ``loss_fn``. With them, the classifier's input is
+        captured at each forward pass of the block (a pre-hook), so whichever plugin computes the
+        gradients, every pass it scores gets the terms of its own features.
+        """
+        hook = self.host.hook.dgq_loss_terms
+        if not hook.get_hookimpls():
+            yield self.loss_fn
+            return
+        captured: dict[str, torch.Tensor] = {}
+        head = getattr(self.model, "classifier", None)
+        handle = (
+            head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("features", args[0]))
+            if isinstance(head, nn.Module)
+            else None
+        )
+
+        def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            features = captured.get("features")
+            same = features is not None and len(features) == len(y)
+            labels = domains if domains is not None and len(domains) == len(y) else None
+            loss = self.loss_fn(logits, y)
+            for result in hook(
+                model=self.model,
+                features=features if same else None,
+                logits=logits,
+                y=y,
+                domains=labels,
+                step=self.step,
+                config=self.config,
+                context=self.context,
+            ):
+                for name, value in (result or {}).items():
+                    loss = loss + value
+                    terms.setdefault(name, value.detach())
+            return loss
+
+        try:
+            yield loss_fn
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def evaluation_extras(self) -> dict[str, Any]:
         """What the plugins add to an evaluation record (compression, frozen layers, ...)."""
@@ -113,6 +167,22 @@ class Trainer:
         for result in results:
             extras.update(result or {})
         return extras
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        """Hand a finished evaluation record of the trained model to the plugins (``dgq_evaluated``)."""
+        self.host.hook.dgq_evaluated(
+            model=self.model, step=self.step, record=record, config=self.config, context=self.context
+        )
+
+    def final_model(self, train_batches: Callable[[int], Iterable[Any]]) -> dict[str, Any] | None:
+        """Let a plugin replace the trained weights by the run's final model (SWAD's average).
+
+        Returns its summary, or None when the trained model stays the run's model. Hosts call it
+        after the last step and before ``end()``, and report the model as the run's if it returns one.
+        """
+        return self.host.hook.dgq_final_model(
+            model=self.model, train_batches=train_batches, config=self.config, context=self.context
+        )
 
     def end(self, log_dir: str | None, calibration: Calibration | None = None) -> TrainEnd:
         """The end of training (``end_training``) of this run's model."""

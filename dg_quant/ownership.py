@@ -4,9 +4,9 @@ A plugin module (or object) may declare ``DGQ_OWNS``: a tuple of the parts of a 
 over. Two loaded plugins that own the same part cannot work together: two weight quantizers put
 two sets of quantizers on the same weights (and the size report counts every weight twice); two
 gradient computations each replace the step's gradients. Parts nobody else claims compose freely
-(``dg_quant.qtdog`` owns the weight quantization, ``dg_quant.sagm`` the gradient computation, so
-the two run together), and a plugin that declares nothing, such as a loss term, conflicts with
-none.
+(``dg_quant.qtdog`` owns the weight quantization, ``dg_quant.sagm`` the gradient computation,
+``dg_quant.swad`` the weight averaging, so the three run together), and a plugin that declares
+nothing, such as a loss term (``dg_quant.coral``), conflicts with none.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from dg_quant.errors import PluginError
 OWNS_ATTRIBUTE = "DGQ_OWNS"
 WEIGHT_QUANTIZATION = "weight quantization"
 GRADIENT_COMPUTATION = "gradient computation"
+WEIGHT_AVERAGING = "weight averaging"
 
 # Why a part can have only one owner (for the error message); other parts get a generic reason.
 WHY_ONE_OWNER = {
     WEIGHT_QUANTIZATION: "each would quantize the same weights with its own quantizers",
     GRADIENT_COMPUTATION: "each replaces the step's gradients with its own (dgq_compute_gradients)",
+    WEIGHT_AVERAGING: "each would replace the final model by its own average (dgq_final_model)",
 }
 
 

@@ -291,7 +291,8 @@ class Run:
         return it
 
     def batches(self, start_step: int, resume_rng: dict | None) -> Iterator[tuple]:
-        """Training batches from ``start_step`` on, exactly as an uninterrupted run would see them."""
+        """Training batches ``(x, y, domains)`` from ``start_step`` on, exactly as an uninterrupted run
+        would see them; ``domains`` are the grouper's groups (``--groupby_fields``) of the samples."""
         spe = self.context.steps_per_epoch
         epoch, skip = divmod(start_step, spe)
         while True:
@@ -302,9 +303,21 @@ class Run:
                 set_rng_state(resume_rng)
             resume_rng = None
             skip = 0
-            for x, y, _meta in it:
-                yield to_device(x, self.device), y.to(self.device, non_blocking=True)
+            for x, y, meta in it:
+                domains = self.grouper.metadata_to_group(meta).to(self.device, non_blocking=True)
+                yield to_device(x, self.device), y.to(self.device, non_blocking=True), domains
             epoch += 1
+
+    def train_inputs(self, n: int) -> Iterator[Any]:
+        """Up to ``n`` training input batches (train transform, shuffled), for BatchNorm re-estimation
+        of an averaged model (``dgq_final_model``); cycles through the split if it has fewer."""
+        done = 0
+        while done < n:
+            for x, _y, _meta in self._train_loader():
+                yield to_device(x, self.device)
+                done += 1
+                if done >= n:
+                    return
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -324,9 +337,11 @@ class Run:
         for split, loader in self.eval_loaders.items():
             bar.set_postfix_str(split, refresh=False)
             preds, ys, metas = [], [], []
+            loss_sum = 0.0
             for x, y, meta in loader:
                 with self.trainer.autocast():
                     logits = model(to_device(x, self.device))
+                loss_sum += _summed_cross_entropy(logits, y)
                 preds.append(logits.argmax(dim=1).cpu())
                 ys.append(y)
                 metas.append(meta)
@@ -338,6 +353,8 @@ class Run:
                 else {k: v for k, v in results.items() if ":" not in k}
             )
             record.update({f"{split}/{k}": _metric_value(k, v) for k, v in results.items()})
+            if not math.isnan(loss_sum):
+                record[f"{split}/loss"] = loss_sum / max(sum(len(t) for t in ys), 1)
         bar.close()
         record.update({k: _to_float(v) for k, v in self.trainer.evaluation_extras().items()})
         model.train(was_training)
@@ -431,7 +448,8 @@ class Run:
         bar = progress_bar(total, "train", "step", initial=trainer.step, disable=config.no_progress or not main)
         batches = self.batches(trainer.step, resume_rng)
         while trainer.step < total:
-            metrics = trainer.train_step(next(batches))
+            x, y, domains = next(batches)
+            metrics = trainer.train_step((x, y), domains=domains)
             window.append(metrics)
             bar.update(1)
             distributed.share_torch_rng(self.procs, self.device)
@@ -486,6 +504,7 @@ class Run:
             self.save_checkpoint(window, rng=before, pending_eval=True)
             raise
         self.records.append(record)
+        self.trainer.evaluated(record)  # e.g. SWAD's loss valley
         if config.val_metric not in record:
             raise ConfigError(
                 f"--val_metric {config.val_metric!r} is not among the evaluated metrics; "
@@ -521,6 +540,15 @@ class Run:
         return TrainingCalibration(train, self.device, self.config.seed)
 
     def _finish(self) -> dict[str, Any]:
+        replaced = self.trainer.final_model(self.train_inputs)
+        if replaced is not None:
+            # A weight average (SWAD, SWA) now stands for the run: it is evaluated, selected and saved.
+            record = {"step": self.trainer.step, "epoch": self.records[-1]["epoch"], "phase": "final_model"}
+            record.update(self.evaluate())
+            self.records.append(record)
+            self._write_results()
+            self.best = record
+            atomic_torch_save(self.log_dir / "best_model.pt", self._model_file())
         end = self.trainer.end(str(self.log_dir), calibration=self.calibration())
         extras = end.numbers
         if end.model_changed:
@@ -551,10 +579,18 @@ class Run:
             "last": self.records[-1],
             "best": self.best,
             "compression": report.to_dict(),
-            **{k: _to_float(v) for k, v in extras.items()},
+            **{k: _to_float(v) for k, v in {**(replaced or {}), **extras}.items()},
         }
         atomic_write_json(self.log_dir / "final.json", final)
         return final
+
+
+def _summed_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Summed cross-entropy of a classification batch (NaN when the task is not single-label
+    classification, so no ``<split>/loss`` is recorded)."""
+    if logits.dim() != 2 or y.dim() != 1 or y.dtype not in (torch.int64, torch.int32):
+        return math.nan
+    return float(nn.functional.cross_entropy(logits.float(), y.to(logits.device).long(), reduction="sum"))
 
 
 def _drop_empty_groups(results: dict[str, Any]) -> dict[str, Any]:

@@ -97,15 +97,22 @@ def _block_sequence(featurizer: nn.Module) -> nn.Sequential | None:
 
 @torch.no_grad()
 def _stage_ends_by_resolution(featurizer: nn.Module, blocks: nn.Sequential) -> list[nn.Module]:
-    """The last block at 1/4, 1/8, 1/16, ... of the input size: where ResNet's stages end."""
+    """The last block at each output resolution, largest first: where a stage ends.
+
+    After a downsampling stem (MobileNetV2's stride-2 convolution, DenseNet's pooling) stage 1 is
+    the first at 1/4 of the input, as ResNet's ``layer1``; without one (the small test CNNs) it is
+    the first resolution. Outputs of spatial size 1 (global pooling) are no stage.
+    """
     conv = next((m for m in featurizer.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         return []
     sizes: dict[int, int] = {}
-    handles = [
-        b.register_forward_hook(lambda _m, _i, out, i=i: sizes.__setitem__(i, out.shape[-1] if out.dim() == 4 else 0))
-        for i, b in enumerate(blocks)
-    ]
+
+    def record(index: int, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] > 1:
+            sizes[index] = output.shape[-1]
+
+    handles = [b.register_forward_hook(lambda _m, _i, out, i=i: record(i, out)) for i, b in enumerate(blocks)]
     was_training = featurizer.training
     featurizer.eval()
     try:
@@ -115,13 +122,10 @@ def _stage_ends_by_resolution(featurizer: nn.Module, blocks: nn.Sequential) -> l
         featurizer.train(was_training)
         for h in handles:
             h.remove()
-    ends = []
-    for level in range(2, 8):
-        at_level = [i for i, s in sizes.items() if s and s == PROBE_SIZE // 2**level]
-        if not at_level:
-            break
-        ends.append(blocks[max(at_level)])
-    return ends
+    levels = sorted(set(sizes.values()), reverse=True)
+    if levels and levels[0] < PROBE_SIZE:
+        levels = [size for size in levels if size <= PROBE_SIZE // 4]
+    return [blocks[max(i for i, s in sizes.items() if s == size)] for size in levels]
 
 
 def stage_ends(model: nn.Module) -> list[nn.Module]:
