@@ -2,6 +2,7 @@
 
     dgq_analyze table runs/                         # DomainBed-style tables (text; --format ...)
     dgq_analyze flatness runs/erm runs/qtdog --out figs   # SWAD F_gamma on source and target
+    dgq_analyze flatness runs/sweeps/flatness_pacs_cpu    # Fig. 3: ERM, SAM, SWA, SWAD, QT-DoG, ...
     dgq_analyze surface runs/qtdog --dims 2 --out figs    # filter-normalised loss surface
     dgq_analyze noise runs/qtdog --out figs               # weights vs quantization noise (Fig. 2)
     dgq_analyze stability runs/erm runs/qtdog --out figs  # in-domain vs OOD over steps (Fig. 4)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", default=None, help="also write results.{txt,md,csv,tex} into this folder")
 
     flat = sub.add_parser("flatness", help="SWAD local flatness F_gamma over radii", formatter_class=HelpFormatter)
-    flat.add_argument("runs", nargs="+", help="run folders")
+    flat.add_argument("runs", nargs="+", help="run folders, or folders that hold them (e.g. a sweep's output)")
     flat.add_argument(
         "--radii",
         type=float,
@@ -200,6 +201,22 @@ def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict
     }
 
 
+def run_folders(paths: Sequence[str]) -> list[str]:
+    """Run folders among ``paths`` (a run folder, or a folder holding runs such as a sweep's output)."""
+    from dg_quant.analysis.tables import find_runs
+
+    return [str(p) for p in find_runs(paths)]
+
+
+def run_labels(runs: Sequence[str]) -> list[str]:
+    """A label per run: its path below the runs' common folder (``swad_qtdog/sketch/seed0`` in a
+    sweep), or its folder name for a single run."""
+    if len(runs) == 1:
+        return [Path(runs[0]).name]
+    base = os.path.commonpath([os.path.abspath(r) for r in runs])
+    return [os.path.relpath(os.path.abspath(r), base) for r in runs]
+
+
 def cmd_flatness(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -208,7 +225,8 @@ def cmd_flatness(args: argparse.Namespace) -> None:
     from dg_quant.analysis.plots import plot_flatness, save_frame
 
     summaries, samples = [], []
-    for run in args.runs:
+    runs = run_folders(args.runs)
+    for run, label in zip(runs, run_labels(runs)):
         loaded = load_run_model(run, args.which, args.device)
         raw = local_flatness(
             loaded.model,
@@ -218,8 +236,8 @@ def cmd_flatness(args: argparse.Namespace) -> None:
             include_steps=args.include_steps,
             seed=args.seed,
         )
-        samples.append(raw.assign(label=Path(run).name))
-        summaries.append(flatness_summary(raw).assign(label=Path(run).name))
+        samples.append(raw.assign(label=label))
+        summaries.append(flatness_summary(raw).assign(label=label))
     summary = pd.concat(summaries, ignore_index=True)
     out = output_folder(args.out, args.runs)
     samples_csv = save_frame(pd.concat(samples, ignore_index=True), out / "flatness_samples.csv")

@@ -23,6 +23,9 @@ Selection rules (each picks one evaluation record per run; the table reports its
   (``val/acc_avg`` for ``test/acc_avg``), as the SWAD/QT-DoG code reports it, quantized records
   first as above; skipped for runs that never evaluated ``val``.
 
+A run with a final model (``dg_quant.swad``, ``dg_quant.swa``: the ``phase: final_model`` record)
+reports that model under every rule: the average stands for the run, as in SWAD's tables.
+
 A row is one (method, backbone, bit widths, ``--by`` settings): runs that differ in any of these
 are never merged. Several runs that agree on all of them and on the test domain and seed, e.g.
 an lr sweep, are reduced to the one whose selection-rule validation is best. The row label names
@@ -90,7 +93,15 @@ def _test_env(records: list[dict[str, Any]], metric: str) -> str:
 def select_record(
     records: list[dict[str, Any]], rule: str, val_metric: str, metric: str = TEST_METRIC
 ) -> dict[str, Any] | None:
-    """The record ``rule`` picks; ties go to the earliest, as ``wilds_run``'s best checkpoint."""
+    """The record ``rule`` picks; ties go to the earliest, as ``wilds_run``'s best checkpoint.
+
+    A run whose plugin replaced the trained model by a final one (SWAD's or SWA's average, the
+    record with ``phase: final_model``) is that model under every rule, as SWAD reports it.
+    """
+    final_model = [r for r in records if r.get("phase") == "final_model"]
+    if final_model:
+        key = _selection_key(rule, val_metric, metric)
+        return final_model[-1] if key is None or final_model[-1].get(key) is not None else None
     if rule == "last":
         return records[-1] if records else None
     key = _selection_key(rule, val_metric, metric)
