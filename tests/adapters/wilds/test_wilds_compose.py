@@ -71,3 +71,12 @@ def test_flatness_of_runs_in_a_folder_is_one_command(swad_qtdog, tmp_path, capsy
     assert analyze([*argv, "--max_batches", "1", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "flatness.csv").read_text()
     assert "swad_qtdog" in summary and "erm" in summary
+
+
+def test_mixstyle_with_qtdog_on_camelyon17_mixes_across_hospitals(camelyon_root, tmp_path) -> None:
+    argv = ["--dataset", "camelyon17", "--root_dir", str(camelyon_root), "--model", "test_mobilenet"]
+    argv += ["--plugin", "dg_quant.mixstyle", "--plugin", "dg_quant.qtdog", "--mixstyle-mix", "crossdomain"]
+    argv += ["--batch_size", "8", "--n_steps", "6", "--eval_every", "3", "--quant-start-step", "2", "--no_progress"]
+    assert main([*argv, "--log_dir", str(tmp_path / "ms")]) == 0
+    final = json.loads((tmp_path / "ms" / "final.json").read_text())
+    assert final["plugins"] == ["dg_quant.mixstyle", "dg_quant.qtdog"] and final["best"]["quantized"]
