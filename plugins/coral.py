@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
@@ -67,15 +67,8 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
-    options = read_options(CORALOptions, config)
-    weight = options.coral_weight
-    if weight is None:
-        weight = penalty_weight_for(getattr(config, "dataset", None))
-    host.register(CORALRun(weight), name="dg_quant.coral.run")
-
-
-def resolved_weight(config: Any) -> float:
-    """The weight a run with ``config`` uses (for reports)."""
+def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
     weight = read_options(CORALOptions, config).coral_weight
-    return penalty_weight_for(getattr(config, "dataset", None)) if weight is None else weight
+    if weight is None:
+        weight = penalty_weight_for(context.dataset or getattr(config, "dataset", None))
+    host.register(CORALRun(weight), name="dg_quant.coral.run")

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError
 from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
@@ -88,9 +89,9 @@ def dgq_add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
-def dgq_configure(config: argparse.Namespace, host: PluginHost) -> None:
+def dgq_configure(config: argparse.Namespace, host: PluginHost, context: RunContext) -> None:
     options, bn = read_options(SWAOptions, config), read_options(BNOptions, config)
-    total = int(getattr(config, "total_steps", 0) or 0)
+    total = context.total_steps or 0
     if total < 1:
-        raise ConfigError("dg_quant.swa needs the run's length (total_steps); the host did not set it")
+        raise ConfigError("dg_quant.swa needs the run's length (context.total_steps); the host did not give it")
     host.register(SWARun(options, bn, total), name="dg_quant.swa.run")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dg_quant import PluginHost, Trainer, create_adapter
+from dg_quant.context import RunContext
 from dg_quant.errors import PluginError
 from dg_quant.loop import same_state, state_snapshot
 from dg_quant.ownership import GRADIENT_COMPUTATION, WEIGHT_AVERAGING
@@ -42,8 +43,8 @@ def build(plugins: list[str], argv: list[str]) -> Trainer:
     parser = argparse.ArgumentParser()
     host.add_options(parser)
     config = parser.parse_args(argv)
-    config.total_steps, config.dataset, config.val_metric = STEPS, "digits", "id_val/acc_avg"
-    host.configure(config)
+    config.val_metric = "id_val/acc_avg"
+    host.configure(config, RunContext(total_steps=STEPS, dataset="digits"))
     model = create_adapter("test_cnn", num_classes=3)
     return Trainer.build(host, model, config, lambda m: torch.optim.SGD(m.parameters(), lr=0.05), nn.CrossEntropyLoss())
 
@@ -77,7 +78,6 @@ def combos() -> list[tuple[str, str]]:
 def test_method_composes_with_quantizer(method: str, quantizer: str) -> None:
     argv = METHODS[method] + QUANTIZERS[quantizer]
     trainer = build([method, quantizer], argv)
-    trainer.config.calibration_batches = lambda n, b: (x for x in inputs(max(n // b, 1)))
     metrics = train(trainer, 4)
     assert all(torch.isfinite(torch.as_tensor(m["loss"])) for m in metrics)
     if method == "dg_quant.coral":
@@ -98,7 +98,7 @@ def test_method_composes_with_quantizer(method: str, quantizer: str) -> None:
         assert summary is not None and summary.get("swad/segments", summary.get("swa/snapshots", 0)) >= 1
     else:
         assert summary is None
-    trainer.finish(None)
+    trainer.finish(None, calibration=lambda n, b: inputs(max(n // b, 1)))
     assert is_quantized(trainer.model)
     trainer.model.eval()
     assert torch.isfinite(trainer.model(batch(0)[0][0])).all()
