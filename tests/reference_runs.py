@@ -116,10 +116,20 @@ def _model_file(path: Path) -> dict[str, str]:
     return {"weights": digest(state["model"]), "settings": digest(_settings(state["config"]))}
 
 
+def without_eval_losses(obj: Any) -> Any:
+    """``obj`` without the ``<split>/loss`` keys that evaluation records gained after these
+    fingerprints were written (an addition: every other number must stay as it was)."""
+    if isinstance(obj, dict):
+        return {k: without_eval_losses(v) for k, v in obj.items() if not (k.endswith("/loss") and k != "train/loss")}
+    if isinstance(obj, list):
+        return [without_eval_losses(v) for v in obj]
+    return obj
+
+
 def fingerprint(log_dir: Path) -> dict[str, Any]:
-    """Digests of what a finished ``wilds_run`` folder holds (paths excluded)."""
-    last = torch.load(log_dir / "last.pt", map_location="cpu", weights_only=False)
-    final = json.loads((log_dir / "final.json").read_text())
+    """Digests of what a finished ``wilds_run`` folder holds (paths and evaluation losses excluded)."""
+    last = without_eval_losses(torch.load(log_dir / "last.pt", map_location="cpu", weights_only=False))
+    final = without_eval_losses(json.loads((log_dir / "final.json").read_text()))
     out = {
         "model.pt": _model_file(log_dir / "model.pt"),
         "best_model.pt": _model_file(log_dir / "best_model.pt"),
@@ -129,7 +139,9 @@ def fingerprint(log_dir: Path) -> dict[str, Any]:
             "settings": digest(_settings(last["config"])),
         },
         "config.json": digest(_settings(json.loads((log_dir / "config.json").read_text()))),
-        "results.jsonl": digest([json.loads(line) for line in (log_dir / "results.jsonl").read_text().splitlines()]),
+        "results.jsonl": digest(
+            without_eval_losses([json.loads(line) for line in (log_dir / "results.jsonl").read_text().splitlines()])
+        ),
         "final.json": digest(final),
         "test_at_last": final["test_at_last"],
     }

@@ -353,7 +353,7 @@ class Run:
                 else {k: v for k, v in results.items() if ":" not in k}
             )
             record.update({f"{split}/{k}": _metric_value(k, v) for k, v in results.items()})
-            if not math.isnan(loss_sum):
+            if not math.isnan(loss_sum) and split != "train":  # train/loss is the training steps' mean
                 record[f"{split}/loss"] = loss_sum / max(sum(len(t) for t in ys), 1)
         bar.close()
         record.update({k: _to_float(v) for k, v in self.trainer.evaluation_extras().items()})
