@@ -120,7 +120,11 @@ def without_eval_losses(obj: Any) -> Any:
     """``obj`` without the ``<split>/loss`` keys that evaluation records gained after these
     fingerprints were written (an addition: every other number must stay as it was)."""
     if isinstance(obj, dict):
-        return {k: without_eval_losses(v) for k, v in obj.items() if not (k.endswith("/loss") and k != "train/loss")}
+        return {
+            k: without_eval_losses(v)
+            for k, v in obj.items()
+            if not (isinstance(k, str) and k.endswith("/loss") and k != "train/loss")
+        }
     if isinstance(obj, list):
         return [without_eval_losses(v) for v in obj]
     return obj
