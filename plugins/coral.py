@@ -26,7 +26,7 @@ from dg_quant.options import add_options, option, read_options
 
 @dataclass
 class CORALOptions:
-    """CORAL's weight (flag ``--coral-weight``)."""
+    """CORAL's weight (flag ``--coral_weight``)."""
 
     coral_weight: float | None = option(
         None,
@@ -38,7 +38,7 @@ class CORALOptions:
 
     def __post_init__(self) -> None:
         if self.coral_weight is not None and self.coral_weight < 0:
-            raise ConfigError(f"--coral-weight must be >= 0; got {self.coral_weight}")
+            raise ConfigError(f"--coral_weight must be >= 0; got {self.coral_weight}")
 
 
 class CORALRun:

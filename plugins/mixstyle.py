@@ -2,7 +2,7 @@
 
 Defaults as the paper and the released QT-DoG code (``resnet50_mixstyle_L234_p0d5_a0d1``): after
 stages 1-3 (ResNet ``layer1..3``; for MobileNetV2 the blocks ending at 1/4, 1/8 and 1/16 of the
-input), p 0.5, alpha 0.1, random pairing; ``--mixstyle-mix crossdomain`` pairs samples of
+input), p 0.5, alpha 0.1, random pairing; ``--mixstyle_mix crossdomain`` pairs samples of
 different domains (the host's domain labels). Nothing is added to the weights or checkpoints, and
 evaluation is unchanged (MixStyle only acts in training mode). ViTs and text encoders are
 refused in one line.
@@ -29,13 +29,13 @@ def _parse_layers(text: str) -> tuple[int, ...]:
     except ValueError:
         layers = ()
     if not layers or min(layers) < 1:
-        raise ConfigError(f"--mixstyle-layers takes stage numbers from 1 separated by commas, e.g. 1,2,3; got {text!r}")
+        raise ConfigError(f"--mixstyle_layers takes stage numbers from 1 separated by commas, e.g. 1,2,3; got {text!r}")
     return layers
 
 
 @dataclass
 class MixStyleOptions:
-    """MixStyle's knobs (flags ``--mixstyle-p``, ``--mixstyle-alpha``, ...)."""
+    """MixStyle's knobs (flags ``--mixstyle_p``, ``--mixstyle_alpha``, ...)."""
 
     mixstyle_p: float = option(0.5, "probability of mixing at each forward pass")
     mixstyle_alpha: float = option(0.1, "Beta(alpha, alpha) parameter of the mixing weight")

@@ -1,6 +1,6 @@
 """SWA (Izmailov et al., UAI 2018): the uniform average of the weights over the end of training.
 
-From ``--swa-start`` (a fraction of the run; 0.75 by default) every ``--swa-every`` steps the
+From ``--swa_start`` (a fraction of the run; 0.75 by default) every ``--swa_every`` steps the
 parameters join a running mean; after the last step the average replaces the trained weights
 (``dgq_final_model``), its BatchNorm statistics are recomputed on training batches, and it is
 what the final record, model selection and the exported files use. On a quantized run the
@@ -31,16 +31,16 @@ DGQ_OWNS = (WEIGHT_AVERAGING,)
 
 @dataclass
 class SWAOptions:
-    """When SWA averages (flags ``--swa-start``, ``--swa-every``)."""
+    """When SWA averages (flags ``--swa_start``, ``--swa_every``)."""
 
     swa_start: float = option(0.75, "fraction of the run after which the weights are averaged")
     swa_every: int = option(1, "steps between two snapshots of the average")
 
     def __post_init__(self) -> None:
         if not 0 <= self.swa_start < 1:
-            raise ConfigError(f"--swa-start must be in [0, 1); got {self.swa_start}")
+            raise ConfigError(f"--swa_start must be in [0, 1); got {self.swa_start}")
         if self.swa_every < 1:
-            raise ConfigError(f"--swa-every must be >= 1; got {self.swa_every}")
+            raise ConfigError(f"--swa_every must be >= 1; got {self.swa_every}")
 
 
 class SWARun:

@@ -2,10 +2,10 @@
 
 Every step's weights join the current segment's average; at each evaluation the segment ends
 with the in-domain validation loss of the online model (``id_val/loss``, else ``<split>/loss``
-of ``--val_metric``'s split), and SWAD's loss-valley rule (``dg_quant.methods.swad``, ``--swad-n-converge 3
---swad-n-tolerance 6 --swad-tolerance-ratio 0.3``) decides which segments the final average holds.
+of ``--val_metric``'s split), and SWAD's loss-valley rule (``dg_quant.methods.swad``, ``--swad_n_converge 3
+--swad_n_tolerance 6 --swad_tolerance_ratio 0.3``) decides which segments the final average holds.
 After the last step the average replaces the trained weights (``dgq_final_model``), its BatchNorm
-statistics are recomputed on ``--bn-batches`` training batches (SWAD: 500), and it is the model
+statistics are recomputed on ``--bn_batches`` training batches (SWAD: 500), and it is the model
 of the final record, of model selection and of the exported files.
 
 With a quantization plugin (``--plugin dg_quant.swad --plugin dg_quant.qtdog``), as in the
@@ -52,7 +52,7 @@ class SWADOptions:
 
 
 def loss_key(options: SWADOptions, config: Any, record: dict[str, Any]) -> str:
-    """``--swad-loss``, else the in-domain validation loss (SWAD's), else that of ``--val_metric``'s split."""
+    """``--swad_loss``, else the in-domain validation loss (SWAD's), else that of ``--val_metric``'s split."""
     if options.swad_loss:
         return options.swad_loss
     if "id_val/loss" in record:
@@ -94,7 +94,7 @@ class SWADRun:
             losses = ", ".join(k for k in record if k.endswith("/loss")) or "none"
             raise ConfigError(
                 f"dg_quant.swad reads the validation loss {key!r}, which the evaluation record lacks "
-                f"(losses there: {losses}); set --swad-loss"
+                f"(losses there: {losses}); set --swad_loss"
             )
         self.valley.update(Segment(self.segment.cpu(), float(loss)))
         self.segment = ParameterAverage()

@@ -111,7 +111,7 @@ def recompute_bn_(model: nn.Module, batches: Iterable[Any], device: torch.device
 
 @dataclass
 class BNOptions:
-    """How the averaged model's BatchNorm statistics are recomputed (flag ``--bn-batches``)."""
+    """How the averaged model's BatchNorm statistics are recomputed (flag ``--bn_batches``)."""
 
     bn_batches: int = option(
         500, "training batches that re-estimate the averaged model's BatchNorm statistics (SWAD: 500)"
@@ -119,7 +119,7 @@ class BNOptions:
 
     def __post_init__(self) -> None:
         if self.bn_batches < 1:
-            raise ConfigError(f"--bn-batches must be >= 1; got {self.bn_batches}")
+            raise ConfigError(f"--bn_batches must be >= 1; got {self.bn_batches}")
 
 
 def finish_average_(

@@ -62,11 +62,11 @@ class MixStyle:
 
     def __init__(self, p: float = 0.5, alpha: float = 0.1, mode: str = "random", eps: float = 1e-6) -> None:
         if not 0 <= p <= 1:
-            raise ConfigError(f"--mixstyle-p must be in [0, 1]; got {p}")
+            raise ConfigError(f"--mixstyle_p must be in [0, 1]; got {p}")
         if not alpha > 0:
-            raise ConfigError(f"--mixstyle-alpha must be > 0; got {alpha}")
+            raise ConfigError(f"--mixstyle_alpha must be > 0; got {alpha}")
         if mode not in MIX_MODES:
-            raise ConfigError(f"--mixstyle-mix must be one of {', '.join(MIX_MODES)}; got {mode!r}")
+            raise ConfigError(f"--mixstyle_mix must be one of {', '.join(MIX_MODES)}; got {mode!r}")
         self.p, self.alpha, self.mode, self.eps = p, alpha, mode, eps
         self.domains: torch.Tensor | None = None
 
@@ -150,7 +150,7 @@ def attach_mixstyle(model: nn.Module, stages: Sequence[int], make: Any) -> list[
         raise ConfigError(
             f"dg_quant.mixstyle cannot attach to {name}: found {found}, needs stage(s) "
             f"{', '.join(map(str, stages))} (ResNet layer1.. or a MobileNetV2-style `features` sequence); "
-            "use a CNN backbone, fewer --mixstyle-layers, or drop --plugin dg_quant.mixstyle"
+            "use a CNN backbone, fewer --mixstyle_layers, or drop --plugin dg_quant.mixstyle"
         )
     sites = []
     for stage in stages:

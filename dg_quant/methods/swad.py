@@ -41,9 +41,9 @@ class LossValley:
 
     def __init__(self, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3) -> None:
         if n_converge < 1 or n_tolerance < 1:
-            raise ConfigError(f"--swad-n-converge and --swad-n-tolerance must be >= 1; got {n_converge}, {n_tolerance}")
+            raise ConfigError(f"--swad_n_converge and --swad_n_tolerance must be >= 1; got {n_converge}, {n_tolerance}")
         if tolerance_ratio < 0:
-            raise ConfigError(f"--swad-tolerance-ratio must be >= 0; got {tolerance_ratio}")
+            raise ConfigError(f"--swad_tolerance_ratio must be >= 0; got {tolerance_ratio}")
         self.n_converge, self.n_tolerance, self.tolerance_ratio = n_converge, n_tolerance, tolerance_ratio
         # before the valley: the last segments (c and the candidates before it); after: those waiting
         self.recent: deque[Segment] = deque(maxlen=max(n_tolerance, n_converge) + n_converge)

@@ -21,18 +21,18 @@ from dg_quant.ownership import GRADIENT_COMPUTATION, WEIGHT_AVERAGING
 from dg_quant.quant import is_quantized
 
 METHODS = {
-    "dg_quant.coral": ["--coral-weight", "1.0"],
-    "dg_quant.mixstyle": ["--mixstyle-layers", "1,2", "--mixstyle-p", "1.0", "--mixstyle-mix", "crossdomain"],
-    "dg_quant.swad": ["--swad-n-converge", "1", "--swad-n-tolerance", "2", "--bn-batches", "2"],
-    "dg_quant.swa": ["--swa-start", "0.5", "--bn-batches", "2"],
+    "dg_quant.coral": ["--coral_weight", "1.0"],
+    "dg_quant.mixstyle": ["--mixstyle_layers", "1,2", "--mixstyle_p", "1.0", "--mixstyle_mix", "crossdomain"],
+    "dg_quant.swad": ["--swad_n_converge", "1", "--swad_n_tolerance", "2", "--bn_batches", "2"],
+    "dg_quant.swa": ["--swa_start", "0.5", "--bn_batches", "2"],
     "dg_quant.sam": ["--rho", "0.05"],
 }
 QUANTIZERS = {
-    "dg_quant.qtdog": ["--bits", "7", "--quant-start-step", "2"],
+    "dg_quant.qtdog": ["--bits", "7", "--quant_start_step", "2"],
     "dg_quant.lsq": ["--bits", "6"],
-    "dg_quant.fqat": ["--bits", "4", "--quant-start-step", "2"],
-    "dg_quant.inq": ["--bits", "5", "--inq-partitions", "0.5,1.0"],
-    "dg_quant.obc": ["--bits", "8", "--ptq-samples", "16", "--ptq-batch-size", "8"],
+    "dg_quant.fqat": ["--bits", "4", "--quant_start_step", "2"],
+    "dg_quant.inq": ["--bits", "5", "--inq_partitions", "0.5,1.0"],
+    "dg_quant.obc": ["--bits", "8", "--ptq_samples", "16", "--ptq_batch_size", "8"],
 }
 STEPS = 6
 
@@ -143,7 +143,7 @@ def test_coral_term_reaches_the_gradients_of_a_plugin_that_owns_the_step() -> No
     """SAM scores the loss twice: the CORAL term is in both passes, so it changes SAM's gradient."""
     grads = {}
     for weight in ("0", "100"):
-        trainer = build(["dg_quant.coral", "dg_quant.sam"], ["--coral-weight", weight])
+        trainer = build(["dg_quant.coral", "dg_quant.sam"], ["--coral_weight", weight])
         trainer.train_step(*batch(0))
         grads[weight] = [p.detach().clone() for p in trainer.model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(grads["0"], grads["100"]))

@@ -17,8 +17,8 @@ FAST = ["--n_steps", "24", "--eval_every", "4", "--no_progress", "--eval_splits"
 @pytest.fixture(scope="module")
 def swad_qtdog(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("runs") / "swad_qtdog"
-    argv = ["--plugin", "dg_quant.swad", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant-start-step", "8"]
-    argv += ["--swad-n-converge", "2", "--swad-n-tolerance", "2", "--bn-batches", "3"]
+    argv = ["--plugin", "dg_quant.swad", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant_start_step", "8"]
+    argv += ["--swad_n_converge", "2", "--swad_n_tolerance", "2", "--bn_batches", "3"]
     assert main([*argv, *FAST, "--log_dir", str(log_dir)]) == 0
     return log_dir
 
@@ -39,7 +39,7 @@ def test_swad_average_is_the_final_selected_and_saved_model(swad_qtdog) -> None:
 
 
 def test_coral_with_qtdog_on_group_batches(tmp_path) -> None:
-    argv = ["--plugin", "dg_quant.coral", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant-start-step", "8"]
+    argv = ["--plugin", "dg_quant.coral", "--plugin", "dg_quant.qtdog", "--bits", "7", "--quant_start_step", "8"]
     argv += ["--train_loader", "group", "--n_groups_per_batch", "4", "--batch_size", "32"]
     assert main([*argv, *FAST, "--log_dir", str(tmp_path / "coral")]) == 0
     records = read_jsonl(tmp_path / "coral" / "results.jsonl")
@@ -75,8 +75,8 @@ def test_flatness_of_runs_in_a_folder_is_one_command(swad_qtdog, tmp_path, capsy
 
 def test_mixstyle_with_qtdog_on_camelyon17_mixes_across_hospitals(camelyon_root, tmp_path) -> None:
     argv = ["--dataset", "camelyon17", "--root_dir", str(camelyon_root), "--model", "test_mobilenet"]
-    argv += ["--plugin", "dg_quant.mixstyle", "--plugin", "dg_quant.qtdog", "--mixstyle-mix", "crossdomain"]
-    argv += ["--batch_size", "8", "--n_steps", "6", "--eval_every", "3", "--quant-start-step", "2", "--no_progress"]
+    argv += ["--plugin", "dg_quant.mixstyle", "--plugin", "dg_quant.qtdog", "--mixstyle_mix", "crossdomain"]
+    argv += ["--batch_size", "8", "--n_steps", "6", "--eval_every", "3", "--quant_start_step", "2", "--no_progress"]
     assert main([*argv, "--log_dir", str(tmp_path / "ms")]) == 0
     final = json.loads((tmp_path / "ms" / "final.json").read_text())
     assert final["plugins"] == ["dg_quant.mixstyle", "dg_quant.qtdog"] and final["best"]["quantized"]
