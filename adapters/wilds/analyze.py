@@ -203,7 +203,7 @@ def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict
 
 def run_folders(paths: Sequence[str]) -> list[str]:
     """Run folders among ``paths`` (a run folder, or a folder holding runs such as a sweep's output)."""
-    from dg_quant.analysis.tables import find_runs
+    from dg_quant.adapters.wilds.run_results import find_runs
 
     return [str(p) for p in find_runs(paths)]
 

@@ -54,9 +54,10 @@ def test_mixstyle_refuses_a_vit_in_one_line(tmp_path, capsys) -> None:
 
 
 def test_table_reports_the_average_under_every_rule(swad_qtdog) -> None:
+    from dg_quant.adapters.wilds.run_results import read_run
     from dg_quant.analysis.tables import collect
 
-    frame = collect([swad_qtdog], selections=("training_domain", "last"))
+    frame = collect([read_run(swad_qtdog)], selections=("training_domain", "last"))
     final = json.loads((swad_qtdog / "final.json").read_text())
     assert set(frame["method"]) == {"swad+qtdog"}
     assert list(frame["value"]) == [final["test_at_best"]] * 2
