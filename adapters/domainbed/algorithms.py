@@ -133,7 +133,28 @@ def run_config(
     return config
 
 
-class DGQuantAlgorithm:
+class TrainerState:
+    """What every dg-quant DomainBed algorithm (its own or a composed one) keeps of its ``Trainer``.
+
+    The step counter and the plugins' states (FQAT's frozen set, ...) travel in the state_dict,
+    so a reloaded model.pkl knows where it was and what it decided.
+    """
+
+    trainer: Trainer
+
+    def evaluation_extras(self) -> dict[str, Any]:
+        """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""
+        return self.trainer.evaluation_extras()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.trainer.step = int(state["step"])
+        self.trainer.load_plugin_state_dict(state.get("plugins", {}))
+
+
+class DGQuantAlgorithm(TrainerState):
     """DomainBed's ``Algorithm`` contract on top of ``dg_quant.loop.Trainer``.
 
     Used as the first base of a class that also derives from DomainBed's ``Algorithm`` (see
@@ -192,19 +213,6 @@ class DGQuantAlgorithm:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with self.trainer.autocast():  # the run's precision hparam, as in training
             return self.network(x).float()
-
-    def evaluation_extras(self) -> dict[str, Any]:
-        """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""
-        return self.trainer.evaluation_extras()
-
-    # The step counter and the plugins' states (FQAT's frozen set, ...) travel in the state_dict,
-    # so a reloaded model.pkl knows where it was and what it decided.
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.trainer.step = int(state["step"])
-        self.trainer.load_plugin_state_dict(state.get("plugins", {}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DGQuantAlgorithm:
         """A rebuilt algorithm holding a copy of this one's weights (the plugin host cannot be

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from dg_quant.adapters.domainbed.algorithms import SPECS, DGQuantAlgorithm, run_config
+from dg_quant.adapters.domainbed.algorithms import SPECS, DGQuantAlgorithm, TrainerState, run_config
 from dg_quant.adapters.domainbed.predict_path import PredictPath
 from dg_quant.adapters.domainbed.runlength import run_length, train_flags
 from dg_quant.errors import ConfigError
@@ -118,7 +118,7 @@ def add_missing_parameters(optimizers: list[torch.optim.Optimizer], view: nn.Mod
     return sum(len(params) for _, _, params in added.values())
 
 
-class ComposedAlgorithm:
+class ComposedAlgorithm(TrainerState):
     """A DomainBed algorithm with dg-quant plugins attached; the first base of a composed class."""
 
     PLUGINS: tuple[str, ...] = ()
@@ -170,16 +170,6 @@ class ComposedAlgorithm:
         # 1.0 once the model computes with quantized weights (records selection reads it).
         metrics["quantized"] = float(is_quantized(trainer.model))
         return metrics
-
-    def evaluation_extras(self) -> dict[str, Any]:
-        return self.trainer.evaluation_extras()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.trainer.step = int(state["step"])
-        self.trainer.load_plugin_state_dict(state.get("plugins", {}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ComposedAlgorithm:
         """A rebuilt algorithm holding a copy of this one's weights (the plugin host cannot be copied)."""

@@ -158,12 +158,7 @@ def fold_batchnorms(graph: Any) -> int:
     onnx = _onnx()
     g = graph.graph
     _bypass_identities(g)
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producers, consumers = _graph_index(g)
     folded = 0
     for conv in [n for n in g.node if n.op_type == "Conv"]:
         users = consumers.get(conv.output[0], [])
@@ -229,12 +224,7 @@ def float_convolutions_for_onnxruntime(graph: Any) -> int:
     """
     onnx = _onnx()
     g = graph.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producers, consumers = _graph_index(g)
     rewritten = 0
     for conv in [n for n in g.node if n.op_type == "Conv"]:
         dq = producers.get(conv.input[1])
@@ -356,6 +346,17 @@ def _add_init(g: Any, inits: dict[str, Any], name: str, value: np.ndarray) -> st
     g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
     inits[name] = g.initializer[-1]
     return name
+
+
+def _graph_index(g: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
+    """Initializers by name, the node producing each value, and the nodes consuming each value."""
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producers, consumers
 
 
 def _bypass_identities(g: Any) -> None:
