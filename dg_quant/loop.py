@@ -188,10 +188,6 @@ class Trainer:
         """The end of training (``end_training``) of this run's model."""
         return end_training(self.host, self.model, self.config, log_dir, calibration)
 
-    def finish(self, log_dir: str | None, calibration: Calibration | None = None) -> dict[str, Any]:
-        """``end()``'s merged numbers only."""
-        return self.end(log_dir, calibration).numbers
-
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, step and each plugin's state."""
         state = {

@@ -172,7 +172,7 @@ def test_hook_dgq_evaluate(run) -> None:
 
 def test_hook_dgq_train_end(run, tmp_path) -> None:
     recorder, trainer = run
-    assert trainer.finish(str(tmp_path)) == {"recorder/done": 1}
+    assert trainer.end(str(tmp_path)).numbers == {"recorder/done": 1}
     assert dict(recorder.calls)["dgq_train_end"] == {"log_dir": str(tmp_path), "calibration": None}
 
 

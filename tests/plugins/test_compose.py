@@ -98,7 +98,7 @@ def test_method_composes_with_quantizer(method: str, quantizer: str) -> None:
         assert summary is not None and summary.get("swad/segments", summary.get("swa/snapshots", 0)) >= 1
     else:
         assert summary is None
-    trainer.finish(None, calibration=lambda n, b: inputs(max(n // b, 1)))
+    trainer.end(None, calibration=lambda n, b: inputs(max(n // b, 1)))
     assert is_quantized(trainer.model)
     trainer.model.eval()
     assert torch.isfinite(trainer.model(batch(0)[0][0])).all()

@@ -64,7 +64,7 @@ def test_inq_frozen_weights_never_change_and_end_on_levels(opt):
                 if isinstance(value, torch.Tensor) and value.shape == frozen.shape:
                     assert not value[frozen].any()
             snapshots[name] = (module.weight.detach().clone(), frozen.clone())
-    result = trainer.finish(None)
+    result = trainer.end(None).numbers
     assert result["inq/frozen_fraction"] == 1.0 and result["inq/levels"] == 17
     for module in prepared.values():
         n1, n2 = (int(v) for v in module.inq_exponents)
