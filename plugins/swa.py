@@ -52,7 +52,7 @@ class SWARun:
         self.average = ParameterAverage()
         self.quantized: bool | None = None
 
-    @hookimpl
+    @hookimpl(trylast=True)  # the step's final weights: after LSQ's step clamping, INQ's frozen values
     def dgq_after_step(self, model: nn.Module, step: int) -> None:
         done = step + 1
         if done <= self.start or (done - self.start) % self.options.swa_every:

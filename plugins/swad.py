@@ -75,7 +75,7 @@ class SWADRun:
         self.valley = LossValley(o.swad_n_converge, o.swad_n_tolerance, o.swad_tolerance_ratio)
         self.segment = ParameterAverage()
 
-    @hookimpl
+    @hookimpl(trylast=True)  # the step's final weights: after LSQ's step clamping, INQ's frozen values
     def dgq_after_step(self, model: nn.Module, step: int) -> None:
         quantized = is_quantization_enabled(model)
         if self.quantized is not None and quantized != self.quantized:

@@ -4,7 +4,7 @@ Shared by SWA (Izmailov et al., 2018) and SWAD (Cha et al., 2021). An average ho
 the parameters only (``model.named_parameters()``: weights, biases, BN affines and, on a
 quantized model, the latent weights and LSQ step sizes), as ``torch.optim.swa_utils.AveragedModel``
 and SWAD's copy of it do; buffers are not averaged, BatchNorm running statistics are recomputed
-with ``torch.optim.swa_utils.update_bn`` instead.
+as ``torch.optim.swa_utils.update_bn`` does instead (frozen BatchNorm layers excepted).
 """
 
 from __future__ import annotations
@@ -94,19 +94,34 @@ def load_average_(model: nn.Module, average: ParameterAverage) -> None:
         weight[frozen] = value[frozen]
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @torch.no_grad()
 def recompute_bn_(model: nn.Module, batches: Iterable[Any], device: torch.device | None = None) -> None:
     """Reset BatchNorm running statistics and re-estimate them (cumulative mean) over ``batches``.
 
     ``torch.optim.swa_utils.update_bn``: the step SWA and SWAD take after averaging, because the
     running statistics of the averaged weights are not the average of the running statistics.
+    Only the BatchNorm layers that train in training mode are re-estimated: a backbone that keeps
+    its BatchNorm frozen (DomainBed's ``freeze_bn``, whose ``train()`` leaves BN in eval mode) keeps
+    its statistics, as SWAD skips ``update_bn`` with ``freeze_bn`` (``update_bn`` would reset them and
+    then never update them).
     """
-    if has_batchnorm(model):
-        torch.optim.swa_utils.update_bn(batches, model, device=device)
+    was_training = model.training
+    model.train()
+    active = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = {m: m.momentum for m in active}
+    try:
+        if not active:
+            return
+        for module in active:
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative mean over the batches
+        for batch in batches:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            model(x.to(device) if device is not None else x)
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)
 
 
 @dataclass

@@ -81,11 +81,15 @@ class MixStyle:
 
 
 def _stage_modules(featurizer: nn.Module) -> list[nn.Module] | None:
-    """ResNet's ``layer1``, ``layer2``, ... (torchvision and timm), or None."""
+    """ResNet's ``layer1``, ``layer2``, ... (torchvision and timm), or None; also of a ResNet held
+    inside a wrapper (DomainBed's ``networks.ResNet`` keeps torchvision's model as ``.network``)."""
+    holder = next((m for m in featurizer.modules() if isinstance(getattr(m, "layer1", None), nn.Module)), None)
+    if holder is None:
+        return None
     stages = []
-    while hasattr(featurizer, f"layer{len(stages) + 1}"):
-        stages.append(getattr(featurizer, f"layer{len(stages) + 1}"))
-    return stages or None
+    while hasattr(holder, f"layer{len(stages) + 1}"):
+        stages.append(getattr(holder, f"layer{len(stages) + 1}"))
+    return stages
 
 
 def _block_sequence(featurizer: nn.Module) -> nn.Sequential | None:

@@ -99,3 +99,24 @@ def test_load_average_and_bn_recompute() -> None:
     assert torch.allclose(bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-4)
     per_batch_var = torch.stack([model[0](x).detach().var((0, 2, 3), unbiased=True) for x in data]).mean(0)
     assert torch.allclose(bn.running_var, per_batch_var, atol=1e-4)  # cumulative mean of batch variances
+
+
+def test_bn_recompute_keeps_frozen_batchnorm() -> None:
+    """A backbone whose train() keeps BatchNorm in eval mode (DomainBed's freeze_bn) keeps its
+    statistics: resetting them and never updating them would leave mean 0, variance 1."""
+
+    class Frozen(nn.Sequential):
+        def train(self, mode: bool = True) -> Frozen:
+            super().train(mode)
+            self[1].eval()
+            return self
+
+    model = nn.Sequential(Frozen(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)), nn.BatchNorm2d(2))
+    frozen, trained = model[0][1], model[1]
+    frozen.running_mean.fill_(3.0)
+    data = [torch.randn(8, 1, 3, 3) + 5 for _ in range(3)]
+    model.eval()
+    recompute_bn_(model, data)
+    assert torch.equal(frozen.running_mean, torch.full((2,), 3.0)) and int(frozen.num_batches_tracked) == 0
+    assert int(trained.num_batches_tracked) == 3 and not torch.equal(trained.running_mean, torch.zeros(2))
+    assert not model.training and trained.momentum == 0.1  # mode and momentum restored

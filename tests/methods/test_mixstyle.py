@@ -97,3 +97,16 @@ def test_refused_where_it_cannot_attach() -> None:
     with pytest.raises(ConfigError, match="cannot attach to Linear") as info:
         attach_mixstyle(Flat(), [1], MixStyle)
     assert "\n" not in str(info.value)
+
+
+def test_stages_of_a_resnet_inside_a_wrapper() -> None:
+    """DomainBed's networks.ResNet keeps torchvision's model as ``.network``: its layer1.. are found."""
+    import torchvision
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = torchvision.models.resnet18(num_classes=3)
+
+    wrapper = Wrapper()
+    assert stage_ends(wrapper)[:3] == [wrapper.network.layer1, wrapper.network.layer2, wrapper.network.layer3]
