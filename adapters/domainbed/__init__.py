@@ -1,10 +1,10 @@
 """The DomainBed host: dg-quant algorithms registered into a DomainBed checkout, and a launcher.
 
-``register()`` adds ``QTDoG``, ``LSQ`` (and ``FQAT``, ``SAGM``, ``LSQ_SAGM``, ``INQ`` when their
-plugins are installed) to ``domainbed.algorithms`` and their hyperparameters to
+``register()`` adds ``QTDoG``, ``LSQ`` (and ``FQAT``, ``SAGM``, ``LSQ_SAGM``, ``INQ``, ``OBC``,
+``MixStyle``, ``SWAD`` when their plugins are installed) to ``domainbed.algorithms`` and their hyperparameters to
 ``domainbed.hparams_registry``, in this process, and makes ``get_algorithm_class`` build
 ``<Algorithm>_<Method>`` (``CORAL_QTDoG``, ``DANN_INQ``, ...: any DomainBed algorithm with a
-quantization method attached, see ``compose``) on demand, without adding them to ``ALGORITHMS``. ``python -m dg_quant.adapters.domainbed
+quantization method attached, and ``MixStyle_QTDoG``, ``SWAD_QTDoG``, ..., see ``compose``) on demand, without adding them to ``ALGORITHMS``. ``python -m dg_quant.adapters.domainbed
 train|sweep|collect_results ...`` registers them and runs DomainBed's own scripts, with sweep
 jobs started through the same entry point so that they see the algorithms too.
 """

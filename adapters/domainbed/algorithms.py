@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import warnings
 from collections.abc import Mapping
@@ -21,13 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dg_quant.adapters.domainbed.evaluation import (
+    VAL_LOSS_KEY,
+    VAL_LOSS_METRIC,
+    CheckpointEvaluation,
+    reads_evaluations,
+)
 from dg_quant.adapters.domainbed.hparams import (
     DatasetHParam,
     HParam,
     options_parser,
     plugin_hparams,
 )
-from dg_quant.adapters.domainbed.runlength import run_length, train_flags
+from dg_quant.adapters.domainbed.records import FINAL_MODEL_KEY
+from dg_quant.adapters.domainbed.runlength import checkpoint_every, run_length, train_flags
 from dg_quant.context import RunContext
 from dg_quant.errors import ConfigError, PluginError
 from dg_quant.host import PluginHost, resolve_plugin
@@ -35,6 +43,7 @@ from dg_quant.loop import Trainer, scalar_metrics
 from dg_quant.model import DGModel
 from dg_quant.quant import is_quantized
 from dg_quant.schedule import paper_start_step
+from dg_quant.speed import model_device
 
 HOST = "domainbed"
 # Keys that DomainBed's train.py writes itself; an update() metric of that name is renamed.
@@ -49,6 +58,9 @@ class AlgorithmSpec:
     plugins: tuple[str, ...]
     doc: str
     hparams: Mapping[str, HParam | DatasetHParam] = field(default_factory=dict)
+    # A DG method without a quantizer: ``<name>_<Method>`` (``MixStyle_QTDoG``) is its plugins
+    # plus the quantization method's (``compose``).
+    attachable: bool = False
 
 
 def qtdog_start(dataset: str, total_steps: int | None) -> HParam:
@@ -87,7 +99,26 @@ SPECS: tuple[AlgorithmSpec, ...] = (
         ("dg_quant.obc",),
         "ERM in full precision, then OBC/GPTQ post-training quantization (QT-DoG Table 4's PTQ row)",
     ),
+    AlgorithmSpec(
+        "MixStyle",
+        ("dg_quant.mixstyle",),
+        "MixStyle: instance feature statistics mixed after the early CNN stages in training (ICLR 2021)",
+        attachable=True,
+    ),
+    AlgorithmSpec(
+        "SWAD",
+        ("dg_quant.swad",),
+        "SWAD: dense weight averaging over the in-domain validation loss valley (NeurIPS 2021)",
+        attachable=True,
+    ),
 )
+
+
+def domain_labels(minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each sample's training-environment index, for the minibatches concatenated in order."""
+    return torch.cat(
+        [torch.full((len(y),), i, dtype=torch.long, device=y.device) for i, (_, y) in enumerate(minibatches)]
+    )
 
 
 def plugin_available(name: str) -> bool:
@@ -114,9 +145,10 @@ def run_config(
     hparams: Mapping[str, Any],
     total_steps: int | None = None,
     dataset: str | None = None,
+    eval_every: int | None = None,
 ) -> argparse.Namespace:
     """The run's ``config`` (the plugins' option defaults, overridden by DomainBed's ``hparams``),
-    with the host configured for a run of ``total_steps`` on ``dataset``."""
+    with the host configured for a run of ``total_steps`` on ``dataset``, checkpointing every ``eval_every``."""
     parser = options_parser(host)
     for action in parser._actions:
         value = hparams.get(action.dest)
@@ -129,29 +161,35 @@ def run_config(
     vars(config).update(hparams)
     # DomainBed tells an algorithm neither the number of steps nor an output folder: the run
     # length comes from train.py's flags (runlength), the folder only at the end (finish).
-    host.configure(config, RunContext(host=HOST, dataset=dataset, total_steps=total_steps))
+    host.configure(config, RunContext(host=HOST, dataset=dataset, total_steps=total_steps, eval_every=eval_every))
     return config
 
 
 class TrainerState:
     """What every dg-quant DomainBed algorithm (its own or a composed one) keeps of its ``Trainer``.
 
-    The step counter and the plugins' states (FQAT's frozen set, ...) travel in the state_dict,
-    so a reloaded model.pkl knows where it was and what it decided.
+    The step counter, the plugins' states (FQAT's frozen set, ...) and the summary of a final
+    model (SWAD's average) travel in the state_dict, so a reloaded model.pkl knows where it was
+    and what it decided.
     """
 
     trainer: Trainer
+    final_summary: dict[str, Any] | None = None  # dgq_final_model's summary, once it replaced the model
 
     def evaluation_extras(self) -> dict[str, Any]:
         """What the plugins add to an evaluation (compression ratio, ...); DomainBed never asks."""
         return self.trainer.evaluation_extras()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
+        state = {"step": self.trainer.step, "plugins": self.trainer.plugin_state_dict()}
+        if self.final_summary is not None:
+            state["final_model"] = self.final_summary
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.trainer.step = int(state["step"])
         self.trainer.load_plugin_state_dict(state.get("plugins", {}))
+        self.final_summary = state.get("final_model")
 
 
 class DGQuantAlgorithm(TrainerState):
@@ -165,6 +203,7 @@ class DGQuantAlgorithm(TrainerState):
     networks: ModuleType
     PACKAGE = "domainbed"  # the module DomainBed imports as (where its datasets live)
     TOTAL_STEPS: int | None = None  # register(total_steps=...); else train.py's flags say
+    ATTACHABLE = False  # AlgorithmSpec.attachable
 
     def __init__(
         self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]
@@ -177,10 +216,18 @@ class DGQuantAlgorithm(TrainerState):
         )
         self.network = DGModel(featurizer, classifier, featurizer.n_outputs)
         host = PluginHost(self.PLUGINS)
-        flags = train_flags(sys.argv[1:])
-        total = self.TOTAL_STEPS or run_length(sys.argv[1:], package=self.PACKAGE)
-        config = run_config(host, hparams, total, flags.dataset)
+        argv = sys.argv[1:]
+        flags = train_flags(argv)
+        total = self.TOTAL_STEPS or run_length(argv, package=self.PACKAGE)
+        every = checkpoint_every(argv, package=self.PACKAGE)
+        config = run_config(host, hparams, total, flags.dataset, every)
         self.trainer = Trainer.build(host, self.network, config, self._make_optimizer, F.cross_entropy)
+        # SWAD's validation losses and final model, on train.py's checkpoints (``evaluation``).
+        self._evaluation = (
+            CheckpointEvaluation(flags, total, every, hparams, num_domains, self.PACKAGE)
+            if reads_evaluations(host.hook)
+            else None
+        )
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """ERM's optimizer, over everything trainable after the plugins configured the model."""
@@ -201,14 +248,37 @@ class DGQuantAlgorithm(TrainerState):
         return self.network.classifier
 
     def update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]], unlabeled: Any = None) -> dict[str, float]:
-        """One training step on the source domains' minibatches, concatenated as ERM does."""
+        """One training step on the source domains' minibatches, concatenated as ERM does; each
+        sample's domain is the index of its training environment (MixStyle's cross-domain pairs)."""
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
-        metrics = scalar_metrics(self.trainer.train_step((x, y)))
+        step = self.trainer.step  # train.py's 0-based step
+        metrics = scalar_metrics(self.trainer.train_step((x, y), domains=domain_labels(minibatches)))
+        metrics.update(self._after_update(step))
         # 1.0 once the model computes with quantized weights (LSQ on, every INQ weight frozen);
         # it never goes back, so a checkpoint whose window mean is > 0 was evaluated quantized.
         metrics["quantized"] = float(is_quantized(self.network))
         return {(f"train_{k}" if k in RESERVED_KEYS else k): v for k, v in metrics.items()}
+
+    def _after_update(self, step: int) -> dict[str, float]:
+        """At train.py's checkpoints: the validation loss for the plugins; after the last update,
+        the final model (SWAD's average), which train.py then evaluates and saves as the run's."""
+        evaluation, name = self._evaluation, type(self).__name__
+        if evaluation is None:
+            return {}
+        metrics: dict[str, float] = {}
+        device = model_device(self.network)
+        if evaluation.is_checkpoint(step, name):
+            loss = evaluation.validation_loss(self, device)
+            self.trainer.evaluated({VAL_LOSS_KEY: loss})
+            metrics[VAL_LOSS_METRIC] = loss
+        if evaluation.is_last(step, name) and self.final_summary is None:
+            summary = self.trainer.final_model(functools.partial(evaluation.train_batches, device=device))
+            if summary is not None:
+                self.final_summary = dict(summary)
+                metrics.update(scalar_metrics(summary))
+                metrics[FINAL_MODEL_KEY] = 1.0
+        return metrics
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with self.trainer.autocast():  # the run's precision hparam, as in training
@@ -238,6 +308,7 @@ def algorithm_classes(
             "networks": networks,
             "PACKAGE": package,
             "TOTAL_STEPS": total_steps,
+            "ATTACHABLE": spec.attachable,
         }
         classes[spec.name] = type(spec.name, (DGQuantAlgorithm, algorithm_base), namespace)
     return classes

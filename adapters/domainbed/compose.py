@@ -10,6 +10,11 @@ step hooks run: ``dgq_step_start`` before it (QT-DoG's switch, INQ's partitions)
 ``dgq_after_backward``/``dgq_after_step`` around every ``step()`` of an optimizer that trains a
 quantized weight, whichever optimizer it is (DANN's two, IRM's rebuilt one, MLDG's inner one).
 
+dg-quant's own DG methods without a quantizer (``MixStyle``, ``SWAD``: ``AlgorithmSpec.attachable``)
+take the methods the same way, by plugins: ``SWAD_QTDoG`` is the algorithm of the plugins
+``dg_quant.swad`` and ``dg_quant.qtdog``, with the hparams of both (as ``wilds_run --plugin
+dg_quant.swad --plugin dg_quant.qtdog``).
+
 Composed classes are made on demand (``resolve``) and never added to ``ALGORITHMS``, so a
 default sweep runs what it ran before; a sweep names them with ``--algorithms CORAL_QTDoG``.
 """
@@ -28,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from dg_quant.adapters.domainbed.algorithms import SPECS, DGQuantAlgorithm, TrainerState, run_config
+from dg_quant.adapters.domainbed.algorithms import (
+    SPECS,
+    AlgorithmSpec,
+    DGQuantAlgorithm,
+    TrainerState,
+    algorithm_classes,
+    domain_labels,
+    run_config,
+)
 from dg_quant.adapters.domainbed.predict_path import PredictPath
 from dg_quant.adapters.domainbed.runlength import run_length, train_flags
 from dg_quant.errors import ConfigError
@@ -163,6 +176,7 @@ class ComposedAlgorithm(TrainerState):
             step=trainer.step,
             config=trainer.config,
             context=trainer.context,
+            domains=domain_labels(minibatches),
         )
         with _step_hooks(trainer):
             metrics = dict(super().update(minibatches, unlabeled))
@@ -228,10 +242,12 @@ def composed_class(algorithms: ModuleType, name: str, total_steps: int | None = 
     base = getattr(algorithms, base_name, None)
     if not (isinstance(base, type) and issubclass(base, algorithms.Algorithm)):
         return None
+    if issubclass(base, DGQuantAlgorithm) and base.ATTACHABLE:
+        return _with_plugins(algorithms, base, name, method, total_steps)
     if issubclass(base, DGQuantAlgorithm | ComposedAlgorithm):
         raise ConfigError(
             f"{name}: {base_name} is a dg-quant algorithm already; quantization attaches to DomainBed's own "
-            "algorithms (use LSQ_SAGM for SAGM with LSQ)"
+            f"algorithms and to {', '.join(s.name for s in SPECS if s.attachable)} (use LSQ_SAGM for SAGM with LSQ)"
         )
     reason = refusal(base_name, method)
     if reason is not None:
@@ -248,6 +264,14 @@ def composed_class(algorithms: ModuleType, name: str, total_steps: int | None = 
         "TOTAL_STEPS": total_steps,
     }
     return type(name, (ComposedAlgorithm, base), namespace)
+
+
+def _with_plugins(algorithms: ModuleType, base: type, name: str, method: str, total_steps: int | None) -> type:
+    """``<Own>_<Method>`` for a dg-quant algorithm without a quantizer: its plugins, then the method's."""
+    spec = next(s for s in SPECS if s.name == method)
+    doc = f"{(base.__doc__ or base.__name__).rstrip('.')}, with {spec.doc}"
+    own = AlgorithmSpec(name, (*base.PLUGINS, *spec.plugins), doc)
+    return algorithm_classes([own], algorithms.Algorithm, base.networks, algorithms.__name__, total_steps)[name]
 
 
 # Attribute holding the function a patched ``get_algorithm_class`` wraps (re-registering replaces it).
@@ -286,12 +310,13 @@ def install_resolver(algorithms: ModuleType, total_steps: int | None = None) -> 
 
 
 def composed_names(algorithms: ModuleType) -> dict[str, str | None]:
-    """Every ``<Algorithm>_<Method>`` over ``algorithms.ALGORITHMS``' DomainBed algorithms, with
-    the reason it is refused (None: available)."""
+    """Every ``<Algorithm>_<Method>`` over ``algorithms.ALGORITHMS``' DomainBed algorithms and
+    dg-quant's attachable ones (MixStyle, SWAD), with the reason it is refused (None: available)."""
     names: dict[str, str | None] = {}
     for base in algorithms.ALGORITHMS:
         cls = getattr(algorithms, base, None)
-        if cls is None or issubclass(cls, DGQuantAlgorithm | ComposedAlgorithm):
+        own = isinstance(cls, type) and issubclass(cls, DGQuantAlgorithm | ComposedAlgorithm)
+        if cls is None or (own and not getattr(cls, "ATTACHABLE", False)):
             continue
         for method in COMPOSABLE:
             names[composed_name(base, method)] = refusal(base, method)

@@ -2,7 +2,7 @@
 
 The launcher runs ``train.py`` in its own process, so when the script returns its globals still
 hold the trained ``algorithm``, whose plugins keep their per-run state (FQAT's disorder windows,
-INQ's partitions). ``finish_training`` runs ``Trainer.finish`` on it (or, when the script left
+INQ's partitions). ``finish_training`` runs ``Trainer.end`` on it (or, when the script left
 no algorithm behind, on one rebuilt from ``model.pkl``), then:
 
 - if a hook changed the model (post-training quantization), ``model.pkl`` becomes the changed
@@ -10,7 +10,9 @@ no algorithm behind, on one rebuilt from ``model.pkl``), then:
 - ``dgq_final.json`` gets the hooks' numbers, ``evaluation_extras()`` (compression ratio, packed
   MB) and, for a changed model, every split's accuracy re-measured as ``train.py`` measures it;
   that evaluation is also appended to ``results.jsonl`` as a DomainBed record (``dgq_phase``:
-  ``train_end``), which is what ``collect_results`` reports for ``OBC``.
+  ``train_end``), which is what ``collect_results`` reports for ``OBC``;
+- a final model (SWAD's average) is the algorithm's own doing, after its last update
+  (``evaluation``): ``train.py`` already scored and saved it; its summary joins ``dgq_final.json``.
 
 A ``model.pkl`` already finished (rewritten by it, or ``dgq_final.json`` at least as new) is left
 alone, so a model is never post-training quantized twice. PTQ plugins
@@ -24,7 +26,6 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,10 +34,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dg_quant.adapters.domainbed.algorithms import DGQuantAlgorithm
 from dg_quant.adapters.domainbed.compose import ComposedAlgorithm
+from dg_quant.adapters.domainbed.rundata import RunData
 from dg_quant.adapters.domainbed.weights import random_init_backbones
 from dg_quant.io import (
     atomic_torch_save,
@@ -94,32 +96,13 @@ class DomainBedCalibration:
     def __init__(
         self, args: Mapping[str, Any], hparams: Mapping[str, Any], device: torch.device, package: str = "domainbed"
     ) -> None:
-        self.args, self.hparams, self.device, self.package = args, dict(hparams), device, package
-        self._train: Dataset | None = None
-        self._workers = 0
+        self.args, self.device = args, device
+        self.data = RunData(args, hparams, package)
         self._loaders: dict[tuple[int, int], DataLoader] = {}
 
     def training_images(self) -> Dataset:
         """The training environments' in-splits, concatenated (built once)."""
-        if self._train is None:
-            datasets = importlib.import_module(f"{self.package}.datasets")
-            misc = importlib.import_module(f"{self.package}.lib.misc")
-            args, test_envs = self.args, list(self.args["test_envs"])
-            dataset = datasets.get_dataset_class(args["dataset"])(
-                args["data_dir"], test_envs, {**self.hparams, "data_augmentation": False}
-            )
-            splits = []
-            for env_i, env in enumerate(dataset):
-                if env_i in test_envs:
-                    continue
-                _out, in_ = misc.split_dataset(
-                    env, int(len(env) * args["holdout_fraction"]), misc.seed_hash(args["trial_seed"], env_i)
-                )
-                splits.append(in_)
-            self._train = ConcatDataset(splits)
-            # DomainBed's N_WORKERS (8), but no more than this machine has cores for.
-            self._workers = min(int(getattr(dataset, "N_WORKERS", 0)), os.cpu_count() or 1)
-        return self._train
+        return self.data.training(augment=False)
 
     def _loader(self, num_samples: int, batch_size: int) -> DataLoader:
         key = (num_samples, batch_size)
@@ -131,8 +114,8 @@ class DomainBedCalibration:
                 Subset(train, chosen),
                 batch_size=batch_size,
                 shuffle=False,
-                num_workers=self._workers,
-                persistent_workers=self._workers > 0,
+                num_workers=self.data.workers,
+                persistent_workers=self.data.workers > 0,
             )
         return self._loaders[key]
 
@@ -260,6 +243,8 @@ def finish_training(namespace: Mapping[str, Any], package: str = "domainbed") ->
         "test_envs": args.get("test_envs"),
         "steps": algorithm.trainer.step,
         "model_changed": changed,
+        # SWAD's average replaced the trained model after the last update (train.py scored and saved it)
+        **({"final_model": True, **algorithm.final_summary} if algorithm.final_summary else {}),
         **numbers,
         **algorithm.evaluation_extras(),
     }

@@ -127,7 +127,8 @@ def extend_registry(
     Calling it again replaces the previous extension instead of stacking a second one.
     A per-dataset entry gets the dataset and ``run_length(dataset)`` (the run's steps).
     A name that ``split`` maps to ``(algorithm, method)`` (``CORAL_QTDoG``) gets DomainBed's
-    entries for the algorithm plus ``specs[method]``.
+    entries for the algorithm plus ``specs[algorithm]`` (a dg-quant one: ``MixStyle_QTDoG``) and
+    ``specs[method]``.
     """
     original = getattr(registry._hparams, _ORIGINAL_ATTR, registry._hparams)
     table = {algorithm: dict(entries) for algorithm, entries in specs.items()}
@@ -136,7 +137,9 @@ def extend_registry(
         parts = split(algorithm) if split is not None and algorithm not in table else None
         base, method = parts if parts is not None else (algorithm, algorithm)
         hparams = original(base, dataset, random_seed)
-        extra = {k: v for k, v in table.get(method, {}).items() if k not in hparams}
+        # a dg-quant base (MixStyle_QTDoG) brings its own plugins' hparams; the method's win
+        entries = {**table.get(base, {}), **table.get(method, {})}
+        extra = {k: v for k, v in entries.items() if k not in hparams}
         hparams.update(draw_hparams(resolve_hparams(extra, dataset, run_length), random_seed, seed_hash))
         return hparams
 

@@ -68,6 +68,7 @@ FAKE_TREE = {
 
         class Toy:
             N_WORKERS = 0
+            CHECKPOINT_FREQ = 1  # train.py evaluates after every step
             input_shape, num_classes = (3, 8, 8), 2
 
             def __init__(self, root, test_envs, hparams):
@@ -75,7 +76,7 @@ FAKE_TREE = {
                 g = torch.Generator().manual_seed(0)
                 self.datasets = []
                 for env in range(3):  # env i's pixels are about i; pixel [0, 0, 0] is the sample's id
-                    x = torch.randn(30, 3, 8, 8, generator=g) * 0.1 + env
+                    x = torch.randn(30, *self.input_shape, generator=g) * 0.1 + env
                     x[:, 0, 0, 0] = torch.arange(30) + 100 * env
                     y = torch.randint(0, 2, (30,), generator=g)
                     self.datasets.append(torch.utils.data.TensorDataset(x, y))
@@ -94,6 +95,9 @@ FAKE_TREE = {
 
         class Toy224(Toy):
             INPUT_SHAPE = (3, 224, 224)  # fed to the ImageNet featurizer, as PACS is
+
+        class Toy16(Toy):
+            input_shape = (3, 16, 16)  # the staged featurizer (layer1..3), where MixStyle attaches
     """,
     "domainbed/algorithms.py": """
         import torch
@@ -224,7 +228,24 @@ FAKE_TREE = {
         import torchvision
         from torch import nn
 
-        class Featurizer(nn.Module):
+        def Featurizer(input_shape, hparams):
+            # by input shape, as DomainBed's: 16x16 gets stages layer1..3 (as its Wide_ResNet/ResNet)
+            return Staged(input_shape, hparams) if input_shape[1:] == (16, 16) else Conv(input_shape, hparams)
+
+        class Staged(nn.Module):
+            n_outputs = 8
+
+            def __init__(self, input_shape, hparams):
+                super().__init__()
+                self.hparams = hparams
+                self.layer1 = nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                self.layer2 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                self.layer3 = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+
+            def forward(self, x):
+                return self.layer3(self.layer2(self.layer1(x))).mean((2, 3))
+
+        class Conv(nn.Module):
             n_outputs = 8
 
             def __init__(self, input_shape, hparams):
@@ -271,6 +292,7 @@ FAKE_TREE = {
             parser.add_argument("--trial_seed", type=int, default=0)
             parser.add_argument("--seed", type=int, default=0)
             parser.add_argument("--steps", type=int, default=2)
+            parser.add_argument("--checkpoint_freq", type=int, default=None)
             parser.add_argument("--test_envs", type=int, nargs="+", default=[0])
             parser.add_argument("--output_dir", required=True)
             parser.add_argument("--holdout_fraction", type=float, default=0.2)
@@ -295,9 +317,13 @@ FAKE_TREE = {
             eval_loader_names += [f"env{i}_out" for i in range(len(out_splits))]
             algorithm = algorithms.get_algorithm_class(args.algorithm)(
                 dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
+            checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
             for step in range(args.steps):
                 batches = [next(iter(loader)) for loader in train_loaders]
-                record = {"step": step, **algorithm.update(batches), "hparams": hparams, "args": vars(args)}
+                step_vals = algorithm.update(batches)
+                if step % checkpoint_freq and step != args.steps - 1:
+                    continue  # the real one averages step_vals over the window; the tests read the last
+                record = {"step": step, **step_vals, "hparams": hparams, "args": vars(args)}
                 for name, loader, weights in zip(eval_loader_names, eval_loaders, eval_weights):
                     record[name + "_acc"] = misc.accuracy(algorithm, loader, weights, "cpu")
                 with open(os.path.join(args.output_dir, "results.jsonl"), "a") as f:
@@ -340,7 +366,8 @@ FAKE_TREE = {
                 if algorithm not in best or val > best[algorithm][0]:
                     best[algorithm] = (val, r)
             for algorithm, (val, r) in sorted(best.items()):
-                print(f"{algorithm}|{r['step']}|{r.get('quantized')}|{r.get('dgq_phase')}|{r['env0_in_acc']}")
+                print(f"{algorithm}|{r['step']}|{r.get('quantized')}|{r.get('dgq_phase')}|{r['env0_in_acc']}"
+                      f"|{r.get('dgq_final_model')}")
     """,
     "domainbed/scripts/sweep.py": """
         import shlex

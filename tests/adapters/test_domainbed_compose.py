@@ -286,3 +286,39 @@ def test_real_domainbed_every_algorithm_with_every_method():
         assert len(checked) >= 100
     finally:
         _forget_domainbed()
+
+
+@pytest.mark.slow
+def test_real_domainbed_mixstyle_and_swad_with_every_method(tmp_path, monkeypatch):
+    """dg-quant's MixStyle (on DomainBed's Wide_ResNet, 32x32: layer1..3) and SWAD (on its Debug28
+    data, which SWAD's validation loss and BatchNorm batches rebuild from train.py's flags), alone
+    and with every quantization method: construct, updates past the switch, predict, round trip."""
+    algorithms, registry, before, registered = _real_domainbed()
+    argv = ["train.py", "--dataset", "Debug28", "--data_dir", str(tmp_path), "--test_envs", "0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "4", "--checkpoint_freq", "2"])
+    try:
+        assert {"MixStyle", "SWAD"} <= set(registered)
+        checked = []
+        for base, shape in (("MixStyle", (3, 32, 32)), ("SWAD", (3, 28, 28))):
+            for method in ("", *compose.COMPOSABLE):
+                name = f"{base}_{method}" if method else base
+                cls = algorithms.get_algorithm_class(name)
+                hp = registry.default_hparams(name, "Debug28")
+                hp.update({"quant_start_step": 2} if method == "QTDoG" else {})
+                hp.update({"bn_batches": 2, "batch_size": 4} if base == "SWAD" else {"mixstyle_mix": "crossdomain"})
+                algorithm, logs = _drive(cls, hp, shape)
+                quantized = {"": 0.0, "OBC": 0.0}.get(method, 1.0)
+                assert logs[-1]["quantized"] == quantized, name
+                if base == "SWAD":  # checkpoints 0, 2 and the last step 3; then the average
+                    assert [("id_val_loss" in log) for log in logs] == [True, False, True, True], name
+                    assert logs[-1]["dgq_final_model"] == 1.0 and algorithm.final_summary["swad/end_step"] == 4
+                clone = _reloaded(cls, hp, shape, algorithm)
+                ours, theirs = algorithm.state_dict(), clone.state_dict()
+                assert ours.keys() == theirs.keys(), name
+                assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if isinstance(v, torch.Tensor)), name
+                assert clone.trainer.step == 4 and clone.final_summary == algorithm.final_summary
+                checked.append(name)
+        assert algorithms.ALGORITHMS == before + registered
+        assert len(checked) == 10
+    finally:
+        _forget_domainbed()
