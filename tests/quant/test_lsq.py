@@ -71,6 +71,24 @@ def test_straight_through_gradient_is_zero_outside_the_range() -> None:
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("bounds", [(8, 7), (0, 15), (128, 127)])
+def test_range_mask_equals_where_on_the_strict_range(bounds) -> None:
+    """The fast mask (aten's hardtanh_backward) passes exactly where -Q_N < v < Q_P, bounds and signed zeros
+    included, in float32 and bfloat16, and in place."""
+    from dg_quant.quant.lsq import _inside_only
+
+    qn, qp = bounds
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        edges = torch.tensor([-qn, qp, 0.0, -0.0, -qn - 0.5, qp + 0.5, -qn + 0.01, qp - 0.01])
+        v = torch.cat([edges, torch.randn(1000) * qp]).to(dtype)
+        t = torch.randn(v.shape).to(dtype)
+        expected = torch.where((v > -qn) & (v < qp), t, 0.0).view(bits)
+        assert torch.equal(_inside_only(t, v, qn, qp).view(bits), expected)
+        in_place = v.clone()
+        _inside_only(in_place, in_place, qn, qp, out=in_place)
+        assert torch.equal(in_place.view(bits), torch.where((v > -qn) & (v < qp), v, 0.0).view(bits))
+
+
 def test_bounds_per_mode() -> None:
     assert integer_bounds(7, signed=True) == (64, 63)
     assert integer_bounds(7, signed=True, symmetric=True) == (63, 63)
