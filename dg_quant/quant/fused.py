@@ -169,7 +169,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not q.initialized:
         q.initialize(weight)
     qn, qp = q.bounds
-    quant = _WeightQuant(qn, qp, q.grad_scale(weight), q.ewgs_delta, q.compiled)
+    quant = _WeightQuant(qn, qp, q.grad_scale(weight), q.ewgs_delta, q.kernels_for(weight))
     return _QuantizedLayerFunction.apply(x, weight, q.step, self.bias, layer, quant)
 
 

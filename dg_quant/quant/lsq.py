@@ -24,6 +24,11 @@ from torch import nn
 from dg_quant.quant.config import LSQConfig
 from dg_quant.quant.init import init_step
 
+# Below this many elements the eager kernels are faster than the compiled ones: a compiled call costs
+# ~50-100 us of dispatch (dynamo guards, AOT wrappers), more than the whole eager pass over a small
+# weight (profiled on CPU: crossover near 2^18 elements for forward + backward; benchmarks/README.md).
+COMPILED_MIN_NUMEL = 1 << 18
+
 
 def integer_bounds(bits: int, signed: bool, symmetric: bool = False) -> tuple[int, int]:
     """Return (Q_N, Q_P) so that integers lie in [-Q_N, Q_P]."""
@@ -336,7 +341,7 @@ class LSQQuantizer(nn.Module):
         self.initialized = False
         self.signed = config.mode in ("signed", "symmetric")
         self.ewgs_delta = 0.0
-        self.compiled = False  # fused torch.compile kernels (opt-in; see lsq_fake_quant)
+        self.compiled = False  # fused torch.compile kernels for large tensors (opt-in; see kernels_for)
         self.fused_layer = True  # a weight quantizer's layer runs dg_quant.quant.fused (api.set_fused_layers)
 
     @property
@@ -346,6 +351,11 @@ class LSQQuantizer(nn.Module):
     @property
     def bounds(self) -> tuple[int, int]:
         return integer_bounds(self.config.bits, self.signed, self.config.mode == "symmetric")
+
+    def kernels_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through the compiled kernels: when they are on, and ``x`` is large enough
+        for them to pay (``COMPILED_MIN_NUMEL``); forward values are the same either way."""
+        return self.compiled and x.numel() >= COMPILED_MIN_NUMEL
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """The factor applied to the step's gradient (docs/methods.md 1.2)."""
@@ -378,7 +388,7 @@ class LSQQuantizer(nn.Module):
             self.initialize(x)
         qn, qp = self.bounds
         g = self.grad_scale(x)
-        return lsq_fake_quant(x, self.step, qn, qp, g, self.ewgs_delta, self.compiled)
+        return lsq_fake_quant(x, self.step, qn, qp, g, self.ewgs_delta, self.kernels_for(x))
 
     @torch.no_grad()
     def integers(self, x: torch.Tensor) -> torch.Tensor:

@@ -133,10 +133,23 @@ def test_compiled_kernels_flag_reaches_the_fused_layer(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(lsq_module, "_compiled_forward", eager_instead)
     monkeypatch.setattr(lsq_module, "_compiled_backward", lambda x, s, g, qn, qp: (g, s.new_zeros(s.shape)))
+    monkeypatch.setattr(lsq_module, "COMPILED_MIN_NUMEL", 0)  # this weight is small: eager would be faster
     model = _quantized(nn.Linear(6, 3), 4, "per_channel")
     set_compiled_kernels(model)
     model(torch.randn(2, 6, requires_grad=True)).sum().backward()
     assert calls == [(3, 6), (3, 6)]  # forward, and the recomputation in backward
+
+
+def test_small_tensors_keep_the_eager_kernels_when_compiled_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below COMPILED_MIN_NUMEL the compiled call's dispatch costs more than the eager pass: eager runs."""
+    monkeypatch.setattr(lsq_module, "_compiled_forward", lambda *a: pytest.fail("compiled kernel on a small tensor"))
+    model = _quantized(nn.Linear(6, 3), 4, "per_channel")
+    set_compiled_kernels(model)
+    q = model[0].parametrizations.weight[0]
+    assert (
+        q.compiled and not q.kernels_for(model[0].weight) and q.kernels_for(torch.empty(lsq_module.COMPILED_MIN_NUMEL))
+    )
+    model(torch.randn(2, 6, requires_grad=True)).sum().backward()
 
 
 def _qtdog_trainer() -> Trainer:
