@@ -28,6 +28,7 @@ class Method:
     target: float | None = None  # the wall-clock ratio to aim for against FP ERM (a GPU target; see README)
     two_pass: bool = False  # always use the harness's two-pass step (a reference point)
     reference: bool = False  # the pre-fusion path: parametrized weights, eager kernels (before/after)
+    kernels: str | None = None  # LSQ kernels of this method whatever --quant-kernel says (eager: the run default)
 
 
 QUANT_NOW = ("--quant_start_step", "0")
@@ -57,6 +58,20 @@ METHODS: dict[str, Method] = {
         note="fqat through the reference path (parametrized weights, eager kernels: the code before issue 20)",
         target=2.1,
         reference=True,
+    ),
+    "qtdog_eager": Method(
+        ("dg_quant.qtdog",),
+        ("--bits", "7", *QUANT_NOW),
+        note="qtdog with the eager LSQ kernels (a run's default --quant_kernels eager), fused layers",
+        target=1.05,
+        kernels="eager",
+    ),
+    "fqat_eager": Method(
+        ("dg_quant.fqat",),
+        ("--bits", "4", "--act_bits", "4", *QUANT_NOW),
+        note="fqat with the eager LSQ kernels (a run's default --quant_kernels eager), fused layers",
+        target=2.1,
+        kernels="eager",
     ),
     "wa_2pass": Method(
         ("dg_quant.lsq",),

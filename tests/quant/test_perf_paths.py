@@ -244,7 +244,9 @@ def test_bench_writes_markdown_and_json_with_side_by_side_ratios(bench_modules, 
 
     line = summary.table([tmp_path / "cpu.json"]).splitlines()[2]
     before, after = rows["qtdog_ref"]["ratio_vs_fp"], rows["qtdog"]["ratio_vs_fp"]
-    assert line.startswith("| digits_cnn | 64 | 8 |") and f"{before:.2f} -> {after:.2f}" in line
+    best = min(rows["qtdog"]["step_ms_all"]) / min(rows["erm"]["step_ms_all"])
+    assert rows["qtdog"]["ratio_best"] == pytest.approx(best)
+    assert line.startswith("| digits_cnn | 64 | 8 |") and f"{before:.2f} -> {after:.2f} [{best:.2f}]" in line
 
 
 def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, tmp_path, monkeypatch) -> None:
