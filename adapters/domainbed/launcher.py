@@ -22,6 +22,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from dg_quant.adapters.domainbed.records import (
@@ -73,7 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
         "numbers): the runs get hparams dgq_random_init=true and collect_results lists "
         "them as '<algorithm> (random init)'",
     )
+    parser.add_argument(
+        "--data_workers",
+        dest="data_workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="data-loading worker processes of every DomainBed dataset (its N_WORKERS, 8 by default; "
+        "0 loads in the training process: small machines, CPU runs); sweep jobs get it too",
+    )
     return parser
+
+
+def set_data_workers(datasets: ModuleType, workers: int) -> list[str]:
+    """Give every dataset class of DomainBed's ``datasets`` module that defines ``N_WORKERS``
+    (``train.py`` builds its loaders with it) ``workers`` instead; returns the classes changed."""
+    changed = []
+    for name, cls in vars(datasets).items():
+        if isinstance(cls, type) and "N_WORKERS" in vars(cls):
+            cls.N_WORKERS = workers
+            changed.append(name)
+    return changed
 
 
 def locate_domainbed(path: str | None) -> Path:
@@ -98,11 +119,13 @@ def locate_domainbed(path: str | None) -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve().parent
 
 
-def job_prefix(root: Path, no_pretrained: bool) -> str:
+def job_prefix(root: Path, no_pretrained: bool, data_workers: int | None = None) -> str:
     """The command that replaces ``python -m domainbed.scripts.train`` in sweep jobs."""
     words = [sys.executable, "-m", "dg_quant.adapters.domainbed", "train", "--domainbed", str(root)]
     if no_pretrained:
         words.append("--no_pretrained")
+    if data_workers is not None:
+        words += ["--data_workers", str(data_workers)]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -156,8 +179,16 @@ def mark_random_init(script_args: Sequence[str], no_pretrained: bool) -> tuple[l
     return args, True
 
 
-def run_script(command: str, script_args: Sequence[str], domainbed: str | None, no_pretrained: bool) -> None:
+def run_script(
+    command: str,
+    script_args: Sequence[str],
+    domainbed: str | None,
+    no_pretrained: bool,
+    data_workers: int | None = None,
+) -> None:
     """Register the algorithms and run DomainBed's ``command`` script with ``script_args``."""
+    if data_workers is not None and data_workers < 0:
+        raise ConfigError(f"--data_workers must be >= 0; got {data_workers}")
     root = locate_domainbed(domainbed)
     from dg_quant.adapters.domainbed import register
     from dg_quant.adapters.wilds_compat import import_wilds
@@ -175,6 +206,8 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
             flush=True,
         )
     register()
+    if data_workers is not None and command == "train":
+        set_data_workers(importlib.import_module("domainbed.datasets"), data_workers)
     if command == "train" and not random_init:
         saved_argv = sys.argv
         sys.argv = [SCRIPTS[command], *script_args]  # the run length and hparams come from train.py's flags
@@ -184,7 +217,7 @@ def run_script(command: str, script_args: Sequence[str], domainbed: str | None, 
             sys.argv = saved_argv
     if command == "sweep":
         launchers = importlib.import_module("domainbed.command_launchers")
-        route_sweep_jobs(launchers.REGISTRY, job_prefix(root, no_pretrained))
+        route_sweep_jobs(launchers.REGISTRY, job_prefix(root, no_pretrained, data_workers))
     if command == "collect_results":
         filter_collected_records(importlib.import_module("domainbed.lib.reporting"))
     module = SCRIPTS[command]
@@ -228,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == LIST_COMMAND:
         return run_command(PROG, lambda: list_algorithms(args.domainbed))
     try:
-        return run_command(PROG, lambda: run_script(args.command, rest, args.domainbed, args.no_pretrained))
+        return run_command(
+            PROG, lambda: run_script(args.command, rest, args.domainbed, args.no_pretrained, args.data_workers)
+        )
     except SystemExit as exc:  # DomainBed's scripts exit through argparse or exit()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -808,6 +808,19 @@ def test_launcher_sweep_jobs_come_back_through_the_launcher(fake_root, capsys):
         assert f"-m dg_quant.adapters.domainbed train --domainbed {fake_root} --no_pretrained" in line
 
 
+def test_data_workers_reach_every_dataset_and_the_sweep_jobs(fake_root, capsys):
+    import domainbed.datasets as datasets
+
+    assert launcher.set_data_workers(datasets, 3) == ["Toy"]  # the class defining it; subclasses inherit
+    assert datasets.Toy.N_WORKERS == datasets.Toy16.N_WORKERS == 3
+    code = launcher.main(["sweep", "--domainbed", str(fake_root), "--data_workers", "0", "--command_launcher", "dummy"])
+    assert code == 0
+    jobs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Dummy launcher:")]
+    assert jobs and all(f"train --domainbed {fake_root} --data_workers 0 " in line for line in jobs)
+    assert launcher.main(["train", "--domainbed", str(fake_root), "--data_workers", "-1"]) == 2
+    assert "--data_workers must be >= 0" in capsys.readouterr().err
+
+
 def test_launcher_errors_are_one_line(tmp_path, capsys):
     assert launcher.main(["train", "--domainbed", str(tmp_path), "--algorithm", "QTDoG"]) == 2
     err = capsys.readouterr().err.strip()
