@@ -43,7 +43,7 @@ from dg_quant.adapters.domainbed.algorithms import (
     run_config,
 )
 from dg_quant.adapters.domainbed.predict_path import PredictPath
-from dg_quant.adapters.domainbed.runlength import run_length, train_flags
+from dg_quant.adapters.domainbed.runlength import checkpoint_every, run_length, train_flags
 from dg_quant.errors import ConfigError
 from dg_quant.host import PluginHost
 from dg_quant.loop import Trainer
@@ -147,8 +147,10 @@ class ComposedAlgorithm(TrainerState):
         self._init_args = (input_shape, num_classes, num_domains, hparams)
         view = PredictPath.trace(self, tuple(input_shape))
         host = PluginHost(self.PLUGINS)
-        total = self.TOTAL_STEPS or run_length(sys.argv[1:], package=self.PACKAGE)
-        config = run_config(host, hparams, total, train_flags(sys.argv[1:]).dataset)
+        argv = sys.argv[1:]
+        total = self.TOTAL_STEPS or run_length(argv, package=self.PACKAGE)
+        every = checkpoint_every(argv, package=self.PACKAGE)
+        config = run_config(host, hparams, total, train_flags(argv).dataset, every)
         host.hook.dgq_configure_model(model=view, config=config, context=host.context)
         if self.BASE in _GRAD_ALL_BASES and any(not q.enabled for _, q in iter_quantizers(view)):
             raise ConfigError(
