@@ -4,8 +4,9 @@ The LSQ weight grid is signed (or symmetric) per output channel: codes in [-Q_N,
 Q_N <= 128, so an int8 tensor with zero point 0 and the learned step as scale holds a 2..8-bit
 weight exactly, and ``code * step`` in float32 is what both the fake-quant forward and ONNX
 ``DequantizeLinear`` compute. An activation quantizer becomes QuantizeLinear/DequantizeLinear
-with the learned step: uint8 (zero point 0) for unsigned, int8 for signed, plus a Clip on the
-integers when the bit width is below 8 (QuantizeLinear saturates at the container's range).
+with the learned step: uint8 (zero point 0) for unsigned, int8 for signed 8-bit, uint8 with zero
+point 128 for signed below 8 bits, plus a Clip on the integers when the bit width is below 8
+(QuantizeLinear saturates at the container's range).
 ``QuantizeLinear`` divides and rounds half to even, as ``torch.round`` does, so the integers are
 the fake-quant model's. The rewritten model computes the same numbers in torch; its
 ``symbolic`` methods tell the ONNX (TorchScript) exporter which ONNX ops to write.
@@ -79,18 +80,35 @@ class _QuantizeDequantize(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, qmin: int, qmax: int):  # pragma: no cover - run by the ONNX exporter
-        dtype = torch.uint8 if qmin >= 0 else torch.int8
-        zero = g.op("Constant", value_t=torch.zeros((), dtype=dtype))
-        q = g.op("QuantizeLinear", x, scale, zero)
+        dtype, zero = activation_container(qmin, qmax)
+        zero_point = g.op("Constant", value_t=torch.tensor(zero, dtype=dtype))
+        q = g.op("QuantizeLinear", x, scale, zero_point)
         info = torch.iinfo(dtype)
-        if (qmin, qmax) != (info.min, info.max):  # below 8 bits: QuantizeLinear only saturates at 8
+        if (qmin + zero, qmax + zero) != (info.min, info.max):  # below 8 bits: QuantizeLinear only saturates at 8
             q = g.op(
                 "Clip",
                 q,
-                g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
-                g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)),
+                g.op("Constant", value_t=torch.tensor(qmin + zero, dtype=dtype)),
+                g.op("Constant", value_t=torch.tensor(qmax + zero, dtype=dtype)),
             )
-        return g.op("DequantizeLinear", q, scale, zero)
+        return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+def activation_container(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
+    """The ONNX type and zero point of an activation grid [qmin, qmax] (zero point 0 maps code 0 to 0.0).
+
+    Unsigned grids are uint8 with zero point 0. A signed 8-bit grid is int8 with zero point 0;
+    onnxruntime turns such Q/DQ pairs into uint8 with zero point 128 itself, which x86 integer
+    kernels need. A signed grid below 8 bits is written in that form directly, uint8 with zero point
+    128 (codes + 128): the Clip that narrows its range sits between QuantizeLinear and
+    DequantizeLinear, where onnxruntime's conversion no longer recognises the pair, so an int8 one
+    would keep the layer (e.g. every linear of a W4A4 DeiT) off the integer kernels.
+    """
+    if qmin >= 0:
+        return torch.uint8, 0
+    if (qmin, qmax) == (-128, 127):
+        return torch.int8, 0
+    return torch.uint8, 128
 
 
 class QuantizeDequantize(nn.Module):
@@ -162,5 +180,6 @@ def integer_model(model: nn.Module) -> tuple[nn.Module, list[QuantizedTensor]]:
         _check_quantizer(q, label)
         qn, qp = q.bounds
         setattr(module, ACT_QUANTIZER, QuantizeDequantize(q.step, -qn, qp))
-        plan.append(QuantizedTensor(label, "activation", q.bits, "int8" if qn else "uint8", -qn, qp, False))
+        container = str(activation_container(-qn, qp)[0]).removeprefix("torch.")
+        plan.append(QuantizedTensor(label, "activation", q.bits, container, -qn, qp, False))
     return model, plan

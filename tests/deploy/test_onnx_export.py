@@ -192,6 +192,38 @@ def test_onnxruntime_runs_requantized_convs_in_int8_and_the_rest_in_nchwc(tmp_pa
     assert ("", "DequantizeLinear") in ops  # the float conv's input still goes through its activation QDQ
 
 
+def _optimized_ops(path, tmp_path) -> list[tuple[str, str]]:
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_signed_activations_below_8_bits_keep_linears_on_integer_kernels(tmp_path, bits):
+    """A signed 4-bit input (a LayerNorm's output) is uint8 with zero point 128, so onnxruntime
+    runs the linear as an integer matmul as at 8 bits (as int8 behind a Clip it ran in float)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5)
+    )
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=bits), activation=default_activation_config(bits)))
+    model.eval()
+    x = torch.randn(8, 4, 16)  # tokens: the exporter writes MatMul, as for a transformer's linears
+    with torch.no_grad():
+        model(x)
+    report = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert report.activation_qdq == 2
+    signed = [t for t in integer_model(model)[1] if t.kind == "activation"]
+    assert [(t.qmin, t.container) for t in signed] == [(-(2 ** (bits - 1)), "int8" if bits == 8 else "uint8")] * 2
+    ops = _optimized_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count(("com.microsoft", "MatMulIntegerToFloat")) == 2
+    check = verify_onnx(tmp_path / "m.onnx", model, [torch.randn(16, 4, 16)])
+    assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
+
+
 @pytest.mark.parametrize(("wbits", "int4"), [(4, 2), (3, 2), (8, 0)])
 def test_int4_containers_where_the_codes_fit(tmp_path, wbits, int4):
     model = _cnn(wbits, 4)
