@@ -114,6 +114,7 @@ def export_onnx(
         graph = _to_opset(graph, INT4_OPSET)
     folded = fold_batchnorms(graph) if fold_batchnorm else 0
     rewritten = float_convolutions_for_onnxruntime(graph) if float_convolutions else 0
+    float_weight_inputs(graph)
     if int4:
         int4_weights(graph)
     for key, value in (metadata or {}).items():
@@ -239,6 +240,51 @@ def float_convolutions_for_onnxruntime(graph: Any) -> int:
         if _weight_axis(dq) != 0 and np.size(onnx.numpy_helper.to_array(inits[dq.input[1]])) > 1:
             continue
         _dequantize_as_cast_mul(g, inits, dq)
+        rewritten += 1
+    _drop_unused_initializers(g)
+    return rewritten
+
+
+def float_weight_inputs(graph: Any) -> int:
+    """Write the activation ``DequantizeLinear`` in front of each Conv/Gemm with a *float* weight as
+    ``Cast`` (+ ``Sub`` of the zero point) + ``Mul``; returns how many.
+
+    Same numbers, but onnxruntime's ``WeightBiasQuantization`` (on by default since 1.20) no
+    longer sees the pattern DequantizeLinear -> Conv/Gemm (float weight) -> [Relu/Clip] ->
+    QuantizeLinear, which it runs as an int8 layer with the float weight rounded to a per-tensor
+    int8 grid of its own: an FP layer between two quantizers (FQAT's first layer, whose weights
+    stay FP while its input is quantized) computed other numbers than the trained model.
+    """
+    onnx = _onnx()
+    g = graph.graph
+    inits, producers, consumers = _graph_index(g)
+    rewritten = 0
+    for node in [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]:
+        weight = inits.get(node.input[1])
+        dq = producers.get(node.input[0])
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT or dq is None:
+            continue
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits or len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        if any(name not in inits for name in dq.input[1:]):
+            continue
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+        zero = onnx.numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else 0
+        if np.size(scale) != 1 or np.size(zero) != 1:
+            continue
+        key = dq.name or dq.output[0]
+        nodes = [onnx.helper.make_node("Cast", [dq.input[0]], [f"{key}.float_codes"], to=onnx.TensorProto.FLOAT)]
+        codes = nodes[0].output[0]
+        if int(zero) != 0:
+            shift = _add_init(g, inits, f"{key}.float_zero_point", np.asarray(float(zero), dtype=np.float32))
+            nodes.append(onnx.helper.make_node("Sub", [codes, shift], [f"{key}.float_shifted_codes"]))
+            codes = nodes[-1].output[0]
+        step = _add_init(g, inits, f"{key}.float_scale", scale.reshape(()).astype(np.float32))
+        nodes.append(onnx.helper.make_node("Mul", [codes, step], [dq.output[0]]))
+        index = list(g.node).index(dq)
+        g.node.remove(dq)
+        for offset, new in enumerate(nodes):
+            g.node.insert(index + offset, new)
         rewritten += 1
     _drop_unused_initializers(g)
     return rewritten

@@ -224,6 +224,24 @@ def test_signed_activations_below_8_bits_keep_linears_on_integer_kernels(tmp_pat
     assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
 
 
+def test_a_float_layer_between_quantizers_keeps_its_float_weights_in_onnxruntime(tmp_path):
+    """FQAT's first layer: FP weights, quantized input, output into the next quantizer. onnxruntime's
+    WeightBiasQuantization would run it as an int8 conv with its own per-tensor weight grid; the
+    exporter writes that input's dequantization as Cast + Mul, so it runs with the trained weights."""
+    model = _cnn(8, 8)
+    first = next(q for name, _m, _t, q in iter_quantized_weights(model) if name == "0")
+    first.enabled = False  # FP weights; its input quantizer stays
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 12, 12), path)
+    assert (report.int_weights, report.activation_qdq) == (1, 2)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count(("com.microsoft", "QLinearConv")) == 0  # neither conv's output is requantized in the model
+    x = torch.randn(16, 3, 12, 12)
+    check = verify_onnx(path, model, [x])
+    assert check.optimized.top1_agreement == 1.0
+    assert check.optimized.max_abs_diff < 1e-4 * max(check.max_logit, 1.0)
+
+
 @pytest.mark.parametrize(("wbits", "int4"), [(4, 2), (3, 2), (8, 0)])
 def test_int4_containers_where_the_codes_fit(tmp_path, wbits, int4):
     model = _cnn(wbits, 4)
