@@ -242,6 +242,36 @@ def test_a_float_layer_between_quantizers_keeps_its_float_weights_in_onnxruntime
     assert check.optimized.max_abs_diff < 1e-4 * max(check.max_logit, 1.0)
 
 
+def test_relu6_before_a_4_bit_quantizer_is_dropped_so_the_conv_runs_in_int8(tmp_path):
+    """A 4-bit quantizer saturates inside ReLU6's range, so the exporter drops that Clip (same numbers)
+    and onnxruntime fuses the conv into QLinearConv; it kept ReLU6, and the conv in float, before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4)))
+    model.eval()
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        model(x)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, x[:1], path)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Clip") == 3  # the integer Clips only
+    assert _optimized_ops(path, tmp_path).count(("com.microsoft", "QLinearConv")) == 2
+    check = verify_onnx(path, model, [x])
+    assert check.op_for_op.top1_agreement == 1.0
+    assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
+
+
 @pytest.mark.parametrize(("wbits", "int4"), [(4, 2), (3, 2), (8, 0)])
 def test_int4_containers_where_the_codes_fit(tmp_path, wbits, int4):
     model = _cnn(wbits, 4)
