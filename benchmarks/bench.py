@@ -283,9 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows, infer = bench.model_rows(name)
             training += rows
             inference += infer
-        meta["load_end"] = _load()
-        result = {"meta": meta, "training": training, "inference": inference}
-        md, js = report.write(result, args.out, args.name or bench.device.type)
+            # written after every model: a long run killed later (memory, deadline) keeps what it measured
+            meta["load_end"] = _load()
+            result = {"meta": meta, "training": training, "inference": inference}
+            md, js = report.write(result, args.out, args.name or bench.device.type)
         print(f"wrote {md} and {js}")
         return 0
     except DGQuantError as exc:

@@ -9,7 +9,8 @@ same maths through ``torch.compile``d kernels: one fused pass forward and one ba
 less quantizer time than the eager kernel on CPU (benchmarks/README.md). Forward values and
 ``x`` gradients are identical; the step gradient is the same sum in another order (float
 rounding only). The first calls compile six small graphs (20-70 s on a 2-core CPU; torch caches
-them on disk).
+them on disk). A quantizer uses them only for tensors of ``COMPILED_MIN_NUMEL`` elements or more
+(``LSQQuantizer.kernels_for``): below that the eager pass costs less than a compiled call's dispatch.
 """
 
 from __future__ import annotations
