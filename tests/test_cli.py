@@ -168,6 +168,14 @@ def test_existing_log_dir_is_not_overwritten(capsys, runs) -> None:
     assert "--resume" in one_line_error(capsys, [*FAST, "--log_dir", str(erm)])
 
 
+def test_selection_split_must_be_evaluated_before_training(capsys, tmp_path) -> None:
+    """--eval_splits without the --val_metric split fails at start-up, not after the last step."""
+    log_dir = tmp_path / "r"
+    err = one_line_error(capsys, [*FAST, "--eval_splits", "test", "--log_dir", str(log_dir)])
+    assert "--val_metric 'id_val/acc_avg'" in err and "add id_val to --eval_splits" in err
+    assert not (log_dir / "last.pt").exists()
+
+
 def test_unknown_backbone(capsys, tmp_path) -> None:
     err = one_line_error(capsys, [*FAST, "--model", "resnet9000", "--log_dir", str(tmp_path / "r")])
     assert "known backbones" in err

@@ -216,6 +216,7 @@ class Run:
             )
             for split in self._eval_splits()
         }
+        self._check_selection_split()
         self.context = host.configure(config, run_context(config, steps_per_epoch, host.names))
         if config.max_grad_norm:
             host.register(ClipGradients(config.max_grad_norm), name="wilds_run.clip_grad_norm")
@@ -263,6 +264,17 @@ class Run:
             raise ConfigError(
                 f"--n_groups_per_batch {self.config.n_groups_per_batch}: the train split has only {len(groups)} "
                 f"groups of {'+'.join(self.config.groupby_fields)}; lower it"
+            )
+
+    def _check_selection_split(self) -> None:
+        """``--val_metric`` must read a split that is evaluated: found at start-up, not after training."""
+        metric = str(self.config.val_metric)
+        split = metric.split("/", 1)[0]
+        if split != "train" and split not in self.eval_loaders:
+            evaluated = " ".join(self.eval_loaders) or "none"
+            raise ConfigError(
+                f"--val_metric {metric!r} reads split {split!r}, which is not evaluated (--eval_splits: {evaluated}); "
+                f"add {split} to --eval_splits or choose --val_metric on an evaluated split"
             )
 
     def _eval_splits(self) -> list[str]:
