@@ -41,9 +41,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--max_batches",
         type=int,
         default=None,
-        help="evaluate on at most this many batches per split (faster, noisier)",
+        help="evaluate on at most this many batches per split, drawn at random (--seed) from the whole split "
+        "(faster, noisier)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions and --max_batches' sample")
     _add_out(parser)
 
 
@@ -189,12 +190,12 @@ def _evaluators(loaded, splits: Sequence[str], args: argparse.Namespace) -> dict
     unknown = [s for s in splits if s not in dataset.split_dict]
     if unknown:
         raise ConfigError(f"unknown split(s) {', '.join(unknown)}; this dataset has {', '.join(dataset.split_dict)}")
+    sample = args.max_batches * args.batch_size if args.max_batches else None
     return {
         s: batch_evaluator(
             cached_batches(
-                eval_loader(dataset, s, loaded.model, args.batch_size, SubsetSpec.of(loaded.config)),
+                eval_loader(dataset, s, loaded.model, args.batch_size, SubsetSpec.of(loaded.config), sample, args.seed),
                 args.device,
-                args.max_batches,
             )
         )
         for s in splits

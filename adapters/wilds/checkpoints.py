@@ -138,12 +138,29 @@ def run_dataset(config: argparse.Namespace) -> Any:
 _load_dataset = run_dataset  # the name dgq_export imported first
 
 
-def eval_loader(dataset: Any, split: str, model: nn.Module, batch_size: int = 256, subsets: SubsetSpec = FULL_SPLITS):
+def eval_loader(
+    dataset: Any,
+    split: str,
+    model: nn.Module,
+    batch_size: int = 256,
+    subsets: SubsetSpec = FULL_SPLITS,
+    sample: int | None = None,
+    seed: int = 0,
+):
     """A WILDS standard (sequential) loader over ``split`` (the run's ``subsets`` of it, by default
-    all of it) with the model's input transform."""
+    all of it) with the model's input transform.
+
+    ``sample``: at most that many examples, drawn at random (``seed``) from the whole split. Splits
+    are stored in class or domain order (DomainBed-layout folders by class), so their first batches
+    are not a sample of them.
+    """
     from wilds.common.data_loaders import get_eval_loader
+    from wilds.datasets.wilds_dataset import WILDSSubset
 
     subset = subsets.subset(dataset, split, getattr(model, "transform", None))
+    if sample is not None and sample < len(subset):
+        chosen = torch.randperm(len(subset), generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+        subset = WILDSSubset(subset.dataset, subset.indices[chosen.numpy()], subset.transform)
     return get_eval_loader("standard", subset, batch_size=batch_size)
 
 

@@ -226,3 +226,18 @@ def test_noise_lists_every_quantized_conv_of_the_qtdog_run(pacs_runs, tmp_path):
     assert {int(r["bits"]) for r in layers} == {7}
     for name in ("noise.png", "noise.csv", "noise_kl.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_sample_of_a_split_is_drawn_from_all_of_it(pacs_runs, reloaded):
+    """``--max_batches`` evaluates a seeded random sample: PACS folders are stored class by class,
+    so the first batches of a split hold one or two classes (a model could score 0 % on them)."""
+    loaded = reloaded(pacs_runs("erm"), "best")
+    dataset = loaded.load_dataset()
+    labels = torch.cat([y for _, y, _ in eval_loader(dataset, "test", loaded.model, batch_size=64)])
+    k = len(labels) // 4
+    first = torch.cat([y for _, y, _ in eval_loader(dataset, "test", loaded.model, batch_size=k)][:1])
+    sample = torch.cat([y for _, y, _ in eval_loader(dataset, "test", loaded.model, 64, sample=k, seed=0)])
+    again = torch.cat([y for _, y, _ in eval_loader(dataset, "test", loaded.model, 64, sample=k, seed=0)])
+    other = torch.cat([y for _, y, _ in eval_loader(dataset, "test", loaded.model, 64, sample=k, seed=1)])
+    assert len(sample) == k and torch.equal(sample, again) and not torch.equal(sample, other)
+    assert len(first.unique()) <= 2 < len(sample.unique())
