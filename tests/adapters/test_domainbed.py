@@ -400,28 +400,6 @@ def _forget_domainbed() -> None:
         del sys.modules[name]
 
 
-@pytest.fixture
-def fake_root(tmp_path, monkeypatch):
-    root = tmp_path / "DomainBed"
-    _write_tree(root)
-    _forget_domainbed()
-    monkeypatch.syspath_prepend(str(root))
-    yield root
-    _forget_domainbed()
-
-
-@pytest.fixture
-def domainbed(fake_root):
-    """The fake tree with the dg-quant algorithms registered."""
-    import domainbed.algorithms
-    import domainbed.hparams_registry
-
-    from dg_quant.adapters.domainbed import register
-
-    registered = register()
-    return domainbed.algorithms, domainbed.hparams_registry, registered
-
-
 def _hparams(registry, name: str, **overrides) -> dict:
     hparams = registry.default_hparams(name, "Toy")
     hparams.update(overrides)
@@ -439,7 +417,7 @@ def _minibatches(n_domains: int = 2, batch: int = 4, seed: int = 0) -> list:
 
 
 def test_register_adds_available_algorithms(domainbed):
-    algorithms, _registry, registered = domainbed
+    algorithms, _registry, _before, registered = domainbed
     assert {"QTDoG", "LSQ"} <= set(registered)
     expected = [s.name for s in dgq_algorithms.available_specs()]
     assert registered == expected
@@ -470,7 +448,7 @@ def test_register_is_idempotent_and_keeps_foreign_classes(fake_root):
 
 
 def test_default_hparams_follow_the_plugin_options(domainbed):
-    _algorithms, registry, _ = domainbed
+    _algorithms, registry, _before, _ = domainbed
     qtdog = registry.default_hparams("QTDoG", "Toy")
     lsq = registry.default_hparams("LSQ", "Toy")
     assert qtdog["quant_start_step"] == 2000 and lsq["quant_start_step"] == 0
@@ -481,7 +459,7 @@ def test_default_hparams_follow_the_plugin_options(domainbed):
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_random_hparams_are_plain_and_in_range(domainbed, seed):
-    _algorithms, registry, registered = domainbed
+    _algorithms, registry, _before, registered = domainbed
     for name in registered:
         hparams = registry.random_hparams(name, "Toy", seed)
         json.dumps(hparams)
@@ -561,7 +539,7 @@ def test_plugin_options_become_hparams_with_their_samplers(fake_root, tmp_path, 
 
 @pytest.mark.parametrize("name", ["QTDoG", "LSQ", "SAGM", "LSQ_SAGM", "FQAT", "INQ", "OBC"])
 def test_contract_update_predict_state_dict(domainbed, name, tmp_path):
-    algorithms, registry, registered = domainbed
+    algorithms, registry, _before, registered = domainbed
     if name not in registered:
         pytest.skip(f"plugin of {name} not installed")
     cls = algorithms.get_algorithm_class(name)
@@ -597,7 +575,7 @@ def test_contract_update_predict_state_dict(domainbed, name, tmp_path):
 
 
 def test_fqat_model_pkl_reloads_the_frozen_set_and_open_windows(domainbed, tmp_path):
-    algorithms, registry, registered = domainbed
+    algorithms, registry, _before, registered = domainbed
     if "FQAT" not in registered:
         pytest.skip("plugin of FQAT not installed")
     # τ = 0 with the reverse rule freezes every scale factor at the first window (K = 3 steps).
@@ -624,7 +602,7 @@ def test_fqat_model_pkl_reloads_the_frozen_set_and_open_windows(domainbed, tmp_p
 
 
 def test_deepcopy_rebuilds_an_independent_equal_algorithm(domainbed):
-    algorithms, registry, _ = domainbed
+    algorithms, registry, _before, _ = domainbed
     algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", quant_start_step=1))
     for i in range(2):
         algorithm.update(_minibatches(seed=i))
@@ -641,7 +619,7 @@ def test_deepcopy_rebuilds_an_independent_equal_algorithm(domainbed):
 
 
 def test_qtdog_waits_for_quant_start_step_then_quantizes_weights(domainbed):
-    algorithms, registry, _ = domainbed
+    algorithms, registry, _before, _ = domainbed
     algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", quant_start_step=3))
     quantized = {name for name, *_ in iter_quantized_weights(algorithm.network)}
     assert quantized == {"featurizer.conv"}  # the head (classifier) stays in full precision
@@ -656,7 +634,7 @@ def test_qtdog_waits_for_quant_start_step_then_quantizes_weights(domainbed):
 @pytest.mark.parametrize("freeze_bn", [True, False])
 @pytest.mark.parametrize("name", ["LSQ", "LSQ_SAGM", "FQAT", "INQ"])
 def test_quantization_respects_frozen_batchnorm(domainbed, name, freeze_bn):
-    algorithms, registry, registered = domainbed
+    algorithms, registry, _before, registered = domainbed
     if name not in registered:
         pytest.skip(f"plugin of {name} not installed")
     overrides = {"quant_start_step": 0} if name in QAT_NAMES else {}
@@ -673,13 +651,13 @@ def test_quantization_respects_frozen_batchnorm(domainbed, name, freeze_bn):
 
 
 def test_bad_choice_in_hparams_is_a_config_error(domainbed):
-    algorithms, registry, _ = domainbed
+    algorithms, registry, _before, _ = domainbed
     with pytest.raises(ConfigError, match="granularity"):
         algorithms.QTDoG((3, 8, 8), 3, 2, _hparams(registry, "QTDoG", granularity="per_row"))
 
 
 def test_speed_hparams_reach_training_and_prediction(domainbed):
-    algorithms, registry, _ = domainbed
+    algorithms, registry, _before, _ = domainbed
     assert registry.default_hparams("FQAT", "Toy")["precision"] == "fp32"
     hparams = _hparams(registry, "QTDoG", quant_start_step=0, precision="bf16", channels_last=True)
     algorithm = algorithms.QTDoG((3, 8, 8), 3, 2, hparams)

@@ -18,31 +18,9 @@ from dg_quant.adapters.domainbed import compose, launcher
 from dg_quant.errors import ConfigError
 from dg_quant.quant import iter_quantized_weights, step_parameters
 from dg_quant.quant.inq import FROZEN_BUFFER
-from tests.adapters.test_domainbed import _forget_domainbed, _hparams, _minibatches, _train, _write_tree
+from tests.adapters.test_domainbed import _forget_domainbed, _hparams, _minibatches, _train
 
 SHAPE = (3, 8, 8)
-
-
-@pytest.fixture
-def fake_root(tmp_path, monkeypatch):
-    root = tmp_path / "DomainBed"
-    _write_tree(root)
-    _forget_domainbed()
-    monkeypatch.syspath_prepend(str(root))
-    yield root
-    _forget_domainbed()
-
-
-@pytest.fixture
-def domainbed(fake_root):
-    import domainbed.algorithms
-    import domainbed.hparams_registry
-
-    from dg_quant.adapters.domainbed import register
-
-    before = list(domainbed.algorithms.ALGORITHMS)
-    registered = register()
-    return domainbed.algorithms, domainbed.hparams_registry, before, registered
 
 
 def test_composed_names_resolve_on_demand_and_never_join_algorithms(domainbed):

@@ -18,7 +18,7 @@ from dg_quant.adapters.domainbed import compose, launcher
 from dg_quant.errors import ConfigError
 from dg_quant.methods import mixstyle as mixstyle_maths
 from dg_quant.methods.averaging import parameters_of
-from tests.adapters.test_domainbed import _forget_domainbed, _hparams, _load, _rebuild, _train, _write_tree
+from tests.adapters.test_domainbed import _hparams, _load, _rebuild, _train
 
 SHAPE16 = (3, 16, 16)
 # train.py's flags as the launcher leaves them in sys.argv: 6 steps, a checkpoint every 2 (0, 2, 4, 5)
@@ -39,28 +39,6 @@ CHECKPOINTS = (0, 2, 4, 5)
 # Every segment joins the valley (it starts at the first, no loss exceeds the threshold): the
 # final model is the mean of the segment means, whatever the losses.
 ALL_SEGMENTS = {"swad_n_converge": 1, "swad_n_tolerance": 1, "swad_tolerance_ratio": 1e9}
-
-
-@pytest.fixture
-def fake_root(tmp_path, monkeypatch):
-    root = tmp_path / "DomainBed"
-    _write_tree(root)
-    _forget_domainbed()
-    monkeypatch.syspath_prepend(str(root))
-    yield root
-    _forget_domainbed()
-
-
-@pytest.fixture
-def domainbed(fake_root):
-    import domainbed.algorithms
-    import domainbed.hparams_registry
-
-    from dg_quant.adapters.domainbed import register
-
-    before = list(domainbed.algorithms.ALGORITHMS)
-    registered = register()
-    return domainbed.algorithms, domainbed.hparams_registry, before, registered
 
 
 def _batches(shape: tuple[int, ...], seed: int, n_classes: int = 2, n_domains: int = 2, batch: int = 4) -> list:
