@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import random
@@ -674,3 +675,9 @@ def run(config: argparse.Namespace, host: PluginHost) -> dict[str, Any]:
             return this_run.fit()
         except DataError as exc:  # with --num_workers > 0 its text is the worker's traceback
             raise DataError(worker_message(exc)) from None
+        finally:
+            # DDP's reducer holds the process group: free it before the group is destroyed (at
+            # interpreter exit it aborted the process now and then: "terminate called ...")
+            this_run.trainer.forward_model = this_run.model
+            if procs.parallel:
+                gc.collect()
