@@ -20,7 +20,7 @@ from dg_quant.adapters.wilds import distributed
 from dg_quant.adapters.wilds.cli import main, parse_config
 from dg_quant.adapters.wilds.runner import run
 from dg_quant.errors import ConfigError
-from dg_quant.hookimpl import hookimpl
+from tests.adapters.wilds.test_wilds_resume import Kill
 
 TESTS = Path(__file__).parents[2]
 # 32 digits a step on 1 or 2 processes, evaluated at steps 3 and 6
@@ -104,18 +104,6 @@ def test_methods_on_two_processes_match_one_process(tmp_path, method, tolerance,
     one_process(tmp_path / "one", *method)
     torchrun(tmp_path / "two", *method)
     assert_same_run(tmp_path / "one", tmp_path / "two", tolerance, acc_tolerance)
-
-
-class Kill:
-    """Interrupts training as Ctrl-C would, before the given step."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    @hookimpl
-    def dgq_step_start(self, step: int) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from dg_quant.adapters.wilds.analyze import main as analyze_main
 from dg_quant.adapters.wilds.cli import parse_config
 from dg_quant.adapters.wilds.runner import run
 from dg_quant.errors import ConfigError
-from dg_quant.hookimpl import hookimpl
+from tests.adapters.wilds.test_wilds_resume import Kill
 
 REPO = Path(__file__).resolve().parents[3]
 # two methods x one seed on the embedded digits, 4 steps each, in submitit's debug executor
@@ -115,18 +115,6 @@ def test_relaunch_skips_finished_runs(launched, capsys) -> None:
     assert sw.main(["launch", str(out)]) == 0  # the output folder works as well as the file
     assert "launching 0 (0 resumed), 2 finished" in capsys.readouterr().err
     assert final.stat().st_mtime_ns == before
-
-
-class Kill:
-    """Interrupts training before the given step, as Ctrl-C or a lost node would."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    @hookimpl
-    def dgq_step_start(self, step: int) -> None:
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_relaunch_resumes_a_killed_run_and_status_shows_it(launched, tmp_path, capsys) -> None:
