@@ -138,7 +138,9 @@ class Bench:
         built.config.precision = "bf16" if self.amp == "bf16" else "fp32"
         built.config.channels_last = self.channels_last
         reference = METHODS[method].reference
-        built.config.quant_kernels = "eager" if reference else (METHODS[method].kernels or self.args.quant_kernel)
+        kernels = "eager" if reference else (METHODS[method].kernels or self.args.quant_kernel)
+        # As a run's --compile: the whole-model compile fuses the quantizers, so auto keeps eager kernels.
+        built.config.quant_kernels = "eager" if self.args.compile and kernels == "auto" else kernels
         model = copy.deepcopy(work.model).to(self.device)
         trainer = Trainer.build(
             built.host,
@@ -154,7 +156,9 @@ class Bench:
             # data-dependent branch that would break the compiled graph into per-layer frames).
             with torch.no_grad(), measure.autocast(self.device, self.amp):
                 trainer.model(batch[0])
-            trainer.model = torch.compile(trainer.model)
+            # In place, as a run's --compile does (speed.prepare_model): the trainer steps through
+            # ``forward_model``, the same module object, so a rebound ``trainer.model`` would never run.
+            trainer.model.compile()
         return trainer, built
 
     def _step_fn(self, trainer: Trainer, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], object]:
