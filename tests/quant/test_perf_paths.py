@@ -289,6 +289,31 @@ def test_bench_runs_the_gpu_settings_through_the_trainer_on_cpu(bench_modules, t
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
 
 
+@pytest.mark.slow
+def test_bench_compile_times_the_module_the_trainer_steps_through(bench_modules, tmp_path, monkeypatch) -> None:
+    """--compile compiles in place, as a run does: it once rebound ``trainer.model``, which the step no
+    longer calls (it steps ``forward_model``), and so timed the eager model under a "compiled" label."""
+    from dg_quant.quant.api import iter_quantizers
+
+    bench, _, _ = bench_modules
+    built = []
+    original = bench.Trainer.build.__func__
+    monkeypatch.setattr(
+        bench.Trainer, "build", classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1])
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    argv = ["--models", "digits_cnn", "--plugins", "qtdog", "--warmup", "1", "--repeats", "1", "--steps", "1"]
+    argv += ["--batch-size", "8", "--threads", "1", "--compile", "--no-inference", "--no-ops", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert len(built) == 2 and all(t.forward_model is t.model for t in built)
+    assert all(t.forward_model._compiled_call_impl is not None for t in built)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both models' forwards were traced
+    # Under a whole-model compile the quantizers keep the eager kernels (dynamo fuses them), as in a run.
+    quantizers = [q for t in built for _, q in iter_quantizers(t.model)]
+    assert quantizers and not any(q.compiled for q in quantizers)
+
+
 def test_bench_reports_bad_input_in_one_line(bench_modules, capsys) -> None:
     bench, _, _ = bench_modules
     assert bench.main(["--models", "nope", "--plugins", "erm"]) == 2
