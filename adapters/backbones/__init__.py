@@ -9,7 +9,7 @@ Names starting with ``test_`` are tiny variants of the real code paths, for fast
 | family | adapters |
 |---|---|
 | small CNNs | ``digits_cnn``, ``test_cnn`` |
-| resnet | ``resnet50``, ``test_resnet`` |
+| resnet | ``resnet50``, ``resnet18``, ``test_resnet`` |
 | resnext | ``resnext50_32x4d``, ``resnext50_32x4d_ig1b``, ``test_resnext`` |
 | mobilenet | ``mobilenet_v2``, ``test_mobilenet`` |
 | densenet | ``densenet121`` (WILDS Camelyon17), ``test_densenet`` |

@@ -1,7 +1,8 @@
-"""ResNet-50 and ResNeXt-50 32x4d (torchvision; ResNeXt also with timm's IG-1B weights).
+"""ResNet-50, ResNet-18 and ResNeXt-50 32x4d (torchvision; ResNeXt also with timm's IG-1B weights).
 
 QT-DoG's main backbone is torchvision's ImageNet ResNet-50 (``IMAGENET1K_V1``, the weights
-DomainBed's ``pretrained=True`` loads); its appendix also uses ResNeXt-50 32x4d pretrained on
+DomainBed's ``pretrained=True`` loads); ResNet-18 is DomainBed's ``resnet18`` hparam and the
+deployment benchmark's small CNN; its appendix also uses ResNeXt-50 32x4d pretrained on
 Instagram-1B (timm ``resnext50_32x4d.fb_swsl_ig1b_ft_in1k``). Policy: every Conv2d weight,
 stem and downsample convolutions included; the classifier stays FP.
 """
@@ -10,7 +11,14 @@ from __future__ import annotations
 
 from functools import partial
 
-from torchvision.models import ResNet50_Weights, ResNeXt50_32X4D_Weights, resnet50, resnext50_32x4d
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet50_Weights,
+    ResNeXt50_32X4D_Weights,
+    resnet18,
+    resnet50,
+    resnext50_32x4d,
+)
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from dg_quant.adapters.backbones.timm_backbone import timm_adapter
@@ -30,6 +38,13 @@ register_imagenet_adapter(
     ResNet50_Weights,
     "fc",
     "torchvision ResNet-50; ``tag`` picks the torchvision weights (``IMAGENET1K_V2`` is newer).",
+)
+register_imagenet_adapter(
+    "resnet18",
+    resnet18,
+    ResNet18_Weights,
+    "fc",
+    "torchvision ResNet-18 (ImageNet); DomainBed's ``resnet18`` backbone.",
 )
 register_imagenet_adapter(
     "resnext50_32x4d",

@@ -60,6 +60,7 @@ def empty_caches(tmp_path, monkeypatch) -> Path:
     ("name", "library", "file"),
     [
         ("resnet50", "torchvision", "resnet50-0676ba61.pth"),
+        ("resnet18", "torchvision", "resnet18-f37072fd.pth"),
         ("resnext50_32x4d", "torchvision", "resnext50_32x4d-7cdf4587.pth"),
         ("mobilenet_v2", "torchvision", "mobilenet_v2-b0353104.pth"),
         ("resnext50_32x4d_ig1b", "timm", "model.safetensors"),

@@ -39,6 +39,7 @@ TEXT_TINY = ["test_distilbert"]
 MATMULS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
 REAL = [
     "resnet50",
+    "resnet18",
     "resnext50_32x4d",
     "resnext50_32x4d_ig1b",
     "mobilenet_v2",
