@@ -4,7 +4,8 @@
     python benchmarks/onnx_layer_codes.py runs/pacs_fqat fqat.onnx --images 32 --folder PACS/sketch
 
 For each activation ``QuantizeLinear`` of the exported graph (in graph order), the graph is cut
-after that node and run in onnxruntime twice, with graph optimizations on (the fusions of the
+after that node (after the ``Clip`` that narrows a grid below 8 bits; the codes are read minus the
+zero point, so signed grids in uint8 with zero point 128 compare too) and run in onnxruntime twice, with graph optimizations on (the fusions of the
 deployed file, e.g. QLinearConv, up to that layer) and off; its integer codes are compared with
 the codes the fake-quant model's activation quantizer computes on the same images. A deployment
 whose arithmetic is the trained one moves a few codes by one step (float sums in another order
@@ -56,22 +57,31 @@ def layer_codes(onnx_path: Path, x: np.ndarray, threads: int = 1) -> list[dict[s
     from dg_quant.deploy.onnx import onnx_session
 
     graph = onnx.load(str(onnx_path))
-    inits = {i.name for i in graph.graph.initializer}
+    inits = {i.name: i for i in graph.graph.initializer}
     nodes = [n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, node in enumerate(nodes):
+            # below 8 bits the codes are the output of the Clip on QuantizeLinear's integers
+            users = consumers.get(node.output[0], [])
+            last = users[0] if len(users) == 1 and users[0].op_type == "Clip" else node
+            zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+            zero_point = int(onnx.numpy_helper.to_array(zero)) if zero is not None else 0
             cut = Path(tmp) / f"cut{k}.onnx"
-            onnx.save(_cut_after(graph, node), str(cut))
+            onnx.save(_cut_after(graph, last, zero), str(cut))
             row = {"node": node.name or node.output[0], "input": node.input[0]}
             for key, optimize in (("deployed", True), ("op_for_op", False)):
                 session = onnx_session(cut, threads=threads, optimize=optimize)
-                row[key] = session.run(None, {"input": x})[0].astype(np.int32)
+                row[key] = session.run(None, {"input": x})[0].astype(np.int32) - zero_point
             out.append(row)
     return out
 
 
-def _cut_after(graph: Any, node: Any) -> Any:
+def _cut_after(graph: Any, node: Any, zero: Any = None) -> Any:
     """A copy of ``graph`` whose only output is ``node``'s, without the nodes it does not need."""
     import onnx
 
@@ -93,7 +103,6 @@ def _cut_after(graph: Any, node: Any) -> Any:
     used = {i for n in kept for i in n.input}
     del cut.graph.initializer[:]
     cut.graph.initializer.extend(i for name, i in inits.items() if name in used)
-    zero = inits.get(node.input[2]) if len(node.input) > 2 else None
     dtype = zero.data_type if zero is not None else onnx.TensorProto.UINT8
     del cut.graph.output[:]
     cut.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], dtype, None))

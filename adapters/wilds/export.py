@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: store weights of 4 bits or fewer as ONNX INT4 (opset 21; half the bytes of int8; "
         "onnxruntime unpacks them to float at load, so those layers run at float speed)",
     )
+    parser.add_argument(
+        "--low_bit_int8_kernels",
+        action="store_true",
+        help="onnx: let onnxruntime run convolutions between activation quantizers below 8 bits as int8 "
+        "QLinearConv too (faster; by default they run in float, because QLinearConv rounds the bias and "
+        "moves 4-bit codes: top-1 agreement with the fake-quant model drops, see docs/ptq_export.md)",
+    )
     parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
     parser.add_argument(
         "--verify_only",
@@ -142,6 +149,7 @@ def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argpa
         args.output,
         fold_batchnorm=not args.no_fold_batchnorm,
         int4=getattr(args, "int4", False),
+        low_bit_int8_kernels=getattr(args, "low_bit_int8_kernels", False),
         metadata=_onnx_metadata(model, config),
     )
     out = {**report.to_dict(), "format": "onnx", "output": args.output}

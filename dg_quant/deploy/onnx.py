@@ -20,6 +20,10 @@ conv before the residual Add, a downsample, a weight-only model) from ``Dequanti
 constant-folds ``Cast``/``Mul`` (never ``DequantizeLinear``) at load, so the conv gets a constant
 float weight and runs in its blocked NCHWc kernels instead of the plain im2col path (measured on
 W8A8 ResNet-50 at batch 32: 1.39x -> 1.5-1.6x the FP graph's speed; benchmarks/results/onnx_cpu.md).
+It does the same for a conv between activation quantizers below 8 bits, which QLinearConv cannot
+compute as trained (it rounds the bias; see ``float_convolutions_for_onnxruntime``), unless
+``low_bit_int8_kernels``; the weights left to QLinearConv get finer bias units from
+``widen_qlinearconv_weights``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class OnnxExport:
     folded_batchnorms: int = 0
     float_convolutions: int = 0  # quantized convs onnxruntime runs in float (weights as Cast + Mul)
     int4_weights: int = 0  # of int_weights, those stored as INT4
+    widened_weights: int = 0  # QLinearConv weights whose codes were scaled by a power of two
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +78,7 @@ def export_onnx(
     *,
     fold_batchnorm: bool = True,
     float_convolutions: bool = True,
+    low_bit_int8_kernels: bool = False,
     int4: bool = False,
     opset: int = OPSET,
     metadata: dict[str, str] | None = None,
@@ -84,6 +90,8 @@ def export_onnx(
     ``int4`` stores every integer weight whose codes fit [-8, 7] (4 bits or fewer) as ONNX INT4
     (opset 21; the graph is converted from ``opset``): half the bytes of int8. ``metadata`` goes into
     the file's ``metadata_props`` (``dgq_export`` stores the image size, normalisation and class names).
+    ``low_bit_int8_kernels`` lets onnxruntime run a conv between activation quantizers below 8 bits as
+    QLinearConv too (faster, but it rounds the bias: see ``float_convolutions_for_onnxruntime``).
     """
     onnx = _onnx()
     from dg_quant.deploy.qdq import integer_model
@@ -114,10 +122,11 @@ def export_onnx(
         graph = _to_opset(graph, INT4_OPSET)
     folded = fold_batchnorms(graph) if fold_batchnorm else 0
     redundant_clips(graph)
-    rewritten = float_convolutions_for_onnxruntime(graph) if float_convolutions else 0
-    float_weight_inputs(graph)
+    rewritten = float_convolutions_for_onnxruntime(graph, low_bit_int8_kernels) if float_convolutions else 0
     if int4:
         int4_weights(graph)
+    widened = widen_qlinearconv_weights(graph)
+    float_weight_inputs(graph)  # last: int4_weights writes float weights too
     for key, value in (metadata or {}).items():
         graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     data = graph.SerializeToString()
@@ -125,6 +134,7 @@ def export_onnx(
     report = describe(graph, str(path), len(data))
     report.folded_batchnorms = folded
     report.float_convolutions = rewritten
+    report.widened_weights = widened
     report.layers = [asdict(t) for t in plan]
     return report
 
@@ -256,13 +266,21 @@ def redundant_clips(graph: Any) -> int:
     return dropped
 
 
-def float_convolutions_for_onnxruntime(graph: Any) -> int:
+def float_convolutions_for_onnxruntime(graph: Any, low_bit_int8_kernels: bool = False) -> int:
     """Give each Conv with a DequantizeLinear'd integer weight whose output onnxruntime cannot
     requantize (see the module docstring) its weight as ``Mul(Cast(codes), scale)``; returns how many.
 
     onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear (a Relu between them is dropped
     when the zero point is the type's minimum) into QLinearConv; those convs keep their
     DequantizeLinear. Every other quantized conv runs in float anyway.
+
+    A conv whose input or output quantizer has fewer than 8 bits is written in float as well unless
+    ``low_bit_int8_kernels``: QLinearConv adds the bias (BatchNorm's, folded in) as an int32 in units
+    of input step x weight step, and at 4 bits that unit is up to a third of an output step (about
+    1/60 at 8 bits), so codes move by one step at every layer, and a one-step move of a 4-bit code
+    carries on through the network (trained W4A4 MobileNetV2 on PACS: 79-88 % top-1 agreement with
+    the fake-quant model as QLinearConv, 99 % in float; ``widen_qlinearconv_weights`` shrinks the
+    unit, which is not enough there).
     """
     onnx = _onnx()
     g = graph.graph
@@ -272,7 +290,11 @@ def float_convolutions_for_onnxruntime(graph: Any) -> int:
         dq = producers.get(conv.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or any(name not in inits for name in dq.input[:2]):
             continue
-        if len(consumers.get(dq.output[0], [])) != 1 or _runs_as_qlinearconv(conv, producers, consumers, inits):
+        if len(consumers.get(dq.output[0], [])) != 1:
+            continue
+        if _runs_as_qlinearconv(conv, producers, consumers, inits) and (
+            low_bit_int8_kernels or not _low_bit_activations(conv, producers, consumers)
+        ):
             continue
         codes = onnx.numpy_helper.to_array(inits[dq.input[0]])
         zero = onnx.numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else 0
@@ -294,16 +316,22 @@ def float_weight_inputs(graph: Any) -> int:
     longer sees the pattern DequantizeLinear -> Conv/Gemm (float weight) -> [Relu/Clip] ->
     QuantizeLinear, which it runs as an int8 layer with the float weight rounded to a per-tensor
     int8 grid of its own: an FP layer between two quantizers (FQAT's first layer, whose weights
-    stay FP while its input is quantized) computed other numbers than the trained model.
+    stay FP while its input is quantized) computed other numbers than the trained model. The same
+    holds for an integer weight written as ``Cast`` + ``Mul`` (onnxruntime folds it to a float
+    constant) when the layer's output reaches a QuantizeLinear: a conv between quantizers below
+    8 bits, or one whose ReLU also feeds a residual Add; a conv into a residual Add alone keeps its
+    ``DequantizeLinear`` (onnxruntime leaves that pattern alone).
     """
     onnx = _onnx()
     g = graph.graph
     inits, producers, consumers = _graph_index(g)
     rewritten = 0
     for node in [n for n in g.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]:
-        weight = inits.get(node.input[1])
         dq = producers.get(node.input[0])
-        if weight is None or weight.data_type != onnx.TensorProto.FLOAT or dq is None:
+        weight = node.input[1]
+        if dq is None or not _float_weight(weight, inits, producers):
+            continue
+        if weight not in inits and not _feeds_quantizer(node, consumers):
             continue
         if dq.op_type != "DequantizeLinear" or dq.input[0] in inits or len(consumers.get(dq.output[0], [])) != 1:
             continue
@@ -331,10 +359,35 @@ def float_weight_inputs(graph: Any) -> int:
     return rewritten
 
 
+def _float_weight(name: str, inits: dict[str, Any], producers: dict[str, Any]) -> bool:
+    """Whether onnxruntime sees ``name`` as a constant float weight: a float initializer, or
+    ``Mul(Cast(codes), scale)`` of initializers, which it constant-folds at load."""
+    onnx = _onnx()
+    if name in inits:
+        return inits[name].data_type == onnx.TensorProto.FLOAT
+    mul = producers.get(name)
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2 or mul.input[1] not in inits:
+        return False
+    cast = producers.get(mul.input[0])
+    return cast is not None and cast.op_type == "Cast" and cast.input[0] in inits
+
+
+def _feeds_quantizer(node: Any, consumers: dict[str, list[Any]]) -> bool:
+    """Whether a QuantizeLinear consumes ``node``'s output, directly or after a Relu/Clip."""
+    users = consumers.get(node.output[0], [])
+    after = [n for u in users if u.op_type in ("Relu", "Clip") for n in consumers.get(u.output[0], [])]
+    return any(n.op_type == "QuantizeLinear" for n in users + after)
+
+
 def int4_weights(graph: Any) -> int:
-    """Store each int8 weight initializer whose codes fit [-8, 7] as INT4, behind ``Cast`` + ``Mul``
-    (onnxruntime has no int4 kernels for per-channel conv/linear weights, so it unpacks them to
-    float at load, as it folds Cast + Mul); returns how many. Needs an opset-21 graph."""
+    """Store each int8 weight initializer whose codes fit [-8, 7] as INT4; returns how many. Needs an
+    opset-21 graph.
+
+    A float weight (``Cast`` + ``Mul``) casts INT4 to float; onnxruntime folds it at load. A weight
+    onnxruntime runs as QLinearConv keeps its ``DequantizeLinear``, behind a ``Cast`` of the INT4
+    codes to int8 that onnxruntime folds at load (onnxruntime has no int4 conv kernels): as a float
+    weight, onnxruntime's ``WeightBiasQuantization`` would round it to an int8 grid of its own.
+    """
     onnx = _onnx()
     g = graph.graph
     inits = {i.name: i for i in g.initializer}
@@ -348,14 +401,9 @@ def int4_weights(graph: Any) -> int:
         if init.data_type != onnx.TensorProto.INT8 or len(users) != 1:
             continue
         node = users[0]
-        if node.op_type == "DequantizeLinear" and node.input[0] == name and _weight_axis(node) == 0:
-            if any(i not in inits for i in node.input[1:]):
-                continue
-            zero = onnx.numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else 0
-            if np.any(zero != 0):
-                continue
-            node = _dequantize_as_cast_mul(g, inits, node)
-        if node.op_type != "Cast":
+        if node.op_type == "DequantizeLinear" and node.input[0] != name:
+            continue
+        if node.op_type not in ("DequantizeLinear", "Cast"):
             continue
         codes = onnx.numpy_helper.to_array(init)
         if codes.size == 0 or codes.min() < -8 or codes.max() > 7:
@@ -364,6 +412,10 @@ def int4_weights(graph: Any) -> int:
         g.initializer.remove(init)
         g.initializer.append(packed)
         inits[name] = packed
+        if node.op_type == "DequantizeLinear":
+            cast = onnx.helper.make_node("Cast", [name], [f"{name}.int8"], to=onnx.TensorProto.INT8)
+            node.input[0] = cast.output[0]
+            g.node.insert(list(g.node).index(node), cast)
         converted += 1
     _drop_unused_initializers(g)
     return converted
@@ -426,6 +478,101 @@ def _runs_as_qlinearconv(conv: Any, producers: dict, consumers: dict, inits: dic
     if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
         users = consumers.get(users[0].output[0], [])
     return len(users) == 1 and users[0].op_type == "QuantizeLinear"
+
+
+def _low_bit_activations(conv: Any, producers: dict, consumers: dict) -> bool:
+    """Whether the activation grid into or out of a QLinearConv candidate is narrower than its 8-bit
+    container: a ``Clip`` on the integers before its input's DequantizeLinear or after its output's
+    QuantizeLinear (``dg_quant.deploy.qdq`` writes one below 8 bits)."""
+    source = producers.get(producers[conv.input[0]].input[0])
+    users = consumers.get(conv.output[0], [])
+    if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
+        users = consumers.get(users[0].output[0], [])
+    after = consumers.get(users[0].output[0], [])
+    return (source is not None and source.op_type == "Clip") or any(n.op_type == "Clip" for n in after)
+
+
+def widen_qlinearconv_weights(graph: Any) -> int:
+    """Multiply the codes of each weight that onnxruntime runs as QLinearConv by a power of two
+    ``k`` per output channel (its scale divided by ``k``: the same float weights, exactly) as far
+    as int8 allows; returns how many weights changed.
+
+    QLinearConv rounds the float bias to an int32 in units of input step x weight step; ``k``
+    makes that unit ``k`` times finer (4-bit weights: 16x). ``k * |code|`` stays at most
+    32767 / (2 * the largest uint8 input), so that x86 kernels without VNNI, which add pairs of
+    uint8 x int8 products in int16, cannot saturate. A weight stored as INT4 becomes int8 at load
+    (``Cast`` to int32, ``Mul`` by ``k``, ``Cast`` to int8: onnxruntime folds the constants).
+    """
+    onnx = _onnx()
+    g = graph.graph
+    inits, producers, consumers = _graph_index(g)
+    widened = 0
+    for conv in [n for n in g.node if n.op_type == "Conv"]:
+        dq = producers.get(conv.input[1])
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or not _runs_as_qlinearconv(conv, producers, consumers, inits)
+        ):
+            continue
+        if len(consumers.get(dq.output[0], [])) != 1 or any(name not in inits for name in dq.input[1:3]):
+            continue
+        source = producers.get(dq.input[0])  # a Cast of INT4 codes (int4_weights), or none
+        packed = source.input[0] if source is not None and source.op_type == "Cast" else dq.input[0]
+        if packed not in inits or len(consumers.get(packed, [])) != 1:
+            continue
+        codes = onnx.numpy_helper.to_array(inits[packed]).astype(np.int32)
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+        zero = onnx.numpy_helper.to_array(inits[dq.input[2]])
+        if np.any(zero != 0) or (scale.size > 1 and _weight_axis(dq) != 0) or codes.size == 0:
+            continue
+        k = _widening(codes, scale.size > 1, _largest_input(conv, producers, inits))
+        if np.all(k == 1):
+            continue
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        key = conv.name or conv.output[0]
+        dq.input[1] = _add_init(g, inits, f"{key}.widened_weight_scale", (scale / k).astype(np.float32))
+        if source is None:
+            dq.input[0] = _add_init(g, inits, f"{key}.widened_weight_codes", (codes * k.reshape(shape)).astype(np.int8))
+        else:  # INT4 -> int32 * k -> int8, folded by onnxruntime at load
+            factor = _add_init(
+                g, inits, f"{key}.weight_widening", k.reshape(shape if k.size > 1 else ()).astype(np.int32)
+            )
+            del source.attribute[:]
+            source.attribute.append(onnx.helper.make_attribute("to", onnx.TensorProto.INT32))
+            wide = onnx.helper.make_node("Mul", [source.output[0], factor], [f"{key}.widened_codes_int32"])
+            narrow = onnx.helper.make_node("Cast", [wide.output[0]], [f"{key}.widened_codes"], to=onnx.TensorProto.INT8)
+            dq.input[0] = narrow.output[0]
+            index = list(g.node).index(dq)
+            g.node.insert(index, narrow)
+            g.node.insert(index, wide)
+        widened += 1
+    _drop_unused_initializers(g)
+    return widened
+
+
+def _widening(codes: np.ndarray, per_channel: bool, largest_input: int) -> np.ndarray:
+    """The power of two each output channel's codes can be multiplied by (one for all channels of a
+    per-tensor weight): int8 range, and no int16 overflow of two products with the largest input."""
+    flat = codes.reshape(len(codes) if per_channel else 1, -1).astype(np.int64)
+    low, high = np.maximum(-flat.min(1), 0), np.maximum(flat.max(1), 0)
+    pairs = 32767 // (2 * max(largest_input, 1))
+    k = np.ones(len(flat), dtype=np.int64)
+    for _ in range(7):  # at most 2**7: a code of +-1 becomes +-128
+        wider = 2 * k
+        grow = (np.maximum(low, high) > 0) & (wider * low <= 128) & (wider * high <= 127)
+        k = np.where(grow & (wider * np.maximum(low, high) <= pairs), wider, k)
+    return k.astype(np.float32) if per_channel else np.asarray(float(k[0]), dtype=np.float32)
+
+
+def _largest_input(conv: Any, producers: dict, inits: dict) -> int:
+    """The largest uint8 value the x86 kernel multiplies: an integer Clip's upper bound, else 255
+    (onnxruntime turns int8 activations into uint8 with zero point 128)."""
+    onnx = _onnx()
+    source = producers.get(producers[conv.input[0]].input[0])
+    if source is not None and source.op_type == "Clip" and len(source.input) > 2 and source.input[2] in inits:
+        return int(onnx.numpy_helper.to_array(inits[source.input[2]]))
+    return 255
 
 
 def _add_init(g: Any, inits: dict[str, Any], name: str, value: np.ndarray) -> str:

@@ -159,3 +159,20 @@ def test_int4_export_of_a_4_bit_run_verifies(fqat_run, tmp_path, capsys):
     int8 = tmp_path / "fqat_int8.onnx"
     assert export_main([str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o", str(int8)]) == 0
     assert out.stat().st_size < int8.stat().st_size - 92_160 // 2 + 4096  # half a byte saved per weight
+
+
+def test_low_bit_int8_kernels_flag_writes_qlinearconv_weights(fqat_run, tmp_path):
+    """By default a 4-bit run's convs are float convs in onnxruntime (int8 codes behind Cast + Mul);
+    --low_bit_int8_kernels keeps DequantizeLinear'd weights for QLinearConv, their codes widened."""
+
+    def dequantized_weights(path) -> list[np.ndarray]:
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        return [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+
+    base = [str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o"]
+    assert export_main([*base, str(tmp_path / "float.onnx")]) == 0
+    assert export_main([*base, str(tmp_path / "int8.onnx"), "--low_bit_int8_kernels"]) == 0
+    assert dequantized_weights(tmp_path / "float.onnx") == []
+    widened = dequantized_weights(tmp_path / "int8.onnx")
+    assert widened and all(np.abs(c).max() > 8 for c in widened)

@@ -49,6 +49,15 @@ def _cnn(weight_bits: int, act_bits: int | None, mode: str = "signed", granulari
     return model
 
 
+def _unwidened(codes: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """``codes`` divided per output channel by the power of two they were multiplied by (1 if none)."""
+    flat, ref = codes.reshape(len(codes), -1).astype(np.int32), want.reshape(len(want), -1).astype(np.int32)
+    peak = np.maximum(np.abs(ref).max(1), 1)
+    k = np.maximum(np.abs(flat).max(1) // peak, 1)
+    assert np.all(k & (k - 1) == 0)  # powers of two
+    return (flat // k[:, None]).reshape(codes.shape)
+
+
 def _weight_initializers(path) -> dict[str, np.ndarray]:
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -78,23 +87,26 @@ def test_integer_weights_and_exact_outputs(tmp_path, wbits, abits, mode, granula
     weights = _weight_initializers(path)
     assert len(weights) == 2 == report.int_weights
     qn = 2 ** (wbits - 1) - (1 if mode == "symmetric" else 0)
-    for codes in weights.values():
-        assert codes.dtype == np.int8
-        assert codes.min() >= -qn and codes.max() <= 2 ** (wbits - 1) - 1
-    # the codes are the fake-quant model's integers (the folded graph negates the channel whose gamma < 0)
+    # the codes are the fake-quant model's integers (the folded graph negates the channel whose gamma < 0),
+    # those of a QLinearConv weight times a power of two per channel (widen_qlinearconv_weights)
     expected = [
         q.integers(m.parametrizations[t].original).to(torch.int8).numpy()
         for _n, m, t, q in iter_quantized_weights(model)
     ]
     got = sorted(weights.values(), key=lambda a: a.shape[0])
     for want, have in zip(expected, got):
+        assert have.dtype == np.int8
         if fold and want.shape[0] == 16:
             want = want.copy()
             want[3] = -want[3]
+        have = _unwidened(have, want)
+        assert have.min() >= -qn and have.max() <= 2 ** (wbits - 1) - 1
         np.testing.assert_array_equal(have, want)
     assert report.activation_qdq == (2 if abits else 0)
-    # the first conv feeds the second's input quantizer (QLinearConv); the rest keep float weights
-    assert report.float_convolutions == (1 if abits and fold else 2)
+    # the first conv feeds the second's input quantizer: QLinearConv when both grids are 8-bit; the rest
+    # keep float weights (below 8 bits QLinearConv's int32 bias would move the codes)
+    assert report.float_convolutions == (1 if abits == 8 and fold else 2)
+    assert report.widened_weights == (1 if abits == 8 and fold and wbits < 8 else 0)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Clip") == (2 if abits and abits < 8 else 0)  # below 8 bits the range needs a Clip
     assert ops.count("BatchNormalization") == (0 if fold else 2)
@@ -244,7 +256,8 @@ def test_a_float_layer_between_quantizers_keeps_its_float_weights_in_onnxruntime
 
 def test_relu6_before_a_4_bit_quantizer_is_dropped_so_the_conv_runs_in_int8(tmp_path):
     """A 4-bit quantizer saturates inside ReLU6's range, so the exporter drops that Clip (same numbers)
-    and onnxruntime fuses the conv into QLinearConv; it kept ReLU6, and the conv in float, before."""
+    and, with ``low_bit_int8_kernels``, onnxruntime fuses the conv into QLinearConv; it kept ReLU6, and
+    the conv in float, before."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -264,12 +277,97 @@ def test_relu6_before_a_4_bit_quantizer_is_dropped_so_the_conv_runs_in_int8(tmp_
     with torch.no_grad():
         model(x)
     path = tmp_path / "m.onnx"
-    export_onnx(model, x[:1], path)
+    export_onnx(model, x[:1], path, low_bit_int8_kernels=True)
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Clip") == 3  # the integer Clips only
     assert _optimized_ops(path, tmp_path).count(("com.microsoft", "QLinearConv")) == 2
     check = verify_onnx(path, model, [x])
     assert check.op_for_op.top1_agreement == 1.0
     assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
+
+
+def _w4a4_mobilenet() -> tuple[nn.Module, torch.Tensor]:
+    """MobileNetV2's code path (quarter width) at W4A4, with BatchNorm statistics that give every conv
+    a bias, as trained ones do; and a batch of inputs."""
+    from dg_quant.registry import create_adapter
+
+    torch.manual_seed(0)
+    model = create_adapter("test_mobilenet", num_classes=5)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    quantize_(model, QuantConfig(weight=LSQConfig(bits=4), activation=default_activation_config(4)))
+    model.eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    return model, x
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_w4a4_as_deployed_computes_the_fake_quant_model(tmp_path, int4):
+    """With onnxruntime's graph optimizations on, a W4A4 MobileNetV2 gives the fake-quant logits up to
+    float rounding. It did not: as QLinearConv, each conv's BatchNorm bias was rounded to units of input
+    step x weight step (at 4 bits up to a third of an output step), and the INT4 file's weights were
+    rounded once more by onnxruntime to a per-tensor int8 grid of its own; codes moved at every layer
+    (logits off by 4 % of the largest, 79 % top-1 agreement on a trained MobileNetV2 on PACS)."""
+    model, x = _w4a4_mobilenet()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, x[:1], path, int4=int4)
+    assert report.int4_weights == (report.int_weights if int4 else 0) and report.widened_weights == 0
+    assert ("com.microsoft", "QLinearConv") not in _optimized_ops(path, tmp_path)
+    check = verify_onnx(path, model, [x])
+    assert check.optimized.top1_agreement == 1.0
+    assert check.optimized.max_abs_diff < 1e-4 * check.max_logit
+
+
+def _conv_weights(path) -> list[np.ndarray]:
+    """The float weight of each Conv of the file, from its integer codes and scales."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    out = []
+    for conv in (n for n in graph.node if n.op_type == "Conv"):
+        node = producers[conv.input[1]]  # DequantizeLinear(codes, scale) or Mul(Cast(codes), scale)
+        codes = inits[node.input[0]] if node.op_type == "DequantizeLinear" else inits[producers[node.input[0]].input[0]]
+        scale = inits[node.input[1]].reshape(-1, *([1] * (codes.ndim - 1)))
+        out.append((codes.astype(np.int32), codes.astype(np.float32) * scale))
+    return out
+
+
+def test_low_bit_int8_kernels_run_qlinearconv_with_widened_codes(tmp_path):
+    """Opt-in QLinearConv below 8 bits: each 4-bit weight's codes are multiplied by 16 and its scales
+    divided by 16, the same float weights, so onnxruntime's int32 bias unit is 16x finer."""
+    model, x = _w4a4_mobilenet()
+    report = export_onnx(model, x[:1], tmp_path / "int8.onnx", low_bit_int8_kernels=True)
+    ops = _optimized_ops(tmp_path / "int8.onnx", tmp_path)
+    assert ops.count(("com.microsoft", "QLinearConv")) == report.widened_weights > 0
+    export_onnx(model, x[:1], tmp_path / "float.onnx")
+    widened = 0
+    for (codes, weight), (plain_codes, plain_weight) in zip(
+        _conv_weights(tmp_path / "int8.onnx"), _conv_weights(tmp_path / "float.onnx"), strict=True
+    ):
+        np.testing.assert_array_equal(weight, plain_weight)
+        assert plain_codes.min() >= -8 and plain_codes.max() <= 7
+        widened += int(np.abs(codes).max() > 8)
+    assert widened == report.widened_weights
+    check = verify_onnx(tmp_path / "int8.onnx", model, [x])
+    assert check.op_for_op.max_abs_diff < 1e-5 * check.max_logit
+    assert check.optimized.max_abs_diff < 0.1 * check.max_logit  # one-step code moves, see the default's test
+
+
+def test_widening_keeps_int8_and_int16_pair_sums():
+    from dg_quant.deploy.onnx import _widening
+
+    codes = np.array([[-8, 7], [3, -2], [0, 0], [1, 0]], dtype=np.int8)
+    # unsigned 4-bit inputs (at most 15): int8's range decides
+    assert _widening(codes, True, 15).tolist() == [16, 32, 1, 64]
+    # 8-bit inputs (up to 255): two products must fit int16, |code| <= 64
+    assert _widening(codes, True, 255).tolist() == [8, 16, 1, 64]
+    assert float(_widening(codes, False, 15)) == 16  # a per-tensor scale: one factor for all channels
+    assert _widening(np.array([[-128, 127]], dtype=np.int8), True, 15).tolist() == [1]
 
 
 @pytest.mark.parametrize(("wbits", "int4"), [(4, 2), (3, 2), (8, 0)])
