@@ -53,7 +53,7 @@ class Protocol:
     batch_size: int = 8
     holdout_fraction: float = 0.05  # a small source validation split (id_val), evaluated once at the end
     fp_steps: dict[str, int] = field(
-        default_factory=lambda: {"resnet18": 100, "resnet50": 80, "mobilenet_v2": 150, "deit_tiny": 100}
+        default_factory=lambda: {"resnet18": 300, "resnet50": 400, "mobilenet_v2": 150, "deit_tiny": 300}
     )
     fp_lr: dict[str, float] = field(
         default_factory=lambda: {"resnet18": 1e-3, "resnet50": 1e-3, "mobilenet_v2": 1e-4, "deit_tiny": 5e-4}
