@@ -34,7 +34,7 @@ def preprocess(path: Path, size: int, mean: np.ndarray, std: np.ndarray) -> np.n
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="an ONNX file written by dgq_export --format onnx")
-    parser.add_argument("images", nargs="*", type=Path, help="image files to classify")
+    parser.add_argument("images", nargs="*", type=Path, help="image files (or folders of them) to classify")
     parser.add_argument("--folder", type=Path, help="a folder of CLASS/image files: print the top-1 accuracy")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for missing and corrupt files
+        parser.error(
+            f"{args.model}: onnxruntime cannot load it ({str(exc).splitlines()[0][:160]}); export it with dgq_export --format onnx"
+        )
     meta = session.get_modelmeta().custom_metadata_map
     size = int(meta.get("dg_quant.image_size") or session.get_inputs()[0].shape[-1])
     mean = np.asarray(json.loads(meta.get("dg_quant.normalize_mean", "[0.485, 0.456, 0.406]")), dtype=np.float32)
@@ -50,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     classes = json.loads(meta.get("dg_quant.classes", "null"))
     input_name = session.get_inputs()[0].name
 
-    files, labels = list(args.images), []
+    files, labels = [], []
+    for path in args.images:  # a folder stands for the images in it
+        if path.is_dir():
+            files += sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            parser.error(f"{path}: no such image file or folder")
     if args.folder:
         if not classes:
             parser.error("--folder needs the class names in the file's metadata (export it with dgq_export)")

@@ -68,3 +68,17 @@ def test_example_classifies_a_class_folder_like_the_torch_eval_transform(tmp_pat
     assert example.main([str(tmp_path / "m.onnx"), "--folder", str(tmp_path / "data")]) == 0
     correct = sum(int(p == y) for p, y in zip(want, [0, 0, 1, 1, 2, 2]))
     assert capsys.readouterr().out.startswith(f"top-1 {correct / 6:.4f} ({correct}/6 images")
+    # a folder given as an image argument stands for its images
+    assert example.main([str(tmp_path / "m.onnx"), str(tmp_path / "data" / "dog")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == [["cat", "dog", "fox"][k] for k in want[2:4]]
+    # a missing image, a missing or corrupt model: one line naming the file, no traceback
+    (tmp_path / "bad.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:200])
+    for argv, named in [
+        ([str(tmp_path / "m.onnx"), str(tmp_path / "nope.png")], "nope.png: no such image file or folder"),
+        ([str(tmp_path / "none.onnx"), str(files[0])], "none.onnx: onnxruntime cannot load it"),
+        ([str(tmp_path / "bad.onnx"), str(files[0])], "bad.onnx: onnxruntime cannot load it"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            example.main(argv)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
