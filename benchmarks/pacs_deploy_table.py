@@ -177,7 +177,16 @@ def measure_run(
         "int_weights": report["int_weights"],
         "activation_qdq": report["activation_qdq"],
         "onnxruntime_ops": optimized_ops(report["output"]),
-        "onnx_export": {k: report[k] for k in ("int_weight_params", "float_params", "float_convolutions")},
+        "onnx_export": {
+            k: report.get(k, 0)
+            for k in (
+                "int_weight_params",
+                "float_params",
+                "float_convolutions",
+                "low_bit_int8_convs",
+                "low_bit_float_convs",
+            )
+        },
         **compare(predict(run, x), y),
     }
     row["ms_per_image_b32"] = latency_ms({"onnx": run["onnx"]}, x, 32, rounds)
@@ -267,6 +276,21 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {model} | {method} | {r['fake_quant_margin_median']:.3f} | {cells('onnx_op_for_op')} "
                 f"| {cells('onnx')} | {a['torchao']:.3f} |"
             )
+    low = [
+        (m, method, r["onnx_export"])
+        for m, rows in result["rows"].items()
+        for method, r in rows.items()
+        if r.get("onnx_export", {}).get("low_bit_int8_convs", 0)
+        + r.get("onnx_export", {}).get("low_bit_float_convs", 0)
+    ]
+    if low:
+        lines += ["", "Convolutions between activation quantizers below 8 bits in the default export (int8 where"]
+        lines += [
+            "QLinearConv rounds the bias by at most the threshold, `dg_quant.deploy.onnx.BIAS_ERROR_THRESHOLD`):",
+            "",
+        ]
+        lines += ["| model | method | int8 QLinearConv | float |", "|---|---|---|---|"]
+        lines += [f"| {m} | {k} | {e['low_bit_int8_convs']} | {e['low_bit_float_convs']} |" for m, k, e in low]
     int4 = [(m, r["int4"]) for m, rows in result["rows"].items() for r in rows.values() if "int4" in r]
     if int4:
         lines += ["", "W4A4 with `--int4` (ONNX INT4 weights) against the int8-container file of the same run:", ""]

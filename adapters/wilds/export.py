@@ -17,6 +17,7 @@ reports the logit difference and top-1 agreement with the fake-quant model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from dg_quant.errors import CheckpointError, run_command
+from dg_quant.deploy.onnx import BIAS_ERROR_THRESHOLD
+from dg_quant.errors import CheckpointError, ConfigError, run_command
 from dg_quant.options import CommandParser, HelpFormatter, plain_text
 
 PROG = "dgq_export"
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: let onnxruntime run convolutions between activation quantizers below 8 bits as int8 "
         "QLinearConv too (faster; by default they run in float, because QLinearConv rounds the bias and "
         "moves 4-bit codes: top-1 agreement with the fake-quant model drops, see docs/ptq_export.md)",
+    )
+    parser.add_argument(
+        "--float_conv_threshold",
+        type=float,
+        default=None,
+        help="onnx: a convolution between activation quantizers below 8 bits stays int8 QLinearConv where "
+        "its bias rounding (half the bias unit after widening) is at most this many output steps, and "
+        f"runs in float elsewhere (default {BIAS_ERROR_THRESHOLD}; see docs/ptq_export.md)",
     )
     parser.add_argument("--verify_images", type=int, default=64, help="onnx: test images --verify compares on")
     parser.add_argument(
@@ -150,12 +160,25 @@ def _export_onnx(args: argparse.Namespace, model: torch.nn.Module, config: argpa
         fold_batchnorm=not args.no_fold_batchnorm,
         int4=getattr(args, "int4", False),
         low_bit_int8_kernels=getattr(args, "low_bit_int8_kernels", False),
+        float_conv_threshold=_threshold(getattr(args, "float_conv_threshold", None)),
         metadata=_onnx_metadata(model, config),
     )
     out = {**report.to_dict(), "format": "onnx", "output": args.output}
     if args.verify:
         out["verification"] = verify_onnx(args.output, model, batches).to_dict()
     return out
+
+
+def _threshold(value: float | None) -> float:
+    """``--float_conv_threshold``, or the default; a negative or non-finite value is a one-line error."""
+    if value is None:
+        return BIAS_ERROR_THRESHOLD
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"--float_conv_threshold must be a finite number >= 0 (got {value}); "
+            "use --low_bit_int8_kernels to keep every convolution as QLinearConv"
+        )
+    return value
 
 
 def _onnx_metadata(model: torch.nn.Module, config: argparse.Namespace) -> dict[str, str]:
@@ -242,6 +265,12 @@ def _print_onnx(out: dict) -> None:
         f"{out['float_params']:,} float parameters, {out['folded_batchnorms']} BatchNorms folded; "
         f"{out['file_bytes'] / 2**20:.3f} MiB"
     )
+    low_int, low_float = out.get("low_bit_int8_convs", 0), out.get("low_bit_float_convs", 0)
+    if low_int or low_float:
+        print(
+            f"convolutions between activation quantizers below 8 bits: {low_int} int8 QLinearConv, "
+            f"{low_float} float (QLinearConv would round their bias by more than the threshold)"
+        )
     if not out["layers"]:
         print(
             "note: this checkpoint has no active quantizers (saved before quantization started?); "

@@ -20,10 +20,10 @@ conv before the residual Add, a downsample, a weight-only model) from ``Dequanti
 constant-folds ``Cast``/``Mul`` (never ``DequantizeLinear``) at load, so the conv gets a constant
 float weight and runs in its blocked NCHWc kernels instead of the plain im2col path (measured on
 W8A8 ResNet-50 at batch 32: 1.39x -> 1.5-1.6x the FP graph's speed; benchmarks/results/onnx_cpu.md).
-It does the same for a conv between activation quantizers below 8 bits, which QLinearConv cannot
-compute as trained (it rounds the bias; see ``float_convolutions_for_onnxruntime``), unless
-``low_bit_int8_kernels``; the weights left to QLinearConv get finer bias units from
-``widen_qlinearconv_weights``.
+It does the same for a conv between activation quantizers below 8 bits where QLinearConv would
+round the bias by more than ``BIAS_ERROR_THRESHOLD`` output steps (per conv, measured from the
+graph's steps: ``qlinearconv_bias_error``), unless ``low_bit_int8_kernels``; the weights left to
+QLinearConv get finer bias units from ``widen_qlinearconv_weights``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ from dg_quant.io import atomic_write_bytes
 OPSET = 17
 INT4_OPSET = 21  # the first opset with INT4 tensors in Cast/DequantizeLinear
 INPUT, OUTPUT = "input", "logits"
+# The largest bias rounding (in output steps) a conv between activation quantizers below 8 bits may
+# get from QLinearConv before it is written in float (see float_convolutions_for_onnxruntime). From
+# W4A4 runs on PACS: ResNet-18/50 have 8/8 and 31/32 such convs at or below it (at most 0.009) and
+# agree 99-100 % with the fake-quant model all as QLinearConv; MobileNetV2 (0.0007-0.087) drops from
+# 99.2 % to 93 % with just its three lowest (0.0007, 0.0043, 0.0044) as QLinearConv; only 0.0007 stays.
+BIAS_ERROR_THRESHOLD = 0.002
 
 
 def _onnx() -> Any:
@@ -65,6 +71,8 @@ class OnnxExport:
     float_convolutions: int = 0  # quantized convs onnxruntime runs in float (weights as Cast + Mul)
     int4_weights: int = 0  # of int_weights, those stored as INT4
     widened_weights: int = 0  # QLinearConv weights whose codes were scaled by a power of two
+    low_bit_int8_convs: int = 0  # convs between quantizers below 8 bits kept as QLinearConv
+    low_bit_float_convs: int = 0  # ... written in float (their bias rounding is above the threshold)
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +87,7 @@ def export_onnx(
     fold_batchnorm: bool = True,
     float_convolutions: bool = True,
     low_bit_int8_kernels: bool = False,
+    float_conv_threshold: float = BIAS_ERROR_THRESHOLD,
     int4: bool = False,
     opset: int = OPSET,
     metadata: dict[str, str] | None = None,
@@ -90,8 +99,9 @@ def export_onnx(
     ``int4`` stores every integer weight whose codes fit [-8, 7] (4 bits or fewer) as ONNX INT4
     (opset 21; the graph is converted from ``opset``): half the bytes of int8. ``metadata`` goes into
     the file's ``metadata_props`` (``dgq_export`` stores the image size, normalisation and class names).
-    ``low_bit_int8_kernels`` lets onnxruntime run a conv between activation quantizers below 8 bits as
-    QLinearConv too (faster, but it rounds the bias: see ``float_convolutions_for_onnxruntime``).
+    A conv between activation quantizers below 8 bits runs as QLinearConv where its bias rounding is at
+    most ``float_conv_threshold`` output steps and in float elsewhere; ``low_bit_int8_kernels`` keeps
+    QLinearConv for all of them (faster, but it rounds the bias: see ``float_convolutions_for_onnxruntime``).
     """
     onnx = _onnx()
     from dg_quant.deploy.qdq import integer_model
@@ -122,7 +132,11 @@ def export_onnx(
         graph = _to_opset(graph, INT4_OPSET)
     folded = fold_batchnorms(graph) if fold_batchnorm else 0
     redundant_clips(graph)
-    rewritten = float_convolutions_for_onnxruntime(graph, low_bit_int8_kernels) if float_convolutions else 0
+    decided = (
+        float_convolutions_for_onnxruntime(graph, low_bit_int8_kernels, float_conv_threshold)
+        if float_convolutions
+        else FloatConvolutions()
+    )
     if int4:
         int4_weights(graph)
     widened = widen_qlinearconv_weights(graph)
@@ -133,7 +147,9 @@ def export_onnx(
     atomic_write_bytes(path, data)
     report = describe(graph, str(path), len(data))
     report.folded_batchnorms = folded
-    report.float_convolutions = rewritten
+    report.float_convolutions = decided.rewritten
+    report.low_bit_int8_convs = decided.low_bit_integer
+    report.low_bit_float_convs = decided.low_bit_float
     report.widened_weights = widened
     report.layers = [asdict(t) for t in plan]
     return report
@@ -266,7 +282,19 @@ def redundant_clips(graph: Any) -> int:
     return dropped
 
 
-def float_convolutions_for_onnxruntime(graph: Any, low_bit_int8_kernels: bool = False) -> int:
+@dataclass
+class FloatConvolutions:
+    """What ``float_convolutions_for_onnxruntime`` did: the convs it wrote in float, and how the QLinearConv
+    candidates between activation quantizers below 8 bits were decided (integer or float)."""
+
+    rewritten: int = 0
+    low_bit_integer: int = 0
+    low_bit_float: int = 0
+
+
+def float_convolutions_for_onnxruntime(
+    graph: Any, low_bit_int8_kernels: bool = False, threshold: float = BIAS_ERROR_THRESHOLD
+) -> FloatConvolutions:
     """Give each Conv with a DequantizeLinear'd integer weight whose output onnxruntime cannot
     requantize (see the module docstring) its weight as ``Mul(Cast(codes), scale)``; returns how many.
 
@@ -274,38 +302,44 @@ def float_convolutions_for_onnxruntime(graph: Any, low_bit_int8_kernels: bool = 
     when the zero point is the type's minimum) into QLinearConv; those convs keep their
     DequantizeLinear. Every other quantized conv runs in float anyway.
 
-    A conv whose input or output quantizer has fewer than 8 bits is written in float as well unless
-    ``low_bit_int8_kernels``: QLinearConv adds the bias (BatchNorm's, folded in) as an int32 in units
-    of input step x weight step, and at 4 bits that unit is up to a third of an output step (about
-    1/60 at 8 bits), so codes move by one step at every layer, and a one-step move of a 4-bit code
-    carries on through the network (trained W4A4 MobileNetV2 on PACS: 79-88 % top-1 agreement with
-    the fake-quant model as QLinearConv, 99 % in float; ``widen_qlinearconv_weights`` shrinks the
-    unit, which is not enough there).
+    A conv whose input or output quantizer has fewer than 8 bits is written in float as well where
+    QLinearConv would round its bias by more than ``threshold`` output steps (``qlinearconv_bias_error``,
+    after ``widen_qlinearconv_weights``), unless ``low_bit_int8_kernels``: QLinearConv adds the bias
+    (BatchNorm's, folded in) as an int32 in units of input step x weight step, a share of the output
+    values up to that error moves by one step, and a one-step move of a 4-bit code carries on
+    through the network (trained W4A4 MobileNetV2 on PACS, errors up to 0.09 step: 90 % top-1
+    agreement with the fake-quant model all as QLinearConv, 99 % in float, 93 % with only the three
+    at most 0.0045 as QLinearConv; W4A4 ResNet-18/50, at most 0.009: 99-100 % all as QLinearConv).
+    8-bit convs always stay QLinearConv (a one-step move of an 8-bit code is 16x smaller).
     """
     onnx = _onnx()
     g = graph.graph
     inits, producers, consumers = _graph_index(g)
-    rewritten = 0
+    done = FloatConvolutions()
     for conv in [n for n in g.node if n.op_type == "Conv"]:
         dq = producers.get(conv.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or any(name not in inits for name in dq.input[:2]):
             continue
         if len(consumers.get(dq.output[0], [])) != 1:
             continue
-        if _runs_as_qlinearconv(conv, producers, consumers, inits) and (
-            low_bit_int8_kernels or not _low_bit_activations(conv, producers, consumers)
-        ):
-            continue
+        low_bit = False
+        if _runs_as_qlinearconv(conv, producers, consumers, inits):
+            low_bit = _low_bit_activations(conv, producers, consumers)
+            error = qlinearconv_bias_error(conv, producers, consumers, inits) if low_bit else None
+            if not low_bit or low_bit_int8_kernels or (error is not None and error <= threshold):
+                done.low_bit_integer += low_bit
+                continue
         codes = onnx.numpy_helper.to_array(inits[dq.input[0]])
         zero = onnx.numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else 0
-        if np.any(zero != 0) or codes.dtype not in (np.int8, np.uint8):
-            continue
-        if _weight_axis(dq) != 0 and np.size(onnx.numpy_helper.to_array(inits[dq.input[1]])) > 1:
+        unwritable = np.any(zero != 0) or codes.dtype not in (np.int8, np.uint8)
+        if unwritable or (_weight_axis(dq) != 0 and np.size(onnx.numpy_helper.to_array(inits[dq.input[1]])) > 1):
+            done.low_bit_integer += low_bit  # it stays QLinearConv
             continue
         _dequantize_as_cast_mul(g, inits, dq)
-        rewritten += 1
+        done.rewritten += 1
+        done.low_bit_float += low_bit
     _drop_unused_initializers(g)
-    return rewritten
+    return done
 
 
 def float_weight_inputs(graph: Any) -> int:
@@ -521,14 +555,11 @@ def widen_qlinearconv_weights(graph: Any) -> int:
         packed = source.input[0] if source is not None and source.op_type == "Cast" else dq.input[0]
         if packed not in inits or len(consumers.get(packed, [])) != 1:
             continue
+        k = _conv_widening(conv, dq, packed, producers, inits)
+        if k is None or np.all(k == 1):
+            continue
         codes = onnx.numpy_helper.to_array(inits[packed]).astype(np.int32)
         scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
-        zero = onnx.numpy_helper.to_array(inits[dq.input[2]])
-        if np.any(zero != 0) or (scale.size > 1 and _weight_axis(dq) != 0) or codes.size == 0:
-            continue
-        k = _widening(codes, scale.size > 1, _largest_input(conv, producers, inits))
-        if np.all(k == 1):
-            continue
         shape = (-1,) + (1,) * (codes.ndim - 1)
         key = conv.name or conv.output[0]
         dq.input[1] = _add_init(g, inits, f"{key}.widened_weight_scale", (scale / k).astype(np.float32))
@@ -549,6 +580,56 @@ def widen_qlinearconv_weights(graph: Any) -> int:
         widened += 1
     _drop_unused_initializers(g)
     return widened
+
+
+def _conv_widening(conv: Any, dq: Any, codes_name: str, producers: dict, inits: dict) -> np.ndarray | None:
+    """The factor ``widen_qlinearconv_weights`` multiplies the codes ``codes_name`` of ``dq`` by (one
+    per output channel, or one for all), or None where it leaves the weight alone."""
+    onnx = _onnx()
+    if codes_name not in inits or any(name not in inits for name in dq.input[1:3]):
+        return None
+    codes = onnx.numpy_helper.to_array(inits[codes_name]).astype(np.int32)
+    scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+    zero = onnx.numpy_helper.to_array(inits[dq.input[2]])
+    if np.any(zero != 0) or (scale.size > 1 and _weight_axis(dq) != 0) or codes.size == 0:
+        return None
+    return _widening(codes, scale.size > 1, _largest_input(conv, producers, inits))
+
+
+def qlinearconv_bias_error(conv: Any, producers: dict, consumers: dict, inits: dict) -> float | None:
+    """The worst rounding error of the bias, in output steps, if onnxruntime runs ``conv`` as
+    QLinearConv with the codes widened: half the int32 bias unit (input step x weight step of the
+    output channel / the widening), over the step of the QuantizeLinear after the conv (after its
+    Relu/Clip), the largest over the output channels. None where ``conv`` is no QLinearConv candidate.
+    """
+    onnx = _onnx()
+    if not _runs_as_qlinearconv(conv, producers, consumers, inits):
+        return None
+    dq = producers.get(conv.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+        return None
+    users = consumers.get(conv.output[0], [])
+    if users[0].op_type in ("Relu", "Clip"):
+        users = consumers.get(users[0].output[0], [])
+    x_scale, y_scale = producers[conv.input[0]].input[1], users[0].input[1]
+    if x_scale not in inits or y_scale not in inits:
+        return None
+    k = _conv_widening(conv, dq, dq.input[0], producers, inits)
+    w_step = onnx.numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64) / (1.0 if k is None else k)
+    x_step = float(onnx.numpy_helper.to_array(inits[x_scale]).astype(np.float64).max())
+    y_step = float(onnx.numpy_helper.to_array(inits[y_scale]).astype(np.float64).min())
+    return float(0.5 * x_step * np.max(w_step) / y_step)
+
+
+def qlinearconv_bias_errors(graph: Any) -> dict[str, float]:
+    """``qlinearconv_bias_error`` of every QLinearConv candidate of ``graph``, by conv name."""
+    inits, producers, consumers = _graph_index(graph.graph)
+    errors = {}
+    for conv in [n for n in graph.graph.node if n.op_type == "Conv"]:
+        error = qlinearconv_bias_error(conv, producers, consumers, inits)
+        if error is not None:
+            errors[conv.name or conv.output[0]] = error
+    return errors
 
 
 def _widening(codes: np.ndarray, per_channel: bool, largest_input: int) -> np.ndarray:

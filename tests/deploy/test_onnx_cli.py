@@ -71,7 +71,10 @@ def test_fqat_run_exports_and_verifies_in_onnxruntime(fqat_run, tmp_path, capsys
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     codes = [inits[n.input[0]] for n in graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input[0] in inits]
     assert len(codes) == 3
-    assert all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)
+    # 4-bit codes; a QLinearConv weight's codes are widened by a power of two (widen_qlinearconv_weights)
+    factors = [int(np.gcd.reduce(np.abs(c).astype(np.int64).ravel())) for c in codes]
+    assert all(f & (f - 1) == 0 for f in factors)
+    assert all(c.dtype == np.int8 and c.min() // f >= -8 and c.max() // f <= 7 for c, f in zip(codes, factors))
     assert sum(c.size for c in codes) == 92_160  # the three quantized convs; the first conv and head stay FP
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}  # for users without dg-quant
@@ -161,9 +164,10 @@ def test_int4_export_of_a_4_bit_run_verifies(fqat_run, tmp_path, capsys):
     assert out.stat().st_size < int8.stat().st_size - 92_160 // 2 + 4096  # half a byte saved per weight
 
 
-def test_low_bit_int8_kernels_flag_writes_qlinearconv_weights(fqat_run, tmp_path):
-    """By default a 4-bit run's convs are float convs in onnxruntime (int8 codes behind Cast + Mul);
-    --low_bit_int8_kernels keeps DequantizeLinear'd weights for QLinearConv, their codes widened."""
+def test_low_bit_int8_kernels_flag_writes_qlinearconv_weights(fqat_run, tmp_path, capsys):
+    """A 4-bit run's convs between quantizers are QLinearConv (DequantizeLinear'd weights) where the bias
+    rounding is below --float_conv_threshold and float convs (int8 codes behind Cast + Mul) elsewhere,
+    as the printed counts say; --low_bit_int8_kernels keeps QLinearConv for all, their codes widened."""
 
     def dequantized_weights(path) -> list[np.ndarray]:
         graph = onnx.load(str(path)).graph
@@ -171,8 +175,19 @@ def test_low_bit_int8_kernels_flag_writes_qlinearconv_weights(fqat_run, tmp_path
         return [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
 
     base = [str(fqat_run), "--checkpoint", "last", "--format", "onnx", "-o"]
-    assert export_main([*base, str(tmp_path / "float.onnx")]) == 0
+    capsys.readouterr()
     assert export_main([*base, str(tmp_path / "int8.onnx"), "--low_bit_int8_kernels"]) == 0
-    assert dequantized_weights(tmp_path / "float.onnx") == []
+    candidates = len(dequantized_weights(tmp_path / "int8.onnx"))
+    assert f"below 8 bits: {candidates} int8 QLinearConv, 0 float" in capsys.readouterr().out
     widened = dequantized_weights(tmp_path / "int8.onnx")
     assert widened and all(np.abs(c).max() > 8 for c in widened)
+    assert export_main([*base, str(tmp_path / "float.onnx"), "--float_conv_threshold", "0"]) == 0
+    assert f"below 8 bits: 0 int8 QLinearConv, {candidates} float" in capsys.readouterr().out
+    assert dequantized_weights(tmp_path / "float.onnx") == []
+    assert export_main([*base, str(tmp_path / "default.onnx")]) == 0
+    kept = len(dequantized_weights(tmp_path / "default.onnx"))
+    assert f"below 8 bits: {kept} int8 QLinearConv, {candidates - kept} float" in capsys.readouterr().out
+    assert export_main([*base, str(tmp_path / "bad.onnx"), "--float_conv_threshold", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--float_conv_threshold must be a finite number >= 0" in err
+    assert not (tmp_path / "bad.onnx").exists()

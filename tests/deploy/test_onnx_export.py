@@ -308,15 +308,16 @@ def _w4a4_mobilenet() -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_w4a4_as_deployed_computes_the_fake_quant_model(tmp_path, int4):
-    """With onnxruntime's graph optimizations on, a W4A4 MobileNetV2 gives the fake-quant logits up to
-    float rounding. It did not: as QLinearConv, each conv's BatchNorm bias was rounded to units of input
+    """With onnxruntime's graph optimizations on and its convs between 4-bit quantizers in float (all of
+    them: threshold 0), a W4A4 MobileNetV2 gives the fake-quant logits up to float rounding. It did not: as QLinearConv, each conv's BatchNorm bias was rounded to units of input
     step x weight step (at 4 bits up to a third of an output step), and the INT4 file's weights were
     rounded once more by onnxruntime to a per-tensor int8 grid of its own; codes moved at every layer
     (logits off by 4 % of the largest, 79 % top-1 agreement on a trained MobileNetV2 on PACS)."""
     model, x = _w4a4_mobilenet()
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, x[:1], path, int4=int4)
+    report = export_onnx(model, x[:1], path, int4=int4, float_conv_threshold=0.0)  # every such conv in float
     assert report.int4_weights == (report.int_weights if int4 else 0) and report.widened_weights == 0
+    assert report.low_bit_int8_convs == 0 and report.low_bit_float_convs > 30
     assert ("com.microsoft", "QLinearConv") not in _optimized_ops(path, tmp_path)
     check = verify_onnx(path, model, [x])
     assert check.optimized.top1_agreement == 1.0
@@ -344,7 +345,7 @@ def test_low_bit_int8_kernels_run_qlinearconv_with_widened_codes(tmp_path):
     report = export_onnx(model, x[:1], tmp_path / "int8.onnx", low_bit_int8_kernels=True)
     ops = _optimized_ops(tmp_path / "int8.onnx", tmp_path)
     assert ops.count(("com.microsoft", "QLinearConv")) == report.widened_weights > 0
-    export_onnx(model, x[:1], tmp_path / "float.onnx")
+    export_onnx(model, x[:1], tmp_path / "float.onnx", float_conv_threshold=0.0)
     widened = 0
     for (codes, weight), (plain_codes, plain_weight) in zip(
         _conv_weights(tmp_path / "int8.onnx"), _conv_weights(tmp_path / "float.onnx"), strict=True
@@ -356,6 +357,47 @@ def test_low_bit_int8_kernels_run_qlinearconv_with_widened_codes(tmp_path):
     check = verify_onnx(tmp_path / "int8.onnx", model, [x])
     assert check.op_for_op.max_abs_diff < 1e-5 * check.max_logit
     assert check.optimized.max_abs_diff < 0.1 * check.max_logit  # one-step code moves, see the default's test
+
+
+@pytest.mark.parametrize("share", [0.2, 5.0])
+def test_low_bit_conv_stays_qlinearconv_only_where_its_bias_rounding_is_small(tmp_path, share):
+    """Per conv, by default: a conv between 4-bit quantizers keeps QLinearConv where half its bias unit
+    (input step x weight step / widening) is at most BIAS_ERROR_THRESHOLD output steps, and runs in
+    float where it is coarser. The output quantizer's step sets that ratio here."""
+    from dg_quant.deploy.onnx import BIAS_ERROR_THRESHOLD, qlinearconv_bias_errors
+
+    model = _cnn(4, 4)
+    x_step = float(getattr(model[0], ACT_QUANTIZER).step.detach())
+    y_quantizer = getattr(model[3], ACT_QUANTIZER)  # conv 0's output (after BatchNorm, ReLU) goes into it
+    probe = tmp_path / "probe.onnx"
+    export_onnx(model, torch.randn(1, 3, 12, 12), probe, low_bit_int8_kernels=True)
+    ((name, error),) = qlinearconv_bias_errors(onnx.load(str(probe))).items()
+    # the ratio from the widened weight steps of the file and the model's activation steps
+    weight_steps = next(scale for codes, scale in _dequantized_weights(probe) if codes.shape[1] == 3)
+    want = 0.5 * x_step * weight_steps.max() / float(y_quantizer.step.detach())
+    assert error == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():  # scale the output step so that the error is `share` x the threshold
+        y_quantizer.step.mul_(error / (share * BIAS_ERROR_THRESHOLD))
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, torch.randn(1, 3, 12, 12), path)
+    kept = share < 1
+    assert (report.low_bit_int8_convs, report.low_bit_float_convs) == ((1, 0) if kept else (0, 1))
+    assert _optimized_ops(path, tmp_path).count(("com.microsoft", "QLinearConv")) == int(kept)
+    assert report.widened_weights == int(kept)
+    check = verify_onnx(path, model, [torch.randn(32, 3, 12, 12)])
+    assert check.op_for_op.max_abs_diff < 1e-5 * max(check.max_logit, 1.0)
+    assert check.optimized.top1_agreement == 1.0
+
+
+def _dequantized_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(codes, per-channel steps) of each DequantizeLinear'd weight of the file."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return [
+        (inits[n.input[0]], inits[n.input[1]].astype(np.float64))
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
+    ]
 
 
 def test_widening_keeps_int8_and_int16_pair_sums():
