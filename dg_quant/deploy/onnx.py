@@ -507,11 +507,16 @@ def _runs_as_qlinearconv(conv: Any, producers: dict, consumers: dict, inits: dic
     source = producers.get(conv.input[0])
     if source is None or source.op_type != "DequantizeLinear" or source.input[0] in inits:
         return False
+    return _output_quantizer(conv, consumers) is not None
+
+
+def _output_quantizer(conv: Any, consumers: dict) -> Any | None:
+    """The one QuantizeLinear consuming ``conv``'s output, after at most one Relu or Clip (onnxruntime
+    drops a Relu, or a Clip (ReLU6) whose range holds the quantizer's, before it), else None."""
     users = consumers.get(conv.output[0], [])
-    # a Relu, or a Clip (ReLU6) whose range holds the quantizer's, is dropped before QuantizeLinear
     if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
         users = consumers.get(users[0].output[0], [])
-    return len(users) == 1 and users[0].op_type == "QuantizeLinear"
+    return users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
 
 
 def _low_bit_activations(conv: Any, producers: dict, consumers: dict) -> bool:
@@ -519,10 +524,7 @@ def _low_bit_activations(conv: Any, producers: dict, consumers: dict) -> bool:
     container: a ``Clip`` on the integers before its input's DequantizeLinear or after its output's
     QuantizeLinear (``dg_quant.deploy.qdq`` writes one below 8 bits)."""
     source = producers.get(producers[conv.input[0]].input[0])
-    users = consumers.get(conv.output[0], [])
-    if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
-        users = consumers.get(users[0].output[0], [])
-    after = consumers.get(users[0].output[0], [])
+    after = consumers.get(_output_quantizer(conv, consumers).output[0], [])
     return (source is not None and source.op_type == "Clip") or any(n.op_type == "Clip" for n in after)
 
 
@@ -608,10 +610,7 @@ def qlinearconv_bias_error(conv: Any, producers: dict, consumers: dict, inits: d
     dq = producers.get(conv.input[1])
     if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
         return None
-    users = consumers.get(conv.output[0], [])
-    if users[0].op_type in ("Relu", "Clip"):
-        users = consumers.get(users[0].output[0], [])
-    x_scale, y_scale = producers[conv.input[0]].input[1], users[0].input[1]
+    x_scale, y_scale = producers[conv.input[0]].input[1], _output_quantizer(conv, consumers).input[1]
     if x_scale not in inits or y_scale not in inits:
         return None
     k = _conv_widening(conv, dq, dq.input[0], producers, inits)
