@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--low_bit_int8_kernels",
         action="store_true",
-        help="onnx: let onnxruntime run convolutions between activation quantizers below 8 bits as int8 "
-        "QLinearConv too (faster; by default they run in float, because QLinearConv rounds the bias and "
-        "moves 4-bit codes: top-1 agreement with the fake-quant model drops, see docs/ptq_export.md)",
+        help="onnx: let onnxruntime run every convolution between activation quantizers below 8 bits as int8 "
+        "QLinearConv (faster; by default those whose bias QLinearConv would round by more than "
+        "--float_conv_threshold run in float, because the rounding moves 4-bit codes and top-1 agreement "
+        "with the fake-quant model drops, see docs/ptq_export.md)",
     )
     parser.add_argument(
         "--float_conv_threshold",
